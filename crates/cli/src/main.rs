@@ -1,1 +1,389 @@
-fn main() {}
+//! `blindpost`: the command-line front end. Flags and glue only: every operation is a call
+//! into `blindpost-client`; this file parses arguments, picks the profile directory, prints
+//! results (text or one JSON object per line) and turns errors into a one-line reason and a
+//! non-zero exit status.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use blindpost_client::{Chat, Client, Item, Member, Suite};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+/// An end-to-end-encrypted messenger whose server sees only ciphertext.
+#[derive(Parser)]
+#[command(name = "blindpost", version, about)]
+struct Cli {
+    /// Profile directory (local state). Default: $BLINDPOST_HOME, else the XDG data dir.
+    #[arg(long, global = true, env = "BLINDPOST_HOME")]
+    profile: Option<PathBuf>,
+    /// Print the full cause chain of errors.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this profile's keys and claim a username on a server.
+    Setup {
+        /// Server URL, e.g. ws://127.0.0.1:7480.
+        #[arg(long)]
+        server: String,
+        /// Username to claim (2-32 lowercase letters, digits, '_', '-', '.').
+        #[arg(long)]
+        username: String,
+        /// MLS ciphersuite: `pq` (post-quantum hybrid, default) or `classic` (X25519, for
+        /// interoperability tests).
+        #[arg(long, default_value = "pq")]
+        ciphersuite: String,
+    },
+    /// Send a message to `@user` (starting the 1:1 chat if needed), a group name, or `#id`.
+    Send {
+        /// The chat.
+        target: String,
+        /// The message text (or use --stdin).
+        text: Option<String>,
+        /// Read the message from standard input.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Fetch everything pending and print what was not shown before.
+    Receive {
+        /// Keep printing new items until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Give up (or, with --follow, stop) after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List chats.
+    Chats {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a chat's history.
+    History {
+        /// The chat.
+        target: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Group management.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Show the safety number to compare with `@user`.
+    Verify {
+        /// The user.
+        user: String,
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create a group (its name is end-to-end encrypted).
+    Create {
+        /// The group's name.
+        name: String,
+        /// Members, as @user.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Add members.
+    Add {
+        /// The group.
+        target: String,
+        /// Members, as @user.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove members.
+    Remove {
+        /// The group.
+        target: String,
+        /// Members, as @user.
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        target: String,
+    },
+    /// List a group's members.
+    Members {
+        /// The group.
+        target: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = cli.verbose;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blindpost: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if verbose {
+                eprintln!("blindpost: {e:#}");
+            } else {
+                eprintln!("blindpost: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = profile_dir(cli.profile)?;
+    let client = Client::open(&dir)
+        .with_context(|| format!("cannot open profile {}", dir.display()))?;
+    match cli.command {
+        Command::Setup {
+            server,
+            username,
+            ciphersuite,
+        } => {
+            let Some(suite) = Suite::from_name(&ciphersuite) else {
+                bail!("unknown ciphersuite {ciphersuite:?}: use `pq` or `classic`");
+            };
+            client.setup(&server, &username, suite).await?;
+            println!("set up as @{username} on {server}");
+        }
+        Command::Send {
+            target,
+            text,
+            stdin,
+        } => {
+            let text = match (text, stdin) {
+                (Some(t), false) => t,
+                (None, true) => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("cannot read standard input")?;
+                    s.trim_end_matches('\n').to_string()
+                }
+                (Some(_), true) => bail!("give the text either as an argument or with --stdin"),
+                (None, false) => bail!("nothing to send: give the text or use --stdin"),
+            };
+            if text.is_empty() {
+                bail!("refusing to send an empty message");
+            }
+            client.send(&target, &text).await?;
+        }
+        Command::Receive {
+            follow,
+            timeout,
+            json,
+        } => {
+            let timeout = timeout.map(parse_timeout).transpose()?;
+            if follow {
+                let follow = client.follow(timeout, |items| print_items(&items, json));
+                tokio::select! {
+                    r = follow => r?,
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            } else {
+                let receive = client.receive();
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, receive)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("timed out after {}s", t.as_secs_f64()))??,
+                    None => receive.await?,
+                }
+                print_items(&client.take_new_items()?, json);
+            }
+        }
+        Command::Chats { json } => {
+            refresh(&client).await?;
+            for chat in client.chats()? {
+                print_chat(&chat, json);
+            }
+        }
+        Command::History { target, json } => {
+            refresh(&client).await?;
+            print_items(&client.history(&target)?, json);
+        }
+        Command::Group { command } => match command {
+            GroupCommand::Create { name, members } => {
+                let id = client.create_group(&name, &usernames(&members)?).await?;
+                println!("created {name} (#{})", &id[..8]);
+            }
+            GroupCommand::Add { target, members } => {
+                client.add_members(&target, &usernames(&members)?).await?;
+            }
+            GroupCommand::Remove { target, members } => {
+                client.remove_members(&target, &usernames(&members)?).await?;
+            }
+            GroupCommand::Leave { target } => client.leave(&target).await?,
+            GroupCommand::Members { target, json } => {
+                refresh(&client).await?;
+                for m in client.members(&target)? {
+                    print_member(&m, json);
+                }
+            }
+        },
+        Command::Verify { user, json } => {
+            let user = username(&user)?;
+            let sn = client.safety_number(&user).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "user": user,
+                        "safety_number": sn.digits,
+                        "identity_key": sn.peer_identity_key,
+                    })
+                );
+            } else {
+                println!("safety number with @{user}:");
+                println!("  {}", sn.grouped());
+                println!("compare it with @{user}'s screen; if they match, nobody is in between.");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Catch up before showing local state; if the server is unreachable, say so and show what
+/// is stored.
+async fn refresh(client: &Client) -> Result<()> {
+    match client.receive().await {
+        Ok(()) => Ok(()),
+        Err(e @ blindpost_client::Error::Unreachable(_)) => {
+            eprintln!("blindpost: showing local state only: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn parse_timeout(secs: f64) -> Result<Duration> {
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        bail!("--timeout must be a non-negative number of seconds");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `@bob` or `bob` → `bob`.
+fn username(arg: &str) -> Result<String> {
+    let name = arg.strip_prefix('@').unwrap_or(arg);
+    if name.is_empty() {
+        bail!("empty username in {arg:?}");
+    }
+    Ok(name.to_string())
+}
+
+fn usernames(args: &[String]) -> Result<Vec<String>> {
+    args.iter().map(|a| username(a)).collect()
+}
+
+fn profile_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    let data = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(h) => PathBuf::from(h).join(".local/share"),
+            None => bail!("no profile directory: use --profile DIR or set BLINDPOST_HOME"),
+        },
+    };
+    Ok(data.join("blindpost"))
+}
+
+fn print_items(items: &[Item], json: bool) {
+    let mut out = std::io::stdout().lock();
+    for item in items {
+        let line = if json {
+            json!({
+                "id": item.id,
+                "chat": item.chat,
+                "chat_id": item.chat_id,
+                "from": item.from,
+                "kind": item.kind,
+                "text": item.text,
+                "subject": item.subject,
+                "sent_at": item.sent_at_rfc3339(),
+            })
+            .to_string()
+        } else {
+            let what = match (item.kind.as_str(), &item.text, &item.subject) {
+                ("message", Some(t), _) => format!("{}: {t}", item.from),
+                ("member_added", _, Some(s)) => format!("* {} added {s}", item.from),
+                ("member_removed", _, Some(s)) => format!("* {} removed {s}", item.from),
+                ("member_left", _, Some(s)) => format!("* {s} left"),
+                ("joined", _, _) => format!("* you joined (invited by {})", item.from),
+                (kind, _, _) => format!("* {kind} by {}", item.from),
+            };
+            format!("[{}] {}  {what}", item.sent_at_rfc3339(), item.chat)
+        };
+        // A closed stdout (e.g. piped into `head`) is not an error worth a message.
+        if writeln!(out, "{line}").is_err() {
+            return;
+        }
+    }
+    let _ = out.flush();
+}
+
+fn print_chat(chat: &Chat, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({
+                "chat": chat.name,
+                "id": chat.id,
+                "direct": chat.direct,
+                "active": chat.active,
+                "members": chat.members,
+            })
+        );
+    } else {
+        let state = if chat.active { "" } else { " (left)" };
+        println!(
+            "{}  #{}  {}{state}",
+            chat.name,
+            &chat.id[..8],
+            chat.members.join(", ")
+        );
+    }
+}
+
+fn print_member(m: &Member, json: bool) {
+    if json {
+        println!("{}", json!({ "username": m.username, "me": m.me }));
+    } else if m.me {
+        println!("@{} (you)", m.username);
+    } else {
+        println!("@{}", m.username);
+    }
+}

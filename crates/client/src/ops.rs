@@ -1,0 +1,914 @@
+//! The user-facing operations: setup, send, group create/add/remove/leave, follow, verify.
+//! Each runs as a [`Session`]: profile lock held, connected, caught up. Commits and posts are
+//! prepared and persisted in one local transaction *before* they are sent (so a crash can
+//! never reuse a ratchet secret or forget a commit the server accepted), then confirmed.
+
+use std::time::{Duration, Instant};
+
+use blindpost_wire::{
+    ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT,
+    DirectoryEntry, ErrorCode, KeyPackageStatus, LookupUser, Post, PublishKeyPackages,
+    RegisterUser, Request, Route, SignedDirectoryEntry, limits, response,
+};
+use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+use openmls::prelude::tls_codec::Serialize as _;
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use prost::Message as _;
+
+use crate::error::{Error, Result};
+use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
+use crate::payload::{AppMessage, Body};
+use crate::safety::SafetyNumber;
+use crate::store::{ItemRow, ProfileLock};
+use crate::sync::merge_own_commit;
+use crate::transport::Connection;
+use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, random_bytes};
+
+/// How often one operation retries after losing an epoch race before giving up.
+const MAX_ATTEMPTS: usize = 8;
+
+/// What a profile knows about itself.
+pub(crate) struct Profile {
+    pub(crate) username: String,
+    pub(crate) server: String,
+    pub(crate) suite: Suite,
+    pub(crate) signer: SignatureKeyPair,
+    pub(crate) identity: SigningKey,
+}
+
+impl Profile {
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.username.as_bytes().to_vec()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+}
+
+/// One operation in progress: lock held, connection open.
+pub(crate) struct Session<'a> {
+    pub(crate) client: &'a Client,
+    pub(crate) conn: Connection,
+    pub(crate) profile: Profile,
+    lock: Option<ProfileLock>,
+}
+
+/// What a commit does.
+enum Change {
+    Add(Vec<CheckedKeyPackage>),
+    Remove(Vec<String>),
+    PendingProposals,
+}
+
+/// A commit prepared and persisted locally, ready to send.
+struct PreparedCommit {
+    request: Commit,
+    hash: Vec<u8>,
+}
+
+impl Client {
+    fn load_profile(&self) -> Result<Profile> {
+        let s = &self.store;
+        let (Some(username), Some(server), Some(suite), Some(sig_pub), Some(id_secret)) = (
+            s.get_str("username")?,
+            s.get_str("server")?,
+            s.get_str("suite")?,
+            s.get("signature_public")?,
+            s.get("identity_secret")?,
+        ) else {
+            return Err(Error::NotSetUp);
+        };
+        let suite = Suite::from_name(&suite)
+            .ok_or_else(|| Error::Mls(format!("unknown suite {suite:?} in profile")))?;
+        let provider = s.provider();
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            &sig_pub,
+            suite.ciphersuite().signature_algorithm(),
+        )
+        .ok_or_else(|| Error::Mls("the device signature key is missing from the profile".into()))?;
+        let id_bytes: [u8; 32] = id_secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Mls("corrupt identity key in profile".into()))?;
+        Ok(Profile {
+            username,
+            server,
+            suite,
+            signer,
+            identity: SigningKey::from_bytes(&id_bytes),
+        })
+    }
+
+    /// Lock, connect and catch up.
+    async fn session(&self) -> Result<Session<'_>> {
+        let lock = ProfileLock::acquire(&self.dir)?;
+        let profile = self.load_profile()?;
+        let conn = Connection::connect(&profile.server).await?;
+        let mut session = Session {
+            client: self,
+            conn,
+            profile,
+            lock: Some(lock),
+        };
+        session.settle().await?;
+        Ok(session)
+    }
+
+    /// Create the profile: identity and device keys, a key-package box, and the username.
+    pub async fn setup(&self, server: &str, username: &str, suite: Suite) -> Result<()> {
+        let _lock = ProfileLock::acquire(&self.dir)?;
+        if let Some(name) = self.store.get_str("username")? {
+            return Err(Error::AlreadySetUp(name));
+        }
+        if !limits::valid_username(username) {
+            return Err(Error::InvalidUsername(username.to_string()));
+        }
+        crate::transport::ws_url(server)?;
+        let mut conn = Connection::connect(server).await?;
+        let signer = SignatureKeyPair::new(suite.ciphersuite().signature_algorithm())
+            .map_err(Error::mls)?;
+        let identity = SigningKey::from_bytes(&random_bytes::<32>());
+        let box_id = random_bytes::<16>().to_vec();
+        let box_secret = random_bytes::<32>().to_vec();
+        self.store.tx(|s| {
+            signer.store(s.provider().storage()).map_err(Error::mls)?;
+            s.set("signature_public", signer.public())?;
+            s.set("identity_secret", identity.as_bytes())?;
+            s.set("box_id", &box_id)?;
+            s.set("box_secret", &box_secret)?;
+            s.set("suite", suite.name().as_bytes())?;
+            s.set("server", server.as_bytes())
+        })?;
+        let profile = Profile {
+            username: username.to_string(),
+            server: server.to_string(),
+            suite,
+            signer,
+            identity,
+        };
+        let entry = DirectoryEntry {
+            username: username.to_string(),
+            identity_key: profile.identity.verifying_key().to_bytes().to_vec(),
+            devices: vec![blindpost_wire::Device {
+                signature_key: profile.signer.public().to_vec(),
+                box_id: box_id.clone(),
+            }],
+            version: 1,
+        };
+        let entry_bytes = entry.encode_to_vec();
+        let mut signed_msg = DIRECTORY_SIGNATURE_CONTEXT.to_vec();
+        signed_msg.extend_from_slice(&entry_bytes);
+        let signature = ed25519_dalek::Signer::sign(&profile.identity, &signed_msg);
+        publish_key_packages(self, &mut conn, &profile, KEY_PACKAGE_TARGET, true).await?;
+        match conn
+            .call(Request::RegisterUser(RegisterUser {
+                entry: Some(SignedDirectoryEntry {
+                    entry: entry_bytes,
+                    signature: signature.to_bytes().to_vec(),
+                }),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(Error::Server {
+                code: ErrorCode::Conflict,
+                ..
+            }) => return Err(Error::UsernameTaken(username.to_string())),
+            Err(e) => return Err(e),
+        }
+        // Only a registered profile counts as set up.
+        self.store.set("username", username.as_bytes())?;
+        conn.close().await;
+        Ok(())
+    }
+
+    /// Catch up on everything pending; new items become available from
+    /// [`Client::take_new_items`].
+    pub async fn receive(&self) -> Result<()> {
+        let session = self.session().await?;
+        session.conn.close().await;
+        Ok(())
+    }
+
+    /// Send a text message to a chat (`@user` creates the 1:1 chat on first use).
+    pub async fn send(&self, target: &str, text: &str) -> Result<Item> {
+        let mut session = self.session().await?;
+        let gid = match self.resolve(target) {
+            Ok(gid) => gid,
+            Err(Error::UnknownChat(_)) if target.starts_with('@') => {
+                let peer = &target[1..];
+                session.create_chat(None, &[peer.to_string()]).await?
+            }
+            Err(e) => return Err(e),
+        };
+        session.ensure_member(&gid, target)?;
+        let app = session
+            .post_app(
+                &gid,
+                Body::Text {
+                    text: text.to_string(),
+                },
+            )
+            .await?;
+        session.conn.close().await;
+        let item = self
+            .items_from_rows(vec![ItemRow {
+                id: app.id,
+                group_id: gid,
+                sender: session.profile.username.clone(),
+                kind: "message".into(),
+                text: Some(text.to_string()),
+                subject: None,
+                sent_at: app.sent_at,
+            }])?
+            .pop();
+        item.ok_or_else(|| Error::Mls("sent item vanished".into()))
+    }
+
+    /// Create a named group with the given members (usernames without `@`).
+    pub async fn create_group(&self, name: &str, members: &[String]) -> Result<String> {
+        if name.is_empty() || name.starts_with('@') || name.starts_with('#') {
+            return Err(Error::Invalid(
+                "a group name must not be empty or start with '@' or '#'".into(),
+            ));
+        }
+        let mut session = self.session().await?;
+        let gid = session.create_chat(Some(name), members).await?;
+        session.conn.close().await;
+        Ok(hex::encode(gid))
+    }
+
+    /// Add members to a group.
+    pub async fn add_members(&self, target: &str, members: &[String]) -> Result<()> {
+        let mut session = self.session().await?;
+        let gid = self.resolve(target)?;
+        session.ensure_member(&gid, target)?;
+        let current = self.member_list(&gid)?;
+        for m in members {
+            if current.iter().any(|c| &c.username == m) {
+                return Err(Error::Invalid(format!("@{m} is already a member of {target}")));
+            }
+        }
+        let kps = session.claim_all(members).await?;
+        session.commit(&gid, Change::Add(kps)).await?;
+        let name = self.store.chat(&gid)?.and_then(|c| c.name);
+        session.post_app(&gid, Body::Meta { name }).await?;
+        session.conn.close().await;
+        Ok(())
+    }
+
+    /// Remove members from a group.
+    pub async fn remove_members(&self, target: &str, members: &[String]) -> Result<()> {
+        let mut session = self.session().await?;
+        let gid = self.resolve(target)?;
+        session.ensure_member(&gid, target)?;
+        let current = self.member_list(&gid)?;
+        for m in members {
+            if m == &session.profile.username {
+                return Err(Error::Invalid("use `group leave` to leave a group".into()));
+            }
+            if !current.iter().any(|c| &c.username == m) {
+                return Err(Error::Invalid(format!("@{m} is not a member of {target}")));
+            }
+        }
+        session.commit(&gid, Change::Remove(members.to_vec())).await?;
+        session.conn.close().await;
+        Ok(())
+    }
+
+    /// Leave a group: ask the others to remove us; stop showing its messages.
+    pub async fn leave(&self, target: &str) -> Result<()> {
+        let mut session = self.session().await?;
+        let gid = self.resolve(target)?;
+        session.ensure_member(&gid, target)?;
+        session.post_leave(&gid).await?;
+        let me = session.profile.username.clone();
+        self.store.tx(|s| {
+            s.set_chat_inactive(&gid)?;
+            s.add_item(
+                &ItemRow {
+                    id: format!("{}-left-{}", hex::encode(&gid[..12]), now_secs()),
+                    group_id: gid.clone(),
+                    sender: me.clone(),
+                    kind: "member_left".into(),
+                    text: None,
+                    subject: Some(me.clone()),
+                    sent_at: now_secs(),
+                },
+                true,
+            )
+        })?;
+        session.conn.close().await;
+        Ok(())
+    }
+
+    /// Receive continuously: catch up, then hand each batch of new items to `on_items` as it
+    /// arrives, until `timeout` (if any) passes. Returns `Ok` at the timeout.
+    pub async fn follow(
+        &self,
+        timeout: Option<Duration>,
+        mut on_items: impl FnMut(Vec<Item>),
+    ) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let profile = self.load_profile()?;
+        let conn = Connection::connect(&profile.server).await?;
+        let mut session = Session {
+            client: self,
+            conn,
+            profile,
+            lock: Some(ProfileLock::acquire(&self.dir)?),
+        };
+        session.settle().await?;
+        on_items(self.take_new_items()?);
+        let mut subscribed = std::collections::HashSet::new();
+        loop {
+            // Subscribe queues created since (by us or by another process on this profile).
+            for q in self.store.queues()? {
+                if !subscribed.contains(&q.id) && session.subscribe(&q, true).await? {
+                    subscribed.insert(q.id.clone());
+                }
+            }
+            session.unlock();
+            let tick = Duration::from_secs(1);
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(tick),
+                None => tick,
+            };
+            let push = tokio::time::timeout(wait, session.conn.next_push()).await;
+            session.relock()?;
+            match push {
+                Ok(push) => {
+                    let push = push?;
+                    session.process_batch(&push.queue_id, &push.messages)?;
+                    if let Some(max) = push.messages.iter().map(|m| m.seq).max() {
+                        session.ack(&push.queue_id, max).await?;
+                    }
+                    session.commit_pending_proposals().await?;
+                }
+                Err(_) => {}
+            }
+            on_items(self.take_new_items()?);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                session.conn.close().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// The safety number of our identity and `username`'s, as published in the directory.
+    pub async fn safety_number(&self, username: &str) -> Result<SafetyNumber> {
+        let mut session = self.session().await?;
+        let me = session.profile.username.clone();
+        let own = session.lookup(&me).await?;
+        if own.identity_key != session.profile.identity.verifying_key().to_bytes() {
+            return Err(Error::BadServerReply(format!(
+                "the directory lists a different identity key for you (@{me}): the server may be \
+                 impersonating you"
+            )));
+        }
+        let peer = session.lookup(username).await?;
+        session.conn.close().await;
+        Ok(SafetyNumber::new(
+            (&me, &own.identity_key),
+            (username, &peer.identity_key),
+        ))
+    }
+}
+
+impl Session<'_> {
+    /// Let other processes on this profile work while we wait on the network.
+    fn unlock(&mut self) {
+        self.lock = None;
+    }
+
+    fn relock(&mut self) -> Result<()> {
+        self.lock = Some(ProfileLock::acquire(&self.client.dir)?);
+        Ok(())
+    }
+
+    /// Catch up and finish what others asked of us (commit pending leave requests).
+    pub(crate) async fn settle(&mut self) -> Result<()> {
+        self.sync_queues().await?;
+        self.commit_pending_proposals().await?;
+        self.top_up_key_packages().await
+    }
+
+    async fn commit_pending_proposals(&mut self) -> Result<()> {
+        for chat in self.client.store.chats()? {
+            if !chat.active {
+                continue;
+            }
+            let provider = self.client.store.provider();
+            let Some(group) = MlsGroup::load(provider.storage(), &GroupId::from_slice(&chat.group_id))
+                .map_err(Error::mls)?
+            else {
+                continue;
+            };
+            if group.is_active() && group.pending_proposals().next().is_some() {
+                self.commit(&chat.group_id, Change::PendingProposals).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn top_up_key_packages(&mut self) -> Result<()> {
+        let (Some(box_id), Some(box_secret)) = (
+            self.client.store.get("box_id")?,
+            self.client.store.get("box_secret")?,
+        ) else {
+            return Ok(());
+        };
+        let body = self
+            .conn
+            .call(Request::KeyPackageStatus(KeyPackageStatus { box_id, box_secret }))
+            .await?;
+        let response::Body::KeyPackageCount(count) = body else {
+            return Err(Error::BadServerReply("status answered with something else".into()));
+        };
+        if count.one_time < KEY_PACKAGE_LOW_WATER {
+            let n = KEY_PACKAGE_TARGET.saturating_sub(count.one_time as usize);
+            publish_key_packages(self.client, &mut self.conn, &self.profile, n, !count.has_last_resort)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn ensure_member(&self, gid: &[u8], target: &str) -> Result<()> {
+        match self.client.store.chat(gid)? {
+            Some(c) if c.active => Ok(()),
+            _ => Err(Error::NotAMember(target.to_string())),
+        }
+    }
+
+    /// Look a user up and check the entry's signature and name.
+    pub(crate) async fn lookup(&mut self, username: &str) -> Result<DirectoryEntry> {
+        if !limits::valid_username(username) {
+            return Err(Error::InvalidUsername(username.to_string()));
+        }
+        let body = match self
+            .conn
+            .call(Request::LookupUser(LookupUser {
+                username: username.to_string(),
+            }))
+            .await
+        {
+            Err(Error::Server {
+                code: ErrorCode::NotFound,
+                ..
+            }) => return Err(Error::UnknownUser(username.to_string())),
+            other => other?,
+        };
+        let response::Body::User(signed) = body else {
+            return Err(Error::BadServerReply("lookup answered with something else".into()));
+        };
+        verify_entry(username, &signed)
+    }
+
+    /// Claim one key package for every device of every user, checked against the directory.
+    async fn claim_all(&mut self, users: &[String]) -> Result<Vec<CheckedKeyPackage>> {
+        let mut out = Vec::new();
+        for (i, user) in users.iter().enumerate() {
+            if user == &self.profile.username {
+                return Err(Error::Invalid("you are already a member".into()));
+            }
+            if users[..i].contains(user) {
+                return Err(Error::Invalid(format!("@{user} is listed twice")));
+            }
+            let entry = self.lookup(user).await?;
+            for device in &entry.devices {
+                let body = match self
+                    .conn
+                    .call(Request::ClaimKeyPackage(ClaimKeyPackage {
+                        box_id: device.box_id.clone(),
+                    }))
+                    .await
+                {
+                    Err(Error::Server {
+                        code: ErrorCode::NotFound,
+                        ..
+                    }) => {
+                        return Err(Error::Invalid(format!(
+                            "@{user} has no key packages left on the server"
+                        )));
+                    }
+                    other => other?,
+                };
+                let response::Body::KeyPackage(kp) = body else {
+                    return Err(Error::BadServerReply("claim answered with something else".into()));
+                };
+                let provider = self.client.store.provider();
+                out.push(mls::check_key_package(
+                    &provider,
+                    &kp.key_package,
+                    self.profile.suite,
+                    user,
+                    &device.signature_key,
+                )?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create a queue on the server and remember it; returns (id, send token).
+    async fn new_queue(&mut self) -> Result<(Vec<u8>, Vec<u8>)> {
+        new_queue(self.client, &mut self.conn).await
+    }
+
+    /// Create a chat: a new group with `members`, named (group) or not (1:1).
+    async fn create_chat(&mut self, name: Option<&str>, members: &[String]) -> Result<Vec<u8>> {
+        if members.is_empty() {
+            return Err(Error::Invalid("a chat needs at least one other member".into()));
+        }
+        let kps = self.claim_all(members).await?;
+        let (queue_id, send_token) = self.new_queue().await?;
+        let gid = random_bytes::<32>().to_vec();
+        let peer = if name.is_none() { members.first().map(String::as_str) } else { None };
+        let token_hash = self.client.store.tx(|s| {
+            let provider = s.provider();
+            let group = mls::create_group(
+                &provider,
+                &self.profile.signer,
+                self.profile.credential(),
+                self.profile.suite,
+                &gid,
+                &queue_id,
+            )?;
+            s.ensure_chat(&gid, peer, now_secs())?;
+            s.set_chat_name(&gid, name)?;
+            Ok(sha256(&mls::posting_token(&group, &provider)?))
+        })?;
+        self.conn
+            .call(Request::CreateGroup(CreateGroup {
+                group_id: gid.clone(),
+                epoch: 0,
+                posting_token_hash: token_hash,
+                routes: vec![Route {
+                    queue_id,
+                    send_token,
+                }],
+            }))
+            .await?;
+        self.commit(&gid, Change::Add(kps)).await?;
+        self.post_app(&gid, Body::Meta { name: name.map(str::to_string) })
+            .await?;
+        Ok(gid)
+    }
+
+    /// Submit a commit, rebasing and retrying when another member's commit wins the epoch.
+    async fn commit(&mut self, gid: &[u8], change: Change) -> Result<()> {
+        for _ in 0..MAX_ATTEMPTS {
+            let prepared = self.prepare_commit(gid, &change)?;
+            match self.conn.call(Request::Commit(prepared.request)).await {
+                Ok(_) => {
+                    let me = self.profile.username.clone();
+                    return self.client.store.tx(|s| {
+                        let provider = s.provider();
+                        let mut group = load_group(&provider, gid)?;
+                        merge_own_commit(s, &mut group, &me, &prepared.hash, true)
+                    });
+                }
+                Err(e) if matches!(e, Error::Unreachable(_)) => {
+                    // Outcome unknown: the pending commit stays; the next catch-up either
+                    // sees it echoed (accepted) or sees another commit (void).
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.client.store.tx(|s| {
+                        s.take_echo(&prepared.hash)?;
+                        let provider = s.provider();
+                        let mut group = load_group(&provider, gid)?;
+                        group
+                            .clear_pending_commit(provider.storage())
+                            .map_err(Error::mls)
+                    })?;
+                    if !e.is_stale_epoch() {
+                        return Err(e);
+                    }
+                    self.sync_queues().await?;
+                }
+            }
+        }
+        Err(Error::Invalid(
+            "gave up: the group changed too often while committing; try again".into(),
+        ))
+    }
+
+    fn prepare_commit(&self, gid: &[u8], change: &Change) -> Result<PreparedCommit> {
+        self.client.store.tx(|s| {
+            let provider = s.provider();
+            let mut group = load_group(&provider, gid)?;
+            if group.pending_commit().is_some() {
+                // We are caught up, so a commit still pending was never accepted.
+                group
+                    .clear_pending_commit(provider.storage())
+                    .map_err(Error::mls)?;
+            }
+            let epoch = group.epoch().as_u64();
+            let posting_token = mls::posting_token(&group, &provider)?;
+            let signer = &self.profile.signer;
+            let (commit, welcome, add_routes) = match change {
+                Change::Add(kps) => {
+                    let packages: Vec<KeyPackage> =
+                        kps.iter().map(|k| k.key_package.clone()).collect();
+                    let (c, w, _) = group
+                        .add_members(&provider, signer, &packages)
+                        .map_err(Error::mls)?;
+                    let routes = kps
+                        .iter()
+                        .map(|k| Route {
+                            queue_id: k.queue_id.clone(),
+                            send_token: k.send_token.clone(),
+                        })
+                        .collect();
+                    (c, Some(w), routes)
+                }
+                Change::Remove(users) => {
+                    let leaves: Vec<LeafNodeIndex> = group
+                        .members()
+                        .filter(|m| users.contains(&identity(&m.credential)))
+                        .map(|m| m.index)
+                        .collect();
+                    if leaves.is_empty() {
+                        return Err(Error::Invalid("none of them is a member".into()));
+                    }
+                    let (c, w, _) = group
+                        .remove_members(&provider, signer, &leaves)
+                        .map_err(Error::mls)?;
+                    (c, w, Vec::new())
+                }
+                Change::PendingProposals => {
+                    let (c, w, _) = group
+                        .commit_to_pending_proposals(&provider, signer)
+                        .map_err(Error::mls)?;
+                    (c, w, Vec::new())
+                }
+            };
+            let staged = group
+                .pending_commit()
+                .ok_or_else(|| Error::Mls("commit was not staged".into()))?;
+            let next = mls::next_posting_token(staged, &provider)?;
+            let remove_routes = staged
+                .remove_proposals()
+                .filter_map(|r| mls::leaf_route(&group, r.remove_proposal().removed()))
+                .collect();
+            let commit = commit.tls_serialize_detached().map_err(Error::mls)?;
+            let welcome = match welcome {
+                Some(w) => w.tls_serialize_detached().map_err(Error::mls)?,
+                None => Vec::new(),
+            };
+            let hash = sha256(&commit);
+            s.add_echo(&hash)?;
+            Ok(PreparedCommit {
+                request: Commit {
+                    group_id: gid.to_vec(),
+                    epoch,
+                    posting_token,
+                    commit,
+                    next_posting_token_hash: sha256(&next),
+                    add_routes,
+                    remove_routes,
+                    welcome,
+                },
+                hash,
+            })
+        })
+    }
+
+    /// Encrypt and post an application message, re-encrypting after catching up if the group
+    /// moved on.
+    async fn post_app(&mut self, gid: &[u8], body: Body) -> Result<AppMessage> {
+        let message_id = random_bytes::<16>();
+        for _ in 0..MAX_ATTEMPTS {
+            let app = AppMessage {
+                id: hex::encode(message_id),
+                sent_at: now_secs(),
+                body: body.clone(),
+            };
+            let bytes = app.to_padded_bytes();
+            let result = self
+                .post_mls(gid, &message_id, |group, provider, signer| {
+                    group
+                        .create_message(provider, signer, &bytes)
+                        .map_err(Error::mls)
+                })
+                .await;
+            match result {
+                Ok(()) => {
+                    if let Body::Text { text } = &app.body {
+                        self.client.store.add_item(
+                            &ItemRow {
+                                id: app.id.clone(),
+                                group_id: gid.to_vec(),
+                                sender: self.profile.username.clone(),
+                                kind: "message".into(),
+                                text: Some(text.clone()),
+                                subject: None,
+                                sent_at: app.sent_at,
+                            },
+                            true,
+                        )?;
+                    }
+                    return Ok(app);
+                }
+                Err(e) if e.is_stale_epoch() => self.sync_queues().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Invalid(
+            "gave up: the group changed too often while sending; try again".into(),
+        ))
+    }
+
+    /// Ask the group to remove us.
+    async fn post_leave(&mut self, gid: &[u8]) -> Result<()> {
+        let message_id = random_bytes::<16>();
+        for _ in 0..MAX_ATTEMPTS {
+            let result = self
+                .post_mls(gid, &message_id, |group, provider, signer| {
+                    group.leave_group(provider, signer).map_err(Error::mls)
+                })
+                .await;
+            match result {
+                Err(e) if e.is_stale_epoch() => self.sync_queues().await?,
+                other => return other,
+            }
+        }
+        Err(Error::Invalid("gave up: the group changed too often; try again".into()))
+    }
+
+    /// Build an MLS message in a transaction (persisting the ratchet step), then post it.
+    async fn post_mls(
+        &mut self,
+        gid: &[u8],
+        message_id: &[u8],
+        build: impl FnOnce(
+            &mut MlsGroup,
+            &crate::store::Provider<'_>,
+            &SignatureKeyPair,
+        ) -> Result<MlsMessageOut>,
+    ) -> Result<()> {
+        let (epoch, posting_token, payload) = self.client.store.tx(|s| {
+            let provider = s.provider();
+            let mut group = load_group(&provider, gid)?;
+            if group.pending_commit().is_some() {
+                group
+                    .clear_pending_commit(provider.storage())
+                    .map_err(Error::mls)?;
+            }
+            let out = build(&mut group, &provider, &self.profile.signer)?;
+            let payload = out.tls_serialize_detached().map_err(Error::mls)?;
+            s.add_echo(&sha256(&payload))?;
+            Ok((
+                group.epoch().as_u64(),
+                mls::posting_token(&group, &provider)?,
+                payload,
+            ))
+        })?;
+        let hash = sha256(&payload);
+        let result = self
+            .conn
+            .call(Request::Post(Post {
+                group_id: gid.to_vec(),
+                epoch,
+                posting_token,
+                message_id: message_id.to_vec(),
+                payload,
+            }))
+            .await;
+        if let Err(e) = &result
+            && !matches!(e, Error::Unreachable(_))
+        {
+            // Definitely not stored: it will never echo back.
+            self.client.store.take_echo(&hash)?;
+        }
+        result.map(|_| ())
+    }
+}
+
+impl Client {
+    /// Current members of a group, from local MLS state.
+    pub(crate) fn member_list(&self, gid: &[u8]) -> Result<Vec<crate::Member>> {
+        let me = self.store.get_str("username")?.unwrap_or_default();
+        let provider = self.store.provider();
+        let Some(group) =
+            MlsGroup::load(provider.storage(), &GroupId::from_slice(gid)).map_err(Error::mls)?
+        else {
+            return Ok(Vec::new());
+        };
+        if !group.is_active() {
+            return Ok(Vec::new());
+        }
+        let mut members: Vec<crate::Member> = group
+            .members()
+            .map(|m| {
+                let username = identity(&m.credential);
+                crate::Member {
+                    me: username == me,
+                    username,
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(members)
+    }
+}
+
+fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
+    MlsGroup::load(provider.storage(), &GroupId::from_slice(gid))
+        .map_err(Error::mls)?
+        .ok_or_else(|| Error::NotAMember(format!("#{}", hex::encode(&gid[..4.min(gid.len())]))))
+}
+
+async fn new_queue(client: &Client, conn: &mut Connection) -> Result<(Vec<u8>, Vec<u8>)> {
+    let id = random_bytes::<16>().to_vec();
+    let receive_secret = random_bytes::<32>().to_vec();
+    let send_token = random_bytes::<32>().to_vec();
+    conn.call(Request::CreateQueue(CreateQueue {
+        queue_id: id.clone(),
+        receive_secret_hash: sha256(&receive_secret),
+        send_token_hash: sha256(&send_token),
+    }))
+    .await?;
+    client.store.add_queue(&id, &receive_secret, &send_token)?;
+    Ok((id, send_token))
+}
+
+/// Create `n` one-time key packages (and a last-resort one if asked), each with a fresh
+/// queue, and publish them to our box.
+async fn publish_key_packages(
+    client: &Client,
+    conn: &mut Connection,
+    profile: &Profile,
+    n: usize,
+    last_resort: bool,
+) -> Result<()> {
+    let mut packages = Vec::with_capacity(n);
+    let mut last = Vec::new();
+    for i in 0..n + usize::from(last_resort) {
+        let (queue_id, send_token) = new_queue(client, conn).await?;
+        let is_last_resort = i == n;
+        let provider = client.store.provider();
+        let kp = client.store.tx(|_| {
+            mls::create_key_package(
+                &provider,
+                &profile.signer,
+                profile.credential(),
+                profile.suite,
+                &queue_id,
+                &send_token,
+                is_last_resort,
+            )
+        })?;
+        if is_last_resort {
+            last = kp;
+        } else {
+            packages.push(kp);
+        }
+    }
+    let (Some(box_id), Some(box_secret)) = (client.store.get("box_id")?, client.store.get("box_secret")?)
+    else {
+        return Err(Error::NotSetUp);
+    };
+    conn.call(Request::PublishKeyPackages(PublishKeyPackages {
+        box_id,
+        box_secret,
+        key_packages: packages,
+        last_resort: last,
+    }))
+    .await?;
+    Ok(())
+}
+
+/// Decode a signed directory entry and check it names `username` and verifies under its
+/// identity key.
+fn verify_entry(username: &str, signed: &SignedDirectoryEntry) -> Result<DirectoryEntry> {
+    let bad = |why: &str| Error::BadServerReply(format!("directory entry of @{username}: {why}"));
+    if signed.entry.len() > limits::MAX_DIRECTORY_ENTRY_BYTES {
+        return Err(bad("too large"));
+    }
+    let entry = DirectoryEntry::decode(signed.entry.as_slice()).map_err(|_| bad("malformed"))?;
+    if entry.username != username {
+        return Err(bad("names another user"));
+    }
+    let key_bytes: [u8; 32] = entry
+        .identity_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("identity key has the wrong length"))?;
+    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| bad("invalid identity key"))?;
+    let sig_bytes: [u8; 64] = signed
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("signature has the wrong length"))?;
+    let mut msg = DIRECTORY_SIGNATURE_CONTEXT.to_vec();
+    msg.extend_from_slice(&signed.entry);
+    key.verify_strict(&msg, &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| bad("signature does not verify"))?;
+    if entry.devices.is_empty() || entry.devices.len() > limits::MAX_DEVICES {
+        return Err(bad("lists no devices or too many"));
+    }
+    Ok(entry)
+}

@@ -1,0 +1,456 @@
+//! The profile's local store: one SQLite file (WAL, mode 0600) holding openmls's state
+//! (through `openmls_sqlite_storage`) beside our own tables (`bp_*`): profile settings and
+//! secrets, queues, chats, received items and echo hashes. Not for talking to the server.
+//!
+//! Writes that belong together run in one transaction ([`Store::tx`]), and the profile lock
+//! ([`ProfileLock`]) serialises whole operations between processes sharing a profile.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use openmls_traits::OpenMlsProvider;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{Error, Result};
+
+/// serde codec for openmls's stored values.
+#[derive(Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+/// The openmls provider over the profile's connection.
+pub struct Provider<'c> {
+    crypto: &'c RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, &'c Connection>,
+}
+
+impl<'c> OpenMlsProvider for Provider<'c> {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, &'c Connection>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        self.crypto
+    }
+}
+
+/// Our own tables. Versioned by `PRAGMA user_version`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE bp_profile (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE bp_queues (
+    id BLOB PRIMARY KEY,
+    receive_secret BLOB NOT NULL,
+    send_token BLOB NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE bp_chats (
+    group_id BLOB PRIMARY KEY,
+    name TEXT,
+    peer TEXT,
+    created_at INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE bp_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    group_id BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT,
+    subject TEXT,
+    sent_at INTEGER NOT NULL,
+    shown INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX bp_items_group ON bp_items (group_id, seq);
+CREATE TABLE bp_echo (hash BLOB PRIMARY KEY);
+"#];
+
+/// A row of `bp_items`: one thing to show the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemRow {
+    /// Stable id (message id, or derived from the commit).
+    pub id: String,
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// Who did it (username).
+    pub sender: String,
+    /// `message`, `member_added`, `member_removed`, `member_left`, `joined`, `removed`, `created`.
+    pub kind: String,
+    /// The text of a message.
+    pub text: Option<String>,
+    /// Whom a membership change is about.
+    pub subject: Option<String>,
+    /// Seconds since the UNIX epoch.
+    pub sent_at: u64,
+}
+
+/// A row of `bp_chats`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRow {
+    /// The MLS group id.
+    pub group_id: Vec<u8>,
+    /// The group's name (groups) — `None` for 1:1 chats.
+    pub name: Option<String>,
+    /// The other member (1:1 chats).
+    pub peer: Option<String>,
+    /// Whether we are still a member.
+    pub active: bool,
+}
+
+/// A queue we can read.
+#[derive(Debug, Clone)]
+pub struct QueueRow {
+    /// The queue id.
+    pub id: Vec<u8>,
+    /// Its receive secret.
+    pub receive_secret: Vec<u8>,
+}
+
+/// The local store of one profile.
+pub struct Store {
+    conn: Connection,
+    crypto: RustCrypto,
+}
+
+impl Store {
+    /// Open (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        create_private_dir(dir)?;
+        let path = dir.join("blindpost.sqlite3");
+        if !path.exists() {
+            // Create the file with mode 0600 before SQLite opens it.
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?;
+        }
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Take the write lock up front: migrations of two processes must not interleave.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| -> Result<()> {
+            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+                conn.execute_batch(m)?;
+                conn.pragma_update(None, "user_version", i as i64 + 1)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+            .run_migrations()
+            .map_err(|e| Error::Mls(format!("storage migrations: {e}")))?;
+        for suffix in ["-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        Ok(Self {
+            conn,
+            crypto: RustCrypto::default(),
+        })
+    }
+
+    /// The openmls provider over this store.
+    pub fn provider(&self) -> Provider<'_> {
+        Provider {
+            crypto: &self.crypto,
+            storage: SqliteStorageProvider::new(&self.conn),
+        }
+    }
+
+    /// Run `f` in one transaction: everything it wrote is committed together, or nothing.
+    pub fn tx<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Run `f` inside a savepoint of the current transaction: if it fails, only its own
+    /// writes are undone.
+    pub fn savepoint<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("SAVEPOINT one_message")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("RELEASE one_message")?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.conn
+                    .execute_batch("ROLLBACK TO one_message; RELEASE one_message")?;
+                Err(e)
+            }
+        }
+    }
+
+    // --- profile settings -----------------------------------------------------------------
+
+    /// A profile value.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM bp_profile WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// A profile value as text.
+    pub fn get_str(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Set a profile value.
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO bp_profile (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    // --- queues -------------------------------------------------------------------------------
+
+    /// Remember a queue we can read.
+    pub fn add_queue(&self, id: &[u8], receive_secret: &[u8], send_token: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO bp_queues (id, receive_secret, send_token) VALUES (?1, ?2, ?3)",
+            params![id, receive_secret, send_token],
+        )?;
+        Ok(())
+    }
+
+    /// Every queue we read.
+    pub fn queues(&self) -> Result<Vec<QueueRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, receive_secret FROM bp_queues ORDER BY rowid")?;
+        let rows = st.query_map([], |r| {
+            Ok(QueueRow {
+                id: r.get(0)?,
+                receive_secret: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The highest processed sequence number of a queue.
+    pub fn queue_last_seq(&self, id: &[u8]) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT last_seq FROM bp_queues WHERE id = ?1", [id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .map(|v| v as u64))
+    }
+
+    /// Record that a queue's messages up to `seq` are processed.
+    pub fn set_queue_last_seq(&self, id: &[u8], seq: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE bp_queues SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
+            params![id, seq as i64],
+        )?;
+        Ok(())
+    }
+
+    // --- chats --------------------------------------------------------------------------------
+
+    /// Create a chat record if absent.
+    pub fn ensure_chat(&self, group_id: &[u8], peer: Option<&str>, now: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO bp_chats (group_id, peer, created_at) VALUES (?1, ?2, ?3)",
+            params![group_id, peer, now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Set a chat's name (`None`: a 1:1 chat).
+    pub fn set_chat_name(&self, group_id: &[u8], name: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE bp_chats SET name = ?2 WHERE group_id = ?1",
+            params![group_id, name],
+        )?;
+        Ok(())
+    }
+
+    /// Set a 1:1 chat's peer.
+    pub fn set_chat_peer(&self, group_id: &[u8], peer: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE bp_chats SET peer = ?2 WHERE group_id = ?1",
+            params![group_id, peer],
+        )?;
+        Ok(())
+    }
+
+    /// Mark a chat as left.
+    pub fn set_chat_inactive(&self, group_id: &[u8]) -> Result<()> {
+        self.conn
+            .execute("UPDATE bp_chats SET active = 0 WHERE group_id = ?1", [group_id])?;
+        Ok(())
+    }
+
+    /// Every chat, oldest first.
+    pub fn chats(&self) -> Result<Vec<ChatRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT group_id, name, peer, active FROM bp_chats ORDER BY created_at, rowid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(ChatRow {
+                group_id: r.get(0)?,
+                name: r.get(1)?,
+                peer: r.get(2)?,
+                active: r.get::<_, i64>(3)? != 0,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One chat.
+    pub fn chat(&self, group_id: &[u8]) -> Result<Option<ChatRow>> {
+        Ok(self.chats()?.into_iter().find(|c| c.group_id == group_id))
+    }
+
+    // --- items --------------------------------------------------------------------------------
+
+    /// Store an item; `false` if one with the same id exists (deduplication).
+    pub fn add_item(&self, item: &ItemRow, shown: bool) -> Result<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO bp_items (id, group_id, sender, kind, text, subject, sent_at, shown)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                item.id,
+                item.group_id,
+                item.sender,
+                item.kind,
+                item.text,
+                item.subject,
+                item.sent_at as i64,
+                shown
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Items not yet shown, oldest first, marking them shown.
+    pub fn take_unshown(&self) -> Result<Vec<ItemRow>> {
+        let items = self.items_where("shown = 0", params![])?;
+        self.conn.execute("UPDATE bp_items SET shown = 1 WHERE shown = 0", [])?;
+        Ok(items)
+    }
+
+    /// A chat's items, oldest first.
+    pub fn history(&self, group_id: &[u8]) -> Result<Vec<ItemRow>> {
+        self.items_where("group_id = ?1", params![group_id])
+    }
+
+    fn items_where(&self, cond: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<ItemRow>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT id, group_id, sender, kind, text, subject, sent_at FROM bp_items
+             WHERE {cond} ORDER BY seq"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok(ItemRow {
+                id: r.get(0)?,
+                group_id: r.get(1)?,
+                sender: r.get(2)?,
+                kind: r.get(3)?,
+                text: r.get(4)?,
+                subject: r.get(5)?,
+                sent_at: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // --- echoes of what we sent -----------------------------------------------------------
+
+    /// Remember the hash of a message we are about to post.
+    pub fn add_echo(&self, hash: &[u8]) -> Result<()> {
+        self.conn
+            .execute("INSERT OR IGNORE INTO bp_echo (hash) VALUES (?1)", [hash])?;
+        Ok(())
+    }
+
+    /// Whether `hash` is one of ours; forgets it.
+    pub fn take_echo(&self, hash: &[u8]) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM bp_echo WHERE hash = ?1", [hash])? == 1)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// An exclusive lock on a profile, held for the length of one operation so two processes
+/// (say `receive --follow` and `send`) never interleave MLS state changes.
+pub struct ProfileLock {
+    file: File,
+}
+
+impl ProfileLock {
+    /// Wait for and take the lock of the profile in `dir`.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        create_private_dir(dir)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join("lock"))?;
+        file.lock()?;
+        Ok(Self { file })
+    }
+}
+
+impl Drop for ProfileLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}

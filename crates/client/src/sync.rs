@@ -1,0 +1,345 @@
+//! Catching up: read every queue, process each message (Welcome, application message,
+//! proposal, commit) into local state and items, durably, and only then acknowledge it.
+//! Everything here treats the server's bytes as hostile: a message that does not parse or
+//! verify is skipped (and acknowledged, so it cannot block the queue), never trusted.
+
+use blindpost_wire::{Ack, Fetch, Messages, QueueMessage, Request, Subscribe, response};
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::mls::{self, identity, sha256};
+use crate::ops::Session;
+use crate::payload::{AppMessage, Body};
+use crate::store::{ItemRow, QueueRow, Store};
+use crate::now_secs;
+
+impl Session<'_> {
+    /// Read and process everything pending on every queue we own.
+    pub(crate) async fn sync_queues(&mut self) -> Result<()> {
+        for q in self.client.store.queues()? {
+            self.drain_queue(&q).await?;
+        }
+        Ok(())
+    }
+
+    /// Authenticate a queue on this connection (optionally with pushes).
+    pub(crate) async fn subscribe(&mut self, q: &QueueRow, push: bool) -> Result<bool> {
+        let last = self.client.store.queue_last_seq(&q.id)?.unwrap_or(0);
+        match self
+            .conn
+            .call(Request::Subscribe(Subscribe {
+                queue_id: q.id.clone(),
+                receive_secret: q.receive_secret.clone(),
+                push,
+                after_seq: last,
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            // The server does not know the queue (lost, or retention-expired): nothing to read.
+            Err(Error::Server {
+                code: blindpost_wire::ErrorCode::NotFound,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn drain_queue(&mut self, q: &QueueRow) -> Result<()> {
+        if !self.subscribe(q, false).await? {
+            return Ok(());
+        }
+        let mut last = self.client.store.queue_last_seq(&q.id)?.unwrap_or(0);
+        if last > 0 {
+            // Anything up to `last` is stored locally; make sure the server forgets it even if
+            // we crashed between storing and acknowledging last time.
+            self.ack(&q.id, last).await?;
+        }
+        loop {
+            let body = self
+                .conn
+                .call(Request::Fetch(Fetch {
+                    queue_id: q.id.clone(),
+                    after_seq: last,
+                    limit: 0,
+                }))
+                .await?;
+            let response::Body::Messages(Messages { messages, more }) = body else {
+                return Err(Error::BadServerReply("fetch answered with something else".into()));
+            };
+            let Some(max) = messages.iter().map(|m| m.seq).max() else {
+                return Ok(());
+            };
+            if max <= last {
+                return Err(Error::BadServerReply("fetch returned old messages".into()));
+            }
+            self.process_batch(&q.id, &messages)?;
+            self.ack(&q.id, max).await?;
+            last = max;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    pub(crate) async fn ack(&mut self, queue_id: &[u8], up_to_seq: u64) -> Result<()> {
+        self.conn
+            .call(Request::Ack(Ack {
+                queue_id: queue_id.to_vec(),
+                up_to_seq,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Process messages of one queue in one transaction: after it commits, they may be
+    /// acknowledged. Messages at or below the queue's processed sequence number are
+    /// duplicates (another process, or a redelivery) and are skipped.
+    pub(crate) fn process_batch(&self, queue_id: &[u8], messages: &[QueueMessage]) -> Result<()> {
+        let me = self.profile.username.clone();
+        self.client.store.tx(|s| {
+            let mut last = s.queue_last_seq(queue_id)?.unwrap_or(0);
+            let mut sorted: Vec<&QueueMessage> = messages.iter().collect();
+            sorted.sort_by_key(|m| m.seq);
+            for m in sorted {
+                if m.seq <= last {
+                    continue;
+                }
+                match s.savepoint(|s| process_one(s, &me, &m.payload)) {
+                    Ok(()) => {}
+                    Err(e @ (Error::Store(_) | Error::Io(_))) => return Err(e),
+                    Err(e) => tracing::warn!(error = %e, "skipped a message that did not process"),
+                }
+                s.set_queue_last_seq(queue_id, m.seq)?;
+                last = m.seq;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<()> {
+    let hash = sha256(payload);
+    let own_echo = s.take_echo(&hash)?;
+    let msg = MlsMessageIn::tls_deserialize_exact(payload)
+        .map_err(|_| Error::BadServerReply("a queued message is not an MLS message".into()))?;
+    match msg.extract() {
+        MlsMessageBodyIn::Welcome(w) if !own_echo => join(s, me, w),
+        MlsMessageBodyIn::Welcome(_) => Ok(()),
+        MlsMessageBodyIn::PrivateMessage(pm) => {
+            handle_protocol(s, me, pm.into(), &hash, own_echo)
+        }
+        MlsMessageBodyIn::PublicMessage(pm) => {
+            handle_protocol(s, me, pm.into(), &hash, own_echo)
+        }
+        _ => Err(Error::BadServerReply("unexpected MLS message type in a queue".into())),
+    }
+}
+
+fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
+    let provider = s.provider();
+    let staged = StagedWelcome::new_from_welcome(&provider, &mls::join_config(), welcome, None)
+        .map_err(Error::mls)?;
+    let inviter = staged
+        .welcome_sender()
+        .map(|l| identity(l.credential()))
+        .map_err(Error::mls)?;
+    let group = staged.into_group(&provider).map_err(Error::mls)?;
+    let gid = group.group_id().as_slice().to_vec();
+    let now = now_secs();
+    s.ensure_chat(&gid, None, now)?;
+    let others: Vec<String> = group
+        .members()
+        .map(|m| identity(&m.credential))
+        .filter(|u| u != me)
+        .collect();
+    if let [peer] = others.as_slice() {
+        // Tentative until the chat's metadata says whether it is a named group.
+        s.set_chat_peer(&gid, peer)?;
+    }
+    s.add_item(
+        &ItemRow {
+            id: format!("{}-joined", hex::encode(&gid[..12])),
+            group_id: gid,
+            sender: inviter,
+            kind: "joined".into(),
+            text: None,
+            subject: Some(me.to_string()),
+            sent_at: now,
+        },
+        false,
+    )?;
+    Ok(())
+}
+
+fn handle_protocol(
+    s: &Store,
+    me: &str,
+    pm: ProtocolMessage,
+    hash: &[u8],
+    own_echo: bool,
+) -> Result<()> {
+    let provider = s.provider();
+    let gid = pm.group_id().clone();
+    let Some(mut group) = MlsGroup::load(provider.storage(), &gid).map_err(Error::mls)? else {
+        // A group we never joined or already deleted.
+        return Ok(());
+    };
+    if !group.is_active() {
+        return Ok(());
+    }
+    let is_commit = pm.content_type() == ContentType::Commit;
+    if own_echo {
+        if is_commit && group.pending_commit().is_some() && pm.epoch() == group.epoch() {
+            // Our commit was accepted but we never heard the answer: apply it now.
+            merge_own_commit(s, &mut group, me, hash, false)?;
+        }
+        return Ok(());
+    }
+    if is_commit && group.pending_commit().is_some() {
+        // Someone else's commit won this epoch: ours is void.
+        group
+            .clear_pending_commit(provider.storage())
+            .map_err(Error::mls)?;
+    }
+    let processed = group.process_message(&provider, pm).map_err(Error::mls)?;
+    let sender = identity(processed.credential());
+    let gid = gid.as_slice().to_vec();
+    let chat_active = s.chat(&gid)?.is_some_and(|c| c.active);
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(am) => {
+            let app = AppMessage::from_padded_bytes(&am.into_bytes())
+                .ok_or_else(|| Error::Mls("an application message did not parse".into()))?;
+            if !chat_active {
+                return Ok(());
+            }
+            match app.body {
+                Body::Text { text } => {
+                    s.add_item(
+                        &ItemRow {
+                            id: app.id,
+                            group_id: gid,
+                            sender,
+                            kind: "message".into(),
+                            text: Some(text),
+                            subject: None,
+                            sent_at: app.sent_at,
+                        },
+                        false,
+                    )?;
+                }
+                Body::Meta { name } => {
+                    s.set_chat_name(&gid, name.as_deref())?;
+                    if name.is_none() {
+                        s.set_chat_peer(&gid, &sender)?;
+                    }
+                }
+            }
+        }
+        ProcessedMessageContent::ProposalMessage(p) => {
+            // We accept one kind of standalone proposal: a member asking to leave.
+            let leaving = match (p.proposal(), p.sender()) {
+                (Proposal::Remove(r), Sender::Member(by)) => r.removed() == *by,
+                _ => false,
+            };
+            if leaving {
+                group
+                    .store_pending_proposal(provider.storage(), *p)
+                    .map_err(Error::mls)?;
+            }
+        }
+        ProcessedMessageContent::StagedCommitMessage(sc) => {
+            let items = commit_items(&group, &sc, &sender, hash);
+            let self_removed = sc.self_removed();
+            group
+                .merge_staged_commit(&provider, *sc)
+                .map_err(Error::mls)?;
+            for item in &items {
+                s.add_item(item, false)?;
+            }
+            if self_removed {
+                s.set_chat_inactive(&gid)?;
+            }
+        }
+        // openmls recognised our own commit, accepted by the server: apply it.
+        ProcessedMessageContent::OwnPendingCommit => {
+            merge_own_commit(s, &mut group, me, hash, false)?;
+        }
+        ProcessedMessageContent::OwnPrivateMessage => {}
+        // External senders are never accepted: nobody outside the group changes it.
+        ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
+    }
+    Ok(())
+}
+
+/// Apply our own pending commit to the group and record what it changed.
+pub(crate) fn merge_own_commit(
+    s: &Store,
+    group: &mut MlsGroup,
+    me: &str,
+    commit_hash: &[u8],
+    shown: bool,
+) -> Result<()> {
+    let provider = s.provider();
+    let items = match group.pending_commit() {
+        Some(sc) => commit_items(group, sc, me, commit_hash),
+        None => return Err(Error::Mls("no pending commit to merge".into())),
+    };
+    group
+        .merge_pending_commit(&provider)
+        .map_err(Error::mls)?;
+    for item in &items {
+        s.add_item(item, shown)?;
+    }
+    Ok(())
+}
+
+/// The membership changes a commit makes, as items (computed before merging, while the
+/// removed members are still in the tree).
+fn commit_items(
+    group: &MlsGroup,
+    sc: &StagedCommit,
+    committer: &str,
+    commit_hash: &[u8],
+) -> Vec<ItemRow> {
+    let gid = group.group_id().as_slice().to_vec();
+    let base = hex::encode(&commit_hash[..12]);
+    let now = now_secs();
+    let mut items = Vec::new();
+    for (i, add) in sc.add_proposals().enumerate() {
+        items.push(ItemRow {
+            id: format!("{base}-a{i}"),
+            group_id: gid.clone(),
+            sender: committer.to_string(),
+            kind: "member_added".into(),
+            text: None,
+            subject: Some(identity(
+                add.add_proposal().key_package().leaf_node().credential(),
+            )),
+            sent_at: now,
+        });
+    }
+    for (i, rm) in sc.remove_proposals().enumerate() {
+        let removed = rm.remove_proposal().removed();
+        let subject = group
+            .member(removed)
+            .map(identity)
+            .unwrap_or_else(|| "(unknown member)".into());
+        let left = matches!(rm.sender(), Sender::Member(by) if *by == removed);
+        items.push(ItemRow {
+            id: format!("{base}-r{i}"),
+            group_id: gid.clone(),
+            sender: if left {
+                subject.clone()
+            } else {
+                committer.to_string()
+            },
+            kind: if left { "member_left" } else { "member_removed" }.into(),
+            text: None,
+            subject: Some(subject),
+            sent_at: now,
+        });
+    }
+    items
+}
