@@ -1,0 +1,241 @@
+//! End-to-end: the real `blindpostd` and the real `blindpost` binary, driven through the
+//! README's walk-through — 1:1 both ways, groups (create/add/remove/leave), offline delivery
+//! across a restart, concurrent follow + send, epoch races, and errors users see.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use util::{Server, User, of_kind, parse_lines, texts};
+
+#[test]
+fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+
+    alice.ok(&["send", "@bob", "hello bob"]);
+    let items = bob.receive();
+    let msgs = of_kind(&items, "message");
+    assert_eq!(msgs.len(), 1, "{items:?}");
+    assert_eq!(msgs[0]["text"], "hello bob");
+    assert_eq!(msgs[0]["from"], "alice");
+    assert_eq!(msgs[0]["chat"], "@alice");
+    assert!(msgs[0]["id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(msgs[0]["sent_at"].as_str().unwrap().ends_with('Z'));
+    assert!(bob.receive().is_empty(), "a second receive shows nothing new");
+
+    bob.ok(&["send", "@alice", "hi"]);
+    assert_eq!(alice.receive_texts(), vec!["hi"]);
+
+    // Both sides talk in the same single chat.
+    let alice_chats = alice.json(&["chats"]);
+    assert_eq!(alice_chats.len(), 1, "{alice_chats:?}");
+    assert_eq!(alice_chats[0]["chat"], "@bob");
+    let history = texts(&alice.json(&["history", "@bob"]));
+    assert_eq!(history, vec!["hello bob", "hi"]);
+
+    // Stdin bodies.
+    let mut child = alice
+        .command(&["send", "--stdin", "@bob"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\nsecond line\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(bob.receive_texts(), vec!["from stdin\nsecond line"]);
+}
+
+#[test]
+fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_after() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    let carol = User::setup(&server, "carol");
+    let dave = User::setup(&server, "dave");
+
+    alice.ok(&["group", "create", "team", "@bob", "@carol"]);
+    alice.ok(&["send", "team", "hello team"]);
+    for u in [&bob, &carol] {
+        let items = u.receive();
+        assert_eq!(of_kind(&items, "joined").len(), 1, "{items:?}");
+        assert_eq!(texts(&items), vec!["hello team"], "{}", u.name);
+        assert!(items.iter().all(|i| i["chat"] == "team"), "{items:?}");
+    }
+
+    alice.ok(&["group", "remove", "team", "@carol"]);
+    alice.ok(&["send", "team", "after carol left"]);
+    let carol_items = carol.receive();
+    let removed = of_kind(&carol_items, "member_removed");
+    assert_eq!(removed.len(), 1, "{carol_items:?}");
+    assert_eq!(removed[0]["subject"], "carol");
+    assert!(texts(&carol_items).is_empty(), "carol read after removal: {carol_items:?}");
+    let err = carol.fails(&["send", "team", "let me in"]);
+    assert!(err.contains("not a member"), "{err}");
+
+    alice.ok(&["group", "add", "team", "@dave"]);
+    alice.ok(&["send", "team", "welcome dave"]);
+    let dave_items = dave.receive();
+    assert_eq!(of_kind(&dave_items, "joined").len(), 1);
+    assert_eq!(texts(&dave_items), vec!["welcome dave"]);
+    assert!(dave_items.iter().all(|i| i["chat"] == "team"), "{dave_items:?}");
+
+    let bob_items = bob.receive();
+    assert_eq!(texts(&bob_items), vec!["after carol left", "welcome dave"]);
+    let kinds: Vec<&str> = bob_items
+        .iter()
+        .filter(|i| i["kind"] != "message")
+        .map(|i| i["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["member_removed", "member_added"], "{bob_items:?}");
+
+    // Bob leaves; the next member to act commits it and everyone is told.
+    bob.ok(&["group", "leave", "team"]);
+    let members: Vec<String> = alice
+        .json(&["group", "members", "team"])
+        .iter()
+        .map(|m| m["username"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(members, vec!["alice", "dave"]);
+    let left = alice.receive();
+    assert_eq!(of_kind(&left, "member_left").len(), 1, "{left:?}");
+    assert_eq!(of_kind(&left, "member_left")[0]["subject"], "bob");
+    alice.ok(&["send", "team", "bye bob"]);
+    let dave_items = dave.receive();
+    assert_eq!(of_kind(&dave_items, "member_left").len(), 1, "{dave_items:?}");
+    assert_eq!(texts(&dave_items), vec!["bye bob"]);
+    assert!(texts(&bob.receive()).is_empty(), "bob read after leaving");
+    bob.fails(&["send", "team", "still here?"]);
+}
+
+#[test]
+fn messages_to_an_offline_user_survive_a_server_restart() {
+    let mut server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    alice.ok(&["send", "@bob", "one"]);
+    alice.ok(&["send", "@bob", "two"]);
+    server.restart();
+    alice.ok(&["send", "@bob", "three"]);
+    server.restart();
+    assert_eq!(bob.receive_texts(), vec!["one", "two", "three"]);
+}
+
+#[test]
+fn follow_and_send_on_one_profile_at_the_same_time() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    alice.ok(&["send", "@bob", "first"]);
+
+    let mut follow = bob
+        .command(&["receive", "--follow", "--json", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // While bob follows, bob also sends from another process, and alice sends more.
+    bob.ok(&["send", "@alice", "bob while following"]);
+    for i in 0..3 {
+        alice.ok(&["send", "@bob", &format!("live {i}")]);
+    }
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 4 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.extend(texts(&parse_lines(&line)));
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(seen, vec!["first", "live 0", "live 1", "live 2"]);
+    assert_eq!(alice.receive_texts(), vec!["bob while following"]);
+}
+
+#[test]
+fn concurrent_commits_are_rebased_and_both_land() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    let carol = User::setup(&server, "carol");
+    let dave = User::setup(&server, "dave");
+    alice.ok(&["group", "create", "race", "@bob"]);
+    bob.receive();
+
+    let a = alice.command(&["group", "add", "race", "@carol"]).output();
+    let b = bob.command(&["group", "add", "race", "@dave"]).spawn();
+    let a = a.unwrap();
+    let b = b.unwrap().wait_with_output().unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+
+    let members = |u: &User| -> Vec<String> {
+        u.json(&["group", "members", "race"])
+            .iter()
+            .map(|m| m["username"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(members(&alice), vec!["alice", "bob", "carol", "dave"]);
+    assert_eq!(members(&bob), vec!["alice", "bob", "carol", "dave"]);
+    alice.ok(&["send", "race", "all here"]);
+    for u in [&bob, &carol, &dave] {
+        assert_eq!(u.receive_texts(), vec!["all here"], "{}", u.name);
+    }
+}
+
+#[test]
+fn users_get_one_line_errors_and_nonzero_status() {
+    let mut server = Server::start();
+    let alice = User::setup(&server, "alice");
+
+    let err = alice.fails(&["send", "@nobody", "hi"]);
+    assert!(err.contains("unknown user @nobody"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let err = alice.fails(&["send", "nogroup", "hi"]);
+    assert!(err.contains("no chat named"), "{err}");
+
+    let taken = User::fresh("mallory");
+    let err = taken.fails(&["setup", "--server", &server.url, "--username", "alice"]);
+    assert!(err.contains("taken"), "{err}");
+
+    let err = alice.fails(&["send", "@bob"]);
+    assert!(err.contains("nothing to send"), "{err}");
+
+    server.stop();
+    let err = alice.fails(&["send", "@alice2", "hi"]);
+    assert!(err.contains("unreachable"), "{err}");
+}
+
+#[test]
+fn both_sides_see_the_same_safety_number() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    let a = alice.json(&["verify", "@bob"]);
+    let b = bob.json(&["verify", "@alice"]);
+    let (a, b) = (&a[0]["safety_number"], &b[0]["safety_number"]);
+    assert_eq!(a, b);
+    assert_eq!(a.as_str().unwrap().len(), 60);
+}
