@@ -164,8 +164,8 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let dir = profile_dir(cli.profile)?;
-    let client = Client::open(&dir)
-        .with_context(|| format!("cannot open profile {}", dir.display()))?;
+    let client =
+        Client::open(&dir).with_context(|| format!("cannot open profile {}", dir.display()))?;
     match cli.command {
         Command::Setup {
             server,
@@ -242,7 +242,9 @@ async fn run(cli: Cli) -> Result<()> {
                 client.add_members(&target, &usernames(&members)?).await?;
             }
             GroupCommand::Remove { target, members } => {
-                client.remove_members(&target, &usernames(&members)?).await?;
+                client
+                    .remove_members(&target, &usernames(&members)?)
+                    .await?;
             }
             GroupCommand::Leave { target } => client.leave(&target).await?,
             GroupCommand::Members { target, json } => {

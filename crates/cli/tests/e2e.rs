@@ -27,7 +27,10 @@ fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
     assert_eq!(msgs[0]["chat"], "@alice");
     assert!(msgs[0]["id"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(msgs[0]["sent_at"].as_str().unwrap().ends_with('Z'));
-    assert!(bob.receive().is_empty(), "a second receive shows nothing new");
+    assert!(
+        bob.receive().is_empty(),
+        "a second receive shows nothing new"
+    );
 
     bob.ok(&["send", "@alice", "hi"]);
     assert_eq!(alice.receive_texts(), vec!["hi"]);
@@ -79,7 +82,10 @@ fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_afte
     let removed = of_kind(&carol_items, "member_removed");
     assert_eq!(removed.len(), 1, "{carol_items:?}");
     assert_eq!(removed[0]["subject"], "carol");
-    assert!(texts(&carol_items).is_empty(), "carol read after removal: {carol_items:?}");
+    assert!(
+        texts(&carol_items).is_empty(),
+        "carol read after removal: {carol_items:?}"
+    );
     let err = carol.fails(&["send", "team", "let me in"]);
     assert!(err.contains("not a member"), "{err}");
 
@@ -88,7 +94,10 @@ fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_afte
     let dave_items = dave.receive();
     assert_eq!(of_kind(&dave_items, "joined").len(), 1);
     assert_eq!(texts(&dave_items), vec!["welcome dave"]);
-    assert!(dave_items.iter().all(|i| i["chat"] == "team"), "{dave_items:?}");
+    assert!(
+        dave_items.iter().all(|i| i["chat"] == "team"),
+        "{dave_items:?}"
+    );
 
     let bob_items = bob.receive();
     assert_eq!(texts(&bob_items), vec!["after carol left", "welcome dave"]);
@@ -97,7 +106,11 @@ fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_afte
         .filter(|i| i["kind"] != "message")
         .map(|i| i["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, vec!["member_removed", "member_added"], "{bob_items:?}");
+    assert_eq!(
+        kinds,
+        vec!["member_removed", "member_added"],
+        "{bob_items:?}"
+    );
 
     // Bob leaves; the next member to act commits it and everyone is told.
     bob.ok(&["group", "leave", "team"]);
@@ -112,7 +125,11 @@ fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_afte
     assert_eq!(of_kind(&left, "member_left")[0]["subject"], "bob");
     alice.ok(&["send", "team", "bye bob"]);
     let dave_items = dave.receive();
-    assert_eq!(of_kind(&dave_items, "member_left").len(), 1, "{dave_items:?}");
+    assert_eq!(
+        of_kind(&dave_items, "member_left").len(),
+        1,
+        "{dave_items:?}"
+    );
     assert_eq!(texts(&dave_items), vec!["bye bob"]);
     assert!(texts(&bob.receive()).is_empty(), "bob read after leaving");
     bob.fails(&["send", "team", "still here?"]);

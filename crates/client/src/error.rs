@@ -71,7 +71,13 @@ pub enum Error {
 impl Error {
     /// Whether this is a server `StaleEpoch` answer (the group moved on: catch up and retry).
     pub fn is_stale_epoch(&self) -> bool {
-        matches!(self, Error::Server { code: ErrorCode::StaleEpoch, .. })
+        matches!(
+            self,
+            Error::Server {
+                code: ErrorCode::StaleEpoch,
+                ..
+            }
+        )
     }
 
     pub(crate) fn mls(e: impl std::fmt::Display) -> Self {

@@ -132,8 +132,11 @@ pub fn create_key_package(
         .leaf_node_capabilities(capabilities(suite))
         .leaf_node_extensions(route_leaf_extensions(queue_id)?)
         .key_package_extensions(
-            Extensions::single(Extension::Unknown(INVITE_EXTENSION, UnknownExtension(invite)))
-                .map_err(Error::mls)?,
+            Extensions::single(Extension::Unknown(
+                INVITE_EXTENSION,
+                UnknownExtension(invite),
+            ))
+            .map_err(Error::mls)?,
         );
     if last_resort {
         builder = builder.mark_as_last_resort();
@@ -232,4 +235,78 @@ pub fn next_posting_token(commit: &StagedCommit, provider: &Provider<'_>) -> Res
 /// SHA-256.
 pub fn sha256(data: &[u8]) -> Vec<u8> {
     Sha256::digest(data).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn member(store: &Store, name: &str, suite: Suite) -> (SignatureKeyPair, CredentialWithKey) {
+        let signer = SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).unwrap();
+        signer.store(store.provider().storage()).unwrap();
+        let cred = CredentialWithKey {
+            credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        (signer, cred)
+    }
+
+    #[test]
+    fn key_packages_carry_the_route_and_are_checked_against_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let suite = Suite::PostQuantum;
+        let (signer, cred) = member(&store, "bob", suite);
+        let provider = store.provider();
+        let kp =
+            create_key_package(&provider, &signer, cred, suite, &[7; 16], &[9; 32], false).unwrap();
+        let checked = check_key_package(&provider, &kp, suite, "bob", signer.public()).unwrap();
+        assert_eq!(checked.queue_id, vec![7; 16]);
+        assert_eq!(checked.send_token, vec![9; 32]);
+        // A package presented as someone else's, or under another key, is refused.
+        assert!(check_key_package(&provider, &kp, suite, "mallory", signer.public()).is_err());
+        assert!(check_key_package(&provider, &kp, suite, "bob", &[1; 32]).is_err());
+        assert!(check_key_package(&provider, &kp, Suite::Classic, "bob", signer.public()).is_err());
+        assert!(
+            check_key_package(
+                &provider,
+                &kp[..kp.len() - 1],
+                suite,
+                "bob",
+                signer.public()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_next_posting_token_from_a_staged_commit_is_the_next_epochs_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let suite = Suite::PostQuantum;
+        let (alice, alice_cred) = member(&store, "alice", suite);
+        let (bob, bob_cred) = member(&store, "bob", suite);
+        let provider = store.provider();
+        let kp = create_key_package(&provider, &bob, bob_cred, suite, &[1; 16], &[2; 32], false)
+            .unwrap();
+        let kp = check_key_package(&provider, &kp, suite, "bob", bob.public()).unwrap();
+        let mut group =
+            create_group(&provider, &alice, alice_cred, suite, &[3; 32], &[4; 16]).unwrap();
+        let t0 = posting_token(&group, &provider).unwrap();
+        group
+            .add_members(&provider, &alice, &[kp.key_package])
+            .unwrap();
+        let next = next_posting_token(group.pending_commit().unwrap(), &provider).unwrap();
+        group.merge_pending_commit(&provider).unwrap();
+        let t1 = posting_token(&group, &provider).unwrap();
+        assert_eq!(next, t1);
+        assert_ne!(t0, t1);
+        // Every member can read every other member's route from the tree.
+        let routes: Vec<Vec<u8>> = group
+            .members()
+            .filter_map(|m| leaf_route(&group, m.index))
+            .collect();
+        assert_eq!(routes, vec![vec![4; 16], vec![1; 16]]);
+    }
 }

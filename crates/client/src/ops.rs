@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use blindpost_wire::{
-    ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT,
-    DirectoryEntry, ErrorCode, KeyPackageStatus, LookupUser, Post, PublishKeyPackages,
-    RegisterUser, Request, Route, SignedDirectoryEntry, limits, response,
+    ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT, DirectoryEntry,
+    ErrorCode, KeyPackageStatus, LookupUser, Post, PublishKeyPackages, RegisterUser, Request,
+    Route, SignedDirectoryEntry, limits, response,
 };
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use openmls::prelude::tls_codec::Serialize as _;
@@ -127,8 +127,8 @@ impl Client {
         }
         crate::transport::ws_url(server)?;
         let mut conn = Connection::connect(server).await?;
-        let signer = SignatureKeyPair::new(suite.ciphersuite().signature_algorithm())
-            .map_err(Error::mls)?;
+        let signer =
+            SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).map_err(Error::mls)?;
         let identity = SigningKey::from_bytes(&random_bytes::<32>());
         let box_id = random_bytes::<16>().to_vec();
         let box_secret = random_bytes::<32>().to_vec();
@@ -248,7 +248,9 @@ impl Client {
         let current = self.member_list(&gid)?;
         for m in members {
             if current.iter().any(|c| &c.username == m) {
-                return Err(Error::Invalid(format!("@{m} is already a member of {target}")));
+                return Err(Error::Invalid(format!(
+                    "@{m} is already a member of {target}"
+                )));
             }
         }
         let kps = session.claim_all(members).await?;
@@ -273,7 +275,9 @@ impl Client {
                 return Err(Error::Invalid(format!("@{m} is not a member of {target}")));
             }
         }
-        session.commit(&gid, Change::Remove(members.to_vec())).await?;
+        session
+            .commit(&gid, Change::Remove(members.to_vec()))
+            .await?;
         session.conn.close().await;
         Ok(())
     }
@@ -341,6 +345,11 @@ impl Client {
             match push {
                 Ok(push) => {
                     let push = push?;
+                    if !subscribed.contains(&push.queue_id) {
+                        return Err(Error::BadServerReply(
+                            "a push for a queue we did not subscribe to".into(),
+                        ));
+                    }
                     session.process_batch(&push.queue_id, &push.messages)?;
                     if let Some(max) = push.messages.iter().map(|m| m.seq).max() {
                         session.ack(&push.queue_id, max).await?;
@@ -401,13 +410,15 @@ impl Session<'_> {
                 continue;
             }
             let provider = self.client.store.provider();
-            let Some(group) = MlsGroup::load(provider.storage(), &GroupId::from_slice(&chat.group_id))
-                .map_err(Error::mls)?
+            let Some(group) =
+                MlsGroup::load(provider.storage(), &GroupId::from_slice(&chat.group_id))
+                    .map_err(Error::mls)?
             else {
                 continue;
             };
             if group.is_active() && group.pending_proposals().next().is_some() {
-                self.commit(&chat.group_id, Change::PendingProposals).await?;
+                self.commit(&chat.group_id, Change::PendingProposals)
+                    .await?;
             }
         }
         Ok(())
@@ -422,15 +433,26 @@ impl Session<'_> {
         };
         let body = self
             .conn
-            .call(Request::KeyPackageStatus(KeyPackageStatus { box_id, box_secret }))
+            .call(Request::KeyPackageStatus(KeyPackageStatus {
+                box_id,
+                box_secret,
+            }))
             .await?;
         let response::Body::KeyPackageCount(count) = body else {
-            return Err(Error::BadServerReply("status answered with something else".into()));
+            return Err(Error::BadServerReply(
+                "status answered with something else".into(),
+            ));
         };
         if count.one_time < KEY_PACKAGE_LOW_WATER {
             let n = KEY_PACKAGE_TARGET.saturating_sub(count.one_time as usize);
-            publish_key_packages(self.client, &mut self.conn, &self.profile, n, !count.has_last_resort)
-                .await?;
+            publish_key_packages(
+                self.client,
+                &mut self.conn,
+                &self.profile,
+                n,
+                !count.has_last_resort,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -461,7 +483,9 @@ impl Session<'_> {
             other => other?,
         };
         let response::Body::User(signed) = body else {
-            return Err(Error::BadServerReply("lookup answered with something else".into()));
+            return Err(Error::BadServerReply(
+                "lookup answered with something else".into(),
+            ));
         };
         verify_entry(username, &signed)
     }
@@ -496,7 +520,9 @@ impl Session<'_> {
                     other => other?,
                 };
                 let response::Body::KeyPackage(kp) = body else {
-                    return Err(Error::BadServerReply("claim answered with something else".into()));
+                    return Err(Error::BadServerReply(
+                        "claim answered with something else".into(),
+                    ));
                 };
                 let provider = self.client.store.provider();
                 out.push(mls::check_key_package(
@@ -519,12 +545,18 @@ impl Session<'_> {
     /// Create a chat: a new group with `members`, named (group) or not (1:1).
     async fn create_chat(&mut self, name: Option<&str>, members: &[String]) -> Result<Vec<u8>> {
         if members.is_empty() {
-            return Err(Error::Invalid("a chat needs at least one other member".into()));
+            return Err(Error::Invalid(
+                "a chat needs at least one other member".into(),
+            ));
         }
         let kps = self.claim_all(members).await?;
         let (queue_id, send_token) = self.new_queue().await?;
         let gid = random_bytes::<32>().to_vec();
-        let peer = if name.is_none() { members.first().map(String::as_str) } else { None };
+        let peer = if name.is_none() {
+            members.first().map(String::as_str)
+        } else {
+            None
+        };
         let token_hash = self.client.store.tx(|s| {
             let provider = s.provider();
             let group = mls::create_group(
@@ -551,8 +583,13 @@ impl Session<'_> {
             }))
             .await?;
         self.commit(&gid, Change::Add(kps)).await?;
-        self.post_app(&gid, Body::Meta { name: name.map(str::to_string) })
-            .await?;
+        self.post_app(
+            &gid,
+            Body::Meta {
+                name: name.map(str::to_string),
+            },
+        )
+        .await?;
         Ok(gid)
     }
 
@@ -563,10 +600,13 @@ impl Session<'_> {
             match self.conn.call(Request::Commit(prepared.request)).await {
                 Ok(_) => {
                     let me = self.profile.username.clone();
+                    // What the user asked for is shown by the command itself; what we did
+                    // on others' behalf (committing a leave) is news for the next receive.
+                    let shown = !matches!(change, Change::PendingProposals);
                     return self.client.store.tx(|s| {
                         let provider = s.provider();
                         let mut group = load_group(&provider, gid)?;
-                        merge_own_commit(s, &mut group, &me, &prepared.hash, true)
+                        merge_own_commit(s, &mut group, &me, &prepared.hash, shown)
                     });
                 }
                 Err(e) if matches!(e, Error::Unreachable(_)) => {
@@ -735,7 +775,9 @@ impl Session<'_> {
                 other => return other,
             }
         }
-        Err(Error::Invalid("gave up: the group changed too often; try again".into()))
+        Err(Error::Invalid(
+            "gave up: the group changed too often; try again".into(),
+        ))
     }
 
     /// Build an MLS message in a transaction (persisting the ratchet step), then post it.
@@ -867,7 +909,8 @@ async fn publish_key_packages(
             packages.push(kp);
         }
     }
-    let (Some(box_id), Some(box_secret)) = (client.store.get("box_id")?, client.store.get("box_secret")?)
+    let (Some(box_id), Some(box_secret)) =
+        (client.store.get("box_id")?, client.store.get("box_secret")?)
     else {
         return Err(Error::NotSetUp);
     };

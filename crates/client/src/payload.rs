@@ -69,7 +69,9 @@ mod tests {
         let long = AppMessage {
             id: "00".into(),
             sent_at: 1,
-            body: Body::Text { text: "x".repeat(300) },
+            body: Body::Text {
+                text: "x".repeat(300),
+            },
         };
         assert_eq!(long.to_padded_bytes().len(), 512);
     }

@@ -157,7 +157,11 @@ impl Store {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| -> Result<()> {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            for (i, m) in MIGRATIONS
+                .iter()
+                .enumerate()
+                .skip(usize::try_from(version).unwrap_or(0))
+            {
                 conn.execute_batch(m)?;
                 conn.pragma_update(None, "user_version", i as i64 + 1)?;
             }
@@ -231,7 +235,9 @@ impl Store {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM bp_profile WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM bp_profile WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -328,8 +334,10 @@ impl Store {
 
     /// Mark a chat as left.
     pub fn set_chat_inactive(&self, group_id: &[u8]) -> Result<()> {
-        self.conn
-            .execute("UPDATE bp_chats SET active = 0 WHERE group_id = ?1", [group_id])?;
+        self.conn.execute(
+            "UPDATE bp_chats SET active = 0 WHERE group_id = ?1",
+            [group_id],
+        )?;
         Ok(())
     }
 
@@ -378,7 +386,8 @@ impl Store {
     /// Items not yet shown, oldest first, marking them shown.
     pub fn take_unshown(&self) -> Result<Vec<ItemRow>> {
         let items = self.items_where("shown = 0", params![])?;
-        self.conn.execute("UPDATE bp_items SET shown = 1 WHERE shown = 0", [])?;
+        self.conn
+            .execute("UPDATE bp_items SET shown = 1 WHERE shown = 0", [])?;
         Ok(items)
     }
 
@@ -417,7 +426,10 @@ impl Store {
 
     /// Whether `hash` is one of ours; forgets it.
     pub fn take_echo(&self, hash: &[u8]) -> Result<bool> {
-        Ok(self.conn.execute("DELETE FROM bp_echo WHERE hash = ?1", [hash])? == 1)
+        Ok(self
+            .conn
+            .execute("DELETE FROM bp_echo WHERE hash = ?1", [hash])?
+            == 1)
     }
 }
 

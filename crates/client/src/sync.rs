@@ -9,10 +9,10 @@ use openmls::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::mls::{self, identity, sha256};
+use crate::now_secs;
 use crate::ops::Session;
 use crate::payload::{AppMessage, Body};
 use crate::store::{ItemRow, QueueRow, Store};
-use crate::now_secs;
 
 impl Session<'_> {
     /// Read and process everything pending on every queue we own.
@@ -66,7 +66,9 @@ impl Session<'_> {
                 }))
                 .await?;
             let response::Body::Messages(Messages { messages, more }) = body else {
-                return Err(Error::BadServerReply("fetch answered with something else".into()));
+                return Err(Error::BadServerReply(
+                    "fetch answered with something else".into(),
+                ));
             };
             let Some(max) = messages.iter().map(|m| m.seq).max() else {
                 return Ok(());
@@ -127,13 +129,11 @@ fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<()> {
     match msg.extract() {
         MlsMessageBodyIn::Welcome(w) if !own_echo => join(s, me, w),
         MlsMessageBodyIn::Welcome(_) => Ok(()),
-        MlsMessageBodyIn::PrivateMessage(pm) => {
-            handle_protocol(s, me, pm.into(), &hash, own_echo)
-        }
-        MlsMessageBodyIn::PublicMessage(pm) => {
-            handle_protocol(s, me, pm.into(), &hash, own_echo)
-        }
-        _ => Err(Error::BadServerReply("unexpected MLS message type in a queue".into())),
+        MlsMessageBodyIn::PrivateMessage(pm) => handle_protocol(s, me, pm.into(), &hash, own_echo),
+        MlsMessageBodyIn::PublicMessage(pm) => handle_protocol(s, me, pm.into(), &hash, own_echo),
+        _ => Err(Error::BadServerReply(
+            "unexpected MLS message type in a queue".into(),
+        )),
     }
 }
 
@@ -286,9 +286,7 @@ pub(crate) fn merge_own_commit(
         Some(sc) => commit_items(group, sc, me, commit_hash),
         None => return Err(Error::Mls("no pending commit to merge".into())),
     };
-    group
-        .merge_pending_commit(&provider)
-        .map_err(Error::mls)?;
+    group.merge_pending_commit(&provider).map_err(Error::mls)?;
     for item in &items {
         s.add_item(item, shown)?;
     }
@@ -335,7 +333,12 @@ fn commit_items(
             } else {
                 committer.to_string()
             },
-            kind: if left { "member_left" } else { "member_removed" }.into(),
+            kind: if left {
+                "member_left"
+            } else {
+                "member_removed"
+            }
+            .into(),
             text: None,
             subject: Some(subject),
             sent_at: now,

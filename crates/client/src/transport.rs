@@ -35,7 +35,8 @@ impl Connection {
         let mut config = tungstenite::protocol::WebSocketConfig::default();
         config.max_message_size = Some(MAX_FRAME_BYTES + 64 * 1024);
         config.max_frame_size = Some(MAX_FRAME_BYTES + 64 * 1024);
-        let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
+        let connect =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
         let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| Error::Unreachable(format!("{server}: connection timed out")))?
@@ -73,7 +74,9 @@ impl Connection {
                         });
                     }
                     server_frame::Kind::Response(_) => {
-                        return Err(Error::BadServerReply("response to an unknown request".into()));
+                        return Err(Error::BadServerReply(
+                            "response to an unknown request".into(),
+                        ));
                     }
                 }
             }
@@ -125,7 +128,9 @@ impl Connection {
                         .ok_or_else(|| Error::BadServerReply("frame without content".into()));
                 }
                 tungstenite::Message::Close(_) => {
-                    return Err(Error::Unreachable("the server closed the connection".into()));
+                    return Err(Error::Unreachable(
+                        "the server closed the connection".into(),
+                    ));
                 }
                 // Pings are answered by tungstenite; other frames carry nothing for us.
                 _ => continue,
@@ -173,7 +178,10 @@ mod tests {
 
     #[test]
     fn server_urls_get_the_websocket_path() {
-        assert_eq!(ws_url("ws://127.0.0.1:7480").unwrap(), "ws://127.0.0.1:7480/v1/ws");
+        assert_eq!(
+            ws_url("ws://127.0.0.1:7480").unwrap(),
+            "ws://127.0.0.1:7480/v1/ws"
+        );
         assert_eq!(ws_url("ws://h:1/").unwrap(), "ws://h:1/v1/ws");
         assert_eq!(ws_url("ws://h:1/v1/ws").unwrap(), "ws://h:1/v1/ws");
         assert!(ws_url("http://h").is_err());

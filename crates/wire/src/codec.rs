@@ -62,7 +62,8 @@ mod tests {
 
     #[test]
     fn server_frame_round_trips_errors_with_codes() {
-        let frame: ServerFrame = Response::error_with_epoch(3, crate::ErrorCode::StaleEpoch, "x", 9).into();
+        let frame: ServerFrame =
+            Response::error_with_epoch(3, crate::ErrorCode::StaleEpoch, "x", 9).into();
         let back = decode_server(&encode(&frame)).expect("valid frame decodes");
         let Some(crate::server_frame::Kind::Response(r)) = back.kind else {
             panic!("expected a response, got {back:?}");
@@ -77,12 +78,18 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_before_decoding() {
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert!(matches!(decode_client(&big), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            decode_client(&big),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        assert!(matches!(decode_client(&[0xff, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_client(&[0xff, 0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -98,10 +105,7 @@ mod tests {
                 payload: vec![5],
             })),
         };
-        assert_eq!(
-            hex(&encode(&frame)),
-            "0801721208010a011001a1a010322010142010501a"
-        );
+        assert_eq!(hex(&encode(&frame)), "0801720e0a010110021a01032201042a0105");
     }
 
     fn hex(b: &[u8]) -> String {

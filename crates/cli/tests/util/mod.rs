@@ -68,7 +68,10 @@ impl Server {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "blindpostd exited badly on SIGTERM: {status}");
+        assert!(
+            status.success(),
+            "blindpostd exited badly on SIGTERM: {status}"
+        );
     }
 
     pub fn data_dir(&self) -> &Path {
