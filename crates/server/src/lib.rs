@@ -1,1 +1,139 @@
-//! placeholder
+//! blindpostd, the blind post office: holds queues of ciphertext under unlinkable pseudonyms,
+//! sequences group commits, hands out key packages and keeps the username directory.
+//! Entry point: [`run`]. Not for: anything that needs plaintext, identities or addresses.
+//!
+//! Module map: `config` (settings), `types` (ids, hashes, days), `error` (faults and their wire
+//! codes), `store` (storage seam + SQLite), `service` (request rules), `hub` (wake-ups),
+//! `session` (per-connection state), `ws` (socket loop), `http` (router), `retention`.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod retention;
+pub mod service;
+pub mod session;
+pub mod store;
+pub mod types;
+pub mod ws;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+pub use config::Config;
+
+use crate::hub::Hub;
+use crate::service::Service;
+use crate::session::SessionLimits;
+use crate::store::{SqliteStore, Store, StoreError};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store failed to open or close.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("serving failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Opens the store in `config.data_dir` (running migrations), serves HTTP/WebSocket on
+/// `listener` until `shutdown` completes, then closes connections and flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    create_data_dir(&config.data_dir)?;
+    let data_dir = config.data_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, Arc::new(types::today)))
+            .await
+            .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
+    let store = Arc::new(store);
+    let service = Arc::new(Service::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::clone(&store) as Arc<dyn store::DirectoryStore>,
+        Arc::new(Hub::new()),
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let retention = tokio::spawn(retention::run(
+        Arc::clone(&service),
+        config.retention_days,
+        config.posted_id_retention_days,
+        stop_rx.clone(),
+    ));
+
+    let connections = Arc::new(Semaphore::new(config.max_connections as usize));
+    let state = Arc::new(http::AppState {
+        service: Arc::clone(&service),
+        connections: Arc::clone(&connections),
+        shutdown: stop_rx.clone(),
+        limits: SessionLimits {
+            claims_per_minute: config.claims_per_minute,
+            claim_burst: config.claim_burst,
+        },
+    });
+    let mut serve_stop = stop_rx.clone();
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(async move { stopped(&mut serve_stop).await })
+        .await;
+
+    // WebSocket tasks outlive hyper's graceful shutdown: wait until each has given its
+    // connection permit back (they close on the shutdown signal), within the grace period.
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, connections.acquire_many(config.max_connections))
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period");
+    }
+    retention.abort();
+    let _ = retention.await;
+    signal.abort();
+    store.close().await?;
+    tracing::info!("stopped");
+    served.map_err(RunError::Serve)
+}
+
+/// Completes once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), RunError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|source| RunError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,244 @@
+//! The server's one configuration type, [`Config`], and how it is resolved at start-up: an
+//! optional TOML file (`--config FILE`), then environment variables (`BLINDPOSTD_*`), then
+//! command-line flags — later sources win. Not for: runtime state or anything read later.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `blindpostd` can be configured with. Every field has a default, so an empty
+/// file (or none) is a valid configuration. See `blindpostd.example.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the plain HTTP/WebSocket listener. Default `127.0.0.1:7480`.
+    pub listen: SocketAddr,
+    /// Directory holding the database. Default `./blindpost-data`.
+    pub data_dir: PathBuf,
+    /// Days an unacknowledged message is kept before deletion. Default 30.
+    pub retention_days: u32,
+    /// Days a post's message id is remembered for idempotent retries. Default 7.
+    pub posted_id_retention_days: u32,
+    /// Most simultaneous WebSocket connections. Default 10 000.
+    pub max_connections: u32,
+    /// Key-package claims one connection may make per minute, on average. Default 60.
+    pub claims_per_minute: u32,
+    /// Key-package claims one connection may make in a burst. Default 20.
+    pub claim_burst: u32,
+    /// Seconds to wait for connections to close at shutdown. Default 10.
+    pub shutdown_grace_secs: u64,
+    /// Log filter (`tracing` env-filter syntax). Default `info`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            data_dir: PathBuf::from("./blindpost-data"),
+            retention_days: 30,
+            posted_id_retention_days: 7,
+            max_connections: 10_000,
+            claims_per_minute: 60,
+            claim_burst: 20,
+            shutdown_grace_secs: 10,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+/// Command-line flags; each also reads its environment variable (a flag wins over it).
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "blindpostd",
+    version,
+    about = "blindpost server: the blind post office"
+)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE", env = "BLINDPOSTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:7480 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", env = "BLINDPOSTD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long = "data", value_name = "DIR", env = "BLINDPOSTD_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Days to keep unacknowledged messages.
+    #[arg(long, value_name = "DAYS", env = "BLINDPOSTD_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// Most simultaneous connections.
+    #[arg(long, value_name = "N", env = "BLINDPOSTD_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Key-package claims per connection per minute.
+    #[arg(long, value_name = "N", env = "BLINDPOSTD_CLAIMS_PER_MINUTE")]
+    pub claims_per_minute: Option<u32>,
+    /// Log filter, e.g. `info` or `blindpost_server=debug`.
+    #[arg(long, value_name = "FILTER", env = "BLINDPOSTD_LOG")]
+    pub log: Option<String>,
+}
+
+/// Why the configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(&'static str),
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Resolves the configuration: defaults, then the file named by `args.config`, then the
+    /// environment and flags (already merged by clap).
+    pub fn resolve(args: Args) -> Result<Self, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, args: Args) {
+        let Args {
+            config: _,
+            listen,
+            data_dir,
+            retention_days,
+            max_connections,
+            claims_per_minute,
+            log,
+        } = args;
+        if let Some(v) = listen {
+            self.listen = v;
+        }
+        if let Some(v) = data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = retention_days {
+            self.retention_days = v;
+        }
+        if let Some(v) = max_connections {
+            self.max_connections = v;
+        }
+        if let Some(v) = claims_per_minute {
+            self.claims_per_minute = v;
+        }
+        if let Some(v) = log {
+            self.log = v;
+        }
+    }
+
+    /// Checks value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.retention_days == 0 {
+            return Err(ConfigError::Invalid("retention_days must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid("max_connections must be at least 1"));
+        }
+        if self.claim_burst == 0 {
+            return Err(ConfigError::Invalid("claim_burst must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const EXAMPLE: &str = include_str!("../../../blindpostd.example.toml");
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let config = Config::from_toml(EXAMPLE, Path::new("example")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn an_empty_file_means_defaults() {
+        let config = Config::from_toml("", Path::new("x")).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7480");
+        assert_eq!(config.data_dir, PathBuf::from("./blindpost-data"));
+        assert_eq!(config.retention_days, 30);
+        assert_eq!(config.max_connections, 10_000);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(matches!(
+            Config::from_toml("listne = \"127.0.0.1:1\"", Path::new("x")),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\nretention_days = 5\ndata_dir = \"/srv/bp\"\n",
+        )
+        .unwrap();
+        let args = Args::try_parse_from([
+            "blindpostd",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let config = Config::resolve(args).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(config.retention_days, 5);
+        assert_eq!(config.data_dir, PathBuf::from("/srv/bp"));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let args = Args {
+            retention_days: Some(0),
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::resolve(args),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,493 @@
+//! The domain logic of every request: validates lengths and limits, hashes secrets, verifies
+//! directory signatures, calls the store, and wakes subscribers of the queues a write touched.
+//! Not for: connection state (see `session`) or bytes on the socket (see `ws`); the store does
+//! the checks that must be atomic with a write.
+
+use std::sync::Arc;
+
+use blindpost_wire::limits::{
+    MAX_DEVICES, MAX_DIRECTORY_ENTRY_BYTES, MAX_FETCH_MESSAGES, MAX_GROUP_ROUTES,
+    MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_BOX, MAX_PAYLOAD_BYTES, valid_username,
+};
+use blindpost_wire::{
+    ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT, DeleteQueue,
+    DirectoryEntry, KeyPackageStatus, LookupUser, Post, PublishKeyPackages, RegisterUser, Route,
+    SignedDirectoryEntry,
+};
+use ed25519_dalek::{Signature, VerifyingKey};
+use prost::Message as _;
+
+use crate::error::{BadRequest, Credential, Entity, Limit, Refusal, ServiceError};
+use crate::hub::Hub;
+use crate::store::{
+    ClaimedKeyPackage, CommitOp, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
+    KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, UserRecord,
+};
+use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
+
+/// The result of a service call.
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// Most payload bytes one fetch or push carries, so the answering frame stays within
+/// `MAX_FRAME_BYTES` (a single message larger than this is still sent, alone).
+pub const BATCH_BYTES: usize = MAX_PAYLOAD_BYTES;
+
+/// Longest device signature key accepted in a directory entry.
+const MAX_DEVICE_KEY_BYTES: usize = 1024;
+
+/// The post office's rules over a store, a directory and the wake-up hub.
+pub struct Service {
+    store: Arc<dyn Store>,
+    directory: Arc<dyn DirectoryStore>,
+    hub: Arc<Hub>,
+}
+
+/// A directory entry whose signature has been verified; only [`verify_entry`] makes one, so
+/// nothing unverified can reach the directory.
+#[derive(Debug)]
+pub struct VerifiedEntry(UserRecord);
+
+impl Service {
+    /// A service over these parts.
+    pub fn new(store: Arc<dyn Store>, directory: Arc<dyn DirectoryStore>, hub: Arc<Hub>) -> Self {
+        Self {
+            store,
+            directory,
+            hub,
+        }
+    }
+
+    /// The wake-up hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// `CreateQueue`.
+    pub async fn create_queue(&self, req: &CreateQueue) -> ServiceResult<()> {
+        let queue = NewQueue {
+            id: QueueId::parse(&req.queue_id)?,
+            receive_secret_hash: SecretHash::parse(
+                "receive secret hash",
+                &req.receive_secret_hash,
+            )?,
+            send_token_hash: SecretHash::parse("send token hash", &req.send_token_hash)?,
+        };
+        Ok(self.store.create_queue(queue).await?)
+    }
+
+    /// Authenticates a queue by its receive secret (the core of `Subscribe`); returns the
+    /// queue and its head sequence number.
+    pub async fn authenticate_queue(
+        &self,
+        queue_id: &[u8],
+        receive_secret: &[u8],
+    ) -> ServiceResult<(QueueId, u64)> {
+        let queue = QueueId::parse(queue_id)?;
+        let secret = SecretHash::of_secret("receive secret", receive_secret)?;
+        let head = self.store.authenticate_queue(queue, secret).await?;
+        Ok((queue, head))
+    }
+
+    /// Pending messages of a queue the caller has authenticated. `limit` 0 or above the
+    /// maximum means the maximum.
+    pub async fn fetch(
+        &self,
+        queue: QueueId,
+        after_seq: u64,
+        limit: u32,
+    ) -> ServiceResult<Fetched> {
+        let max_messages = if limit == 0 || limit > MAX_FETCH_MESSAGES {
+            MAX_FETCH_MESSAGES
+        } else {
+            limit
+        };
+        let limit = FetchLimit {
+            max_messages,
+            max_bytes: BATCH_BYTES,
+        };
+        Ok(self.store.fetch(queue, after_seq, limit).await?)
+    }
+
+    /// Acknowledges messages of a queue the caller has authenticated.
+    pub async fn ack(&self, queue: QueueId, up_to_seq: u64) -> ServiceResult<()> {
+        Ok(self.store.ack(queue, up_to_seq).await?)
+    }
+
+    /// `DeleteQueue`; returns the deleted queue.
+    pub async fn delete_queue(&self, req: &DeleteQueue) -> ServiceResult<QueueId> {
+        let queue = QueueId::parse(&req.queue_id)?;
+        let secret = SecretHash::of_secret("receive secret", &req.receive_secret)?;
+        self.store.delete_queue(queue, secret).await?;
+        Ok(queue)
+    }
+
+    /// `PublishKeyPackages`.
+    pub async fn publish_key_packages(
+        &self,
+        req: PublishKeyPackages,
+    ) -> ServiceResult<KeyPackageCount> {
+        let box_id = BoxId::parse(&req.box_id)?;
+        let secret_hash = SecretHash::of_secret("box secret", &req.box_secret)?;
+        if req.key_packages.len() > MAX_KEY_PACKAGES_PER_BOX {
+            return Err(Refusal::LimitExceeded(Limit::KeyPackages).into());
+        }
+        for kp in &req.key_packages {
+            check_bytes("key package", kp, MAX_KEY_PACKAGE_BYTES)?;
+        }
+        let last_resort = if req.last_resort.is_empty() {
+            None
+        } else {
+            check_bytes(
+                "last-resort key package",
+                &req.last_resort,
+                MAX_KEY_PACKAGE_BYTES,
+            )?;
+            Some(req.last_resort)
+        };
+        let op = PublishOp {
+            box_id,
+            secret_hash,
+            key_packages: req.key_packages,
+            last_resort,
+            max_one_time: MAX_KEY_PACKAGES_PER_BOX,
+        };
+        Ok(self.store.publish_key_packages(op).await?)
+    }
+
+    /// `ClaimKeyPackage` (the per-connection rate limit is the session's).
+    pub async fn claim_key_package(
+        &self,
+        req: &ClaimKeyPackage,
+    ) -> ServiceResult<ClaimedKeyPackage> {
+        let box_id = BoxId::parse(&req.box_id)?;
+        Ok(self.store.claim_key_package(box_id).await?)
+    }
+
+    /// `KeyPackageStatus`.
+    pub async fn key_package_status(
+        &self,
+        req: &KeyPackageStatus,
+    ) -> ServiceResult<KeyPackageCount> {
+        let box_id = BoxId::parse(&req.box_id)?;
+        let secret_hash = SecretHash::of_secret("box secret", &req.box_secret)?;
+        Ok(self.store.key_package_status(box_id, secret_hash).await?)
+    }
+
+    /// `RegisterUser`.
+    pub async fn register_user(&self, req: RegisterUser) -> ServiceResult<()> {
+        let signed = req
+            .entry
+            .ok_or_else(|| BadRequest::Malformed("RegisterUser carries no entry".into()))?;
+        let VerifiedEntry(record) = verify_entry(signed)?;
+        Ok(self.directory.register_user(record).await?)
+    }
+
+    /// `LookupUser`.
+    pub async fn lookup_user(&self, req: &LookupUser) -> ServiceResult<SignedDirectoryEntry> {
+        if !valid_username(&req.username) {
+            return Err(invalid_username());
+        }
+        let record = self
+            .directory
+            .lookup_user(req.username.clone())
+            .await?
+            .ok_or(Refusal::NotFound(Entity::User))?;
+        Ok(SignedDirectoryEntry {
+            entry: record.entry,
+            signature: record.signature,
+        })
+    }
+
+    /// `CreateGroup`.
+    pub async fn create_group(&self, req: &CreateGroup) -> ServiceResult<()> {
+        let group = NewGroup {
+            id: GroupId::parse(&req.group_id)?,
+            epoch: req.epoch,
+            posting_token_hash: SecretHash::parse("posting token hash", &req.posting_token_hash)?,
+            routes: route_grants(&req.routes)?,
+        };
+        Ok(self.store.create_group(group).await?)
+    }
+
+    /// `Commit`; returns the group's new epoch.
+    pub async fn commit(&self, req: Commit) -> ServiceResult<u64> {
+        let group_id = GroupId::parse(&req.group_id)?;
+        let posting_token_hash = SecretHash::of_secret("posting token", &req.posting_token)?;
+        let next_posting_token_hash =
+            SecretHash::parse("next posting token hash", &req.next_posting_token_hash)?;
+        check_payload("commit", &req.commit)?;
+        let welcome = if req.welcome.is_empty() {
+            None
+        } else {
+            check_bytes("welcome", &req.welcome, MAX_PAYLOAD_BYTES)?;
+            Some(req.welcome)
+        };
+        let add_routes = route_grants(&req.add_routes)?;
+        if req.remove_routes.len() > MAX_GROUP_ROUTES {
+            return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
+        }
+        let remove_routes = req
+            .remove_routes
+            .iter()
+            .map(|id| QueueId::parse(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let op = CommitOp {
+            group_id,
+            epoch: req.epoch,
+            posting_token_hash,
+            commit: req.commit,
+            next_posting_token_hash,
+            add_routes,
+            remove_routes,
+            welcome,
+        };
+        let committed = self.store.commit(op).await?;
+        self.hub.notify(&committed.appended);
+        Ok(committed.epoch)
+    }
+
+    /// `Post`.
+    pub async fn post(&self, req: Post) -> ServiceResult<()> {
+        let op = PostOp {
+            group_id: GroupId::parse(&req.group_id)?,
+            epoch: req.epoch,
+            posting_token_hash: SecretHash::of_secret("posting token", &req.posting_token)?,
+            message_id: MessageId::parse(&req.message_id)?,
+            payload: {
+                check_payload("payload", &req.payload)?;
+                req.payload
+            },
+        };
+        match self.store.post(op).await? {
+            Posted::Stored { appended } => self.hub.notify(&appended),
+            Posted::Duplicate => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes messages older than `retention_days` and idempotency keys older than
+    /// `posted_id_days`, counted back from `today`.
+    pub async fn expire(
+        &self,
+        today: Day,
+        retention_days: u32,
+        posted_id_days: u32,
+    ) -> ServiceResult<Expired> {
+        let expiry = Expiry {
+            messages_before: today - Day::from(retention_days),
+            posted_ids_before: today - Day::from(posted_id_days),
+        };
+        Ok(self.store.expire(expiry).await?)
+    }
+
+    /// Whether the store answers reads and writes.
+    pub async fn healthy(&self) -> bool {
+        self.store.health_check().await.is_ok()
+    }
+}
+
+/// Checks a directory entry: size, shape, username, identity key, and the identity key's
+/// signature over `DIRECTORY_SIGNATURE_CONTEXT || entry`.
+pub fn verify_entry(signed: SignedDirectoryEntry) -> ServiceResult<VerifiedEntry> {
+    check_bytes("directory entry", &signed.entry, MAX_DIRECTORY_ENTRY_BYTES)?;
+    let entry = DirectoryEntry::decode(signed.entry.as_slice())
+        .map_err(|e| BadRequest::Malformed(format!("directory entry: {e}")))?;
+    if !valid_username(&entry.username) {
+        return Err(invalid_username());
+    }
+    if entry.devices.len() > MAX_DEVICES {
+        return Err(BadRequest::InvalidArgument(format!(
+            "an entry lists at most {MAX_DEVICES} devices"
+        ))
+        .into());
+    }
+    for device in &entry.devices {
+        BoxId::parse(&device.box_id)?;
+        if device.signature_key.is_empty() || device.signature_key.len() > MAX_DEVICE_KEY_BYTES {
+            return Err(BadRequest::InvalidArgument("device signature key length".into()).into());
+        }
+    }
+    let identity_key = <[u8; 32]>::try_from(entry.identity_key.as_slice())
+        .map_err(|_| BadRequest::InvalidArgument("identity key must be 32 bytes".into()))?;
+    let key = VerifyingKey::from_bytes(&identity_key).map_err(|_| {
+        BadRequest::InvalidArgument("identity key is not an Ed25519 public key".into())
+    })?;
+    let signature = Signature::from_slice(&signed.signature)
+        .map_err(|_| BadRequest::InvalidArgument("signature must be 64 bytes".into()))?;
+    let mut message = Vec::with_capacity(DIRECTORY_SIGNATURE_CONTEXT.len() + signed.entry.len());
+    message.extend_from_slice(DIRECTORY_SIGNATURE_CONTEXT);
+    message.extend_from_slice(&signed.entry);
+    key.verify_strict(&message, &signature)
+        .map_err(|_| Refusal::Forbidden(Credential::Signature))?;
+    Ok(VerifiedEntry(UserRecord {
+        username: entry.username,
+        identity_key,
+        version: entry.version,
+        entry: signed.entry,
+        signature: signed.signature,
+    }))
+}
+
+fn invalid_username() -> ServiceError {
+    BadRequest::InvalidArgument(
+        "a username is 2-32 bytes of a-z, 0-9, '_', '-', '.', starting with a letter or digit"
+            .into(),
+    )
+    .into()
+}
+
+/// Parses routes, hashing each send token; duplicates of a queue collapse into one.
+fn route_grants(routes: &[Route]) -> ServiceResult<Vec<RouteGrant>> {
+    if routes.len() > MAX_GROUP_ROUTES {
+        return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
+    }
+    let mut grants: Vec<RouteGrant> = Vec::with_capacity(routes.len());
+    let mut seen = std::collections::HashSet::with_capacity(routes.len());
+    for route in routes {
+        let grant = RouteGrant {
+            queue_id: QueueId::parse(&route.queue_id)?,
+            send_token_hash: SecretHash::of_secret("send token", &route.send_token)?,
+        };
+        if seen.insert(grant.queue_id) {
+            grants.push(grant);
+        }
+    }
+    Ok(grants)
+}
+
+/// A payload must be non-empty and within `MAX_PAYLOAD_BYTES`.
+fn check_payload(what: &'static str, bytes: &[u8]) -> Result<(), BadRequest> {
+    check_bytes(what, bytes, MAX_PAYLOAD_BYTES)
+}
+
+fn check_bytes(what: &'static str, bytes: &[u8], limit: usize) -> Result<(), BadRequest> {
+    if bytes.is_empty() {
+        return Err(BadRequest::InvalidArgument(format!("{what} is empty")));
+    }
+    if bytes.len() > limit {
+        return Err(BadRequest::TooLarge {
+            what,
+            len: bytes.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blindpost_wire::Device;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn signed(key: &SigningKey, entry: &DirectoryEntry) -> SignedDirectoryEntry {
+        let bytes = entry.encode_to_vec();
+        let mut msg = DIRECTORY_SIGNATURE_CONTEXT.to_vec();
+        msg.extend_from_slice(&bytes);
+        SignedDirectoryEntry {
+            entry: bytes,
+            signature: key.sign(&msg).to_bytes().to_vec(),
+        }
+    }
+
+    fn entry(key: &SigningKey, name: &str) -> DirectoryEntry {
+        DirectoryEntry {
+            username: name.into(),
+            identity_key: key.verifying_key().to_bytes().to_vec(),
+            devices: vec![Device {
+                signature_key: vec![1; 32],
+                box_id: vec![2; 16],
+            }],
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn a_correctly_signed_entry_verifies() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let v = verify_entry(signed(&key, &entry(&key, "alice"))).unwrap();
+        assert_eq!(v.0.username, "alice");
+        assert_eq!(v.0.identity_key, key.verifying_key().to_bytes());
+    }
+
+    #[test]
+    fn a_signature_by_another_key_is_forbidden() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let err = verify_entry(signed(&other, &entry(&key, "alice"))).unwrap_err();
+        assert!(matches!(
+            err,
+            ServiceError::Refused(Refusal::Forbidden(Credential::Signature))
+        ));
+    }
+
+    #[test]
+    fn a_signature_without_the_context_is_forbidden() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let bytes = entry(&key, "alice").encode_to_vec();
+        let s = SignedDirectoryEntry {
+            signature: key.sign(&bytes).to_bytes().to_vec(),
+            entry: bytes,
+        };
+        assert!(matches!(
+            verify_entry(s),
+            Err(ServiceError::Refused(Refusal::Forbidden(_)))
+        ));
+    }
+
+    #[test]
+    fn bad_usernames_and_shapes_are_invalid_arguments() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        for e in [
+            entry(&key, "Alice"),
+            DirectoryEntry {
+                devices: vec![Device::default(); MAX_DEVICES + 1],
+                ..entry(&key, "alice")
+            },
+            DirectoryEntry {
+                identity_key: vec![1; 31],
+                ..entry(&key, "alice")
+            },
+        ] {
+            let err = verify_entry(signed(&key, &e)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ServiceError::BadRequest(BadRequest::InvalidArgument(_))
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn payload_checks_refuse_empty_and_oversized() {
+        assert!(matches!(
+            check_payload("p", &[]),
+            Err(BadRequest::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_bytes("p", &[0; 5], 4),
+            Err(BadRequest::TooLarge {
+                len: 5,
+                limit: 4,
+                ..
+            })
+        ));
+        assert!(check_bytes("p", &[0; 4], 4).is_ok());
+    }
+
+    #[test]
+    fn duplicate_routes_collapse_and_tokens_are_hashed() {
+        let r = Route {
+            queue_id: vec![1; 16],
+            send_token: vec![2; 32],
+        };
+        let grants = route_grants(&[r.clone(), r]).unwrap();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(
+            grants[0].send_token_hash,
+            SecretHash::of_secret("t", &[2; 32]).unwrap()
+        );
+    }
+}

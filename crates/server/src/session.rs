@@ -1,0 +1,335 @@
+//! One connection's protocol state and request dispatch: which queues it authenticated with
+//! `Subscribe`, which of them push and up to which sequence number, its key-package claim
+//! budget. Handlers only call the service and build the wire answer.
+//! Not for: socket I/O (see `ws`) or domain rules (see `service`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blindpost_wire::limits::MAX_SUBSCRIPTIONS_PER_CONNECTION;
+use blindpost_wire::response::Body;
+use blindpost_wire::{
+    ClientFrame, Committed, KeyPackage, Messages, Ping, Push, QueueMessage, Request, Response,
+    Subscribe, Subscribed,
+};
+use tokio::time::Instant;
+
+use crate::error::{BadRequest, Credential, Limit, Refusal, ServerFault, ServiceError, to_wire};
+use crate::hub::Inbox;
+use crate::service::{Service, ServiceResult};
+use crate::store::{Fetched, KeyPackageCount};
+use crate::types::QueueId;
+
+/// Per-connection limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Key-package claims per minute, on average.
+    pub claims_per_minute: u32,
+    /// Key-package claims in a burst.
+    pub claim_burst: u32,
+}
+
+/// What this connection may do with one queue it authenticated.
+#[derive(Debug, Clone, Copy)]
+struct QueueAccess {
+    /// With push on: the highest sequence number pushed (or the `after_seq` asked for).
+    pushed_up_to: Option<u64>,
+}
+
+/// The state of one connection.
+pub struct Session {
+    service: Arc<Service>,
+    inbox: Arc<Inbox>,
+    queues: HashMap<QueueId, QueueAccess>,
+    claims: TokenBucket,
+}
+
+impl Session {
+    /// A fresh session: nothing authenticated.
+    pub fn new(service: Arc<Service>, limits: SessionLimits) -> Self {
+        let inbox = service.hub().inbox();
+        Self {
+            service,
+            inbox,
+            queues: HashMap::new(),
+            claims: TokenBucket::new(limits.claim_burst, limits.claims_per_minute),
+        }
+    }
+
+    /// This connection's wake-up inbox.
+    pub fn inbox(&self) -> &Arc<Inbox> {
+        &self.inbox
+    }
+
+    /// Answers one decoded frame.
+    pub async fn handle(&mut self, frame: ClientFrame) -> Response {
+        let id = frame.id;
+        let Some(request) = frame.request else {
+            return to_wire(
+                id,
+                &BadRequest::Malformed("the frame carries no request".into()).into(),
+            );
+        };
+        let kind = request_kind(&request);
+        match self.dispatch(request).await {
+            Ok(body) => Response {
+                id,
+                body: Some(body),
+            },
+            Err(err) => {
+                match &err {
+                    ServiceError::Server(ServerFault::Storage(detail)) => {
+                        tracing::error!(request = kind, error = %detail, "request failed");
+                    }
+                    other => tracing::debug!(request = kind, error = %other, "request refused"),
+                }
+                to_wire(id, &err)
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, request: Request) -> ServiceResult<Body> {
+        let service = Arc::clone(&self.service);
+        match request {
+            Request::CreateQueue(r) => service.create_queue(&r).await.map(ok),
+            Request::Subscribe(r) => self.subscribe(r).await,
+            Request::Unsubscribe(r) => {
+                let queue = self.authenticated(&r.queue_id)?;
+                self.stop_push(queue);
+                Ok(ok(()))
+            }
+            Request::Fetch(r) => {
+                let queue = self.authenticated(&r.queue_id)?;
+                let fetched = service.fetch(queue, r.after_seq, r.limit).await?;
+                Ok(Body::Messages(messages(fetched)))
+            }
+            Request::Ack(r) => {
+                let queue = self.authenticated(&r.queue_id)?;
+                service.ack(queue, r.up_to_seq).await.map(ok)
+            }
+            Request::DeleteQueue(r) => {
+                let queue = service.delete_queue(&r).await?;
+                self.stop_push(queue);
+                self.queues.remove(&queue);
+                Ok(ok(()))
+            }
+            Request::PublishKeyPackages(r) => service.publish_key_packages(r).await.map(count),
+            Request::ClaimKeyPackage(r) => {
+                if !self.claims.try_take(Instant::now()) {
+                    return Err(Refusal::LimitExceeded(Limit::ClaimRate).into());
+                }
+                let claimed = service.claim_key_package(&r).await?;
+                Ok(Body::KeyPackage(KeyPackage {
+                    key_package: claimed.data,
+                    last_resort: claimed.last_resort,
+                }))
+            }
+            Request::KeyPackageStatus(r) => service.key_package_status(&r).await.map(count),
+            Request::RegisterUser(r) => service.register_user(r).await.map(ok),
+            Request::LookupUser(r) => service.lookup_user(&r).await.map(Body::User),
+            Request::CreateGroup(r) => service.create_group(&r).await.map(ok),
+            Request::Commit(r) => {
+                let epoch = service.commit(r).await?;
+                Ok(Body::Committed(Committed { epoch }))
+            }
+            Request::Post(r) => service.post(r).await.map(ok),
+            Request::Ping(_) => Ok(ok(())),
+        }
+    }
+
+    async fn subscribe(&mut self, r: Subscribe) -> ServiceResult<Body> {
+        let queue = QueueId::parse(&r.queue_id)?;
+        if !self.queues.contains_key(&queue)
+            && self.queues.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION
+        {
+            return Err(Refusal::LimitExceeded(Limit::Subscriptions).into());
+        }
+        let (queue, head_seq) = self
+            .service
+            .authenticate_queue(&r.queue_id, &r.receive_secret)
+            .await?;
+        if r.push {
+            // Register before the first read, and mark so the backlog above `after_seq` is
+            // pushed: anything committed later marks the queue again.
+            self.service.hub().register(queue, &self.inbox);
+            self.queues.insert(
+                queue,
+                QueueAccess {
+                    pushed_up_to: Some(r.after_seq),
+                },
+            );
+            self.inbox.mark(queue);
+        } else {
+            self.stop_push(queue);
+            self.queues
+                .insert(queue, QueueAccess { pushed_up_to: None });
+        }
+        Ok(Body::Subscribed(Subscribed { head_seq }))
+    }
+
+    /// The next push for a queue with news, if any: messages above what was pushed, in
+    /// order, at most one batch. A queue with more is marked again.
+    pub async fn next_push(&mut self) -> ServiceResult<Option<Push>> {
+        let Some(queue) = self.inbox.take() else {
+            return Ok(None);
+        };
+        let Some(pushed_up_to) = self.queues.get(&queue).and_then(|a| a.pushed_up_to) else {
+            return Ok(None);
+        };
+        let fetched = match self.service.fetch(queue, pushed_up_to, 0).await {
+            Ok(f) => f,
+            Err(e) => {
+                // Try again on the next wake-up rather than lose the news.
+                self.inbox.mark(queue);
+                return Err(e);
+            }
+        };
+        if fetched.more {
+            self.inbox.mark(queue);
+        }
+        let Some(last) = fetched.messages.last().map(|m| m.seq) else {
+            return Ok(None);
+        };
+        if let Some(access) = self.queues.get_mut(&queue) {
+            access.pushed_up_to = Some(last);
+        }
+        Ok(Some(Push {
+            queue_id: queue.as_bytes().to_vec(),
+            messages: messages(fetched).messages,
+        }))
+    }
+
+    fn authenticated(&self, queue_id: &[u8]) -> ServiceResult<QueueId> {
+        let queue = QueueId::parse(queue_id)?;
+        if self.queues.contains_key(&queue) {
+            Ok(queue)
+        } else {
+            Err(Refusal::Forbidden(Credential::Subscription).into())
+        }
+    }
+
+    fn stop_push(&mut self, queue: QueueId) {
+        if let Some(access) = self.queues.get_mut(&queue) {
+            access.pushed_up_to = None;
+        }
+        self.service.hub().unregister(queue, &self.inbox);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let hub = Arc::clone(self.service.hub());
+        for (queue, access) in &self.queues {
+            if access.pushed_up_to.is_some() {
+                hub.unregister(*queue, &self.inbox);
+            }
+        }
+    }
+}
+
+fn ok<T>(_: T) -> Body {
+    Body::Ok(Ping {})
+}
+
+fn count(c: KeyPackageCount) -> Body {
+    Body::KeyPackageCount(blindpost_wire::KeyPackageCount {
+        one_time: c.one_time,
+        has_last_resort: c.has_last_resort,
+    })
+}
+
+fn messages(f: Fetched) -> Messages {
+    Messages {
+        messages: f
+            .messages
+            .into_iter()
+            .map(|m| QueueMessage {
+                seq: m.seq,
+                payload: m.payload,
+            })
+            .collect(),
+        more: f.more,
+    }
+}
+
+/// The request's name, for logs (never its content).
+fn request_kind(r: &Request) -> &'static str {
+    match r {
+        Request::CreateQueue(_) => "CreateQueue",
+        Request::Subscribe(_) => "Subscribe",
+        Request::Fetch(_) => "Fetch",
+        Request::Ack(_) => "Ack",
+        Request::DeleteQueue(_) => "DeleteQueue",
+        Request::PublishKeyPackages(_) => "PublishKeyPackages",
+        Request::ClaimKeyPackage(_) => "ClaimKeyPackage",
+        Request::KeyPackageStatus(_) => "KeyPackageStatus",
+        Request::RegisterUser(_) => "RegisterUser",
+        Request::LookupUser(_) => "LookupUser",
+        Request::CreateGroup(_) => "CreateGroup",
+        Request::Commit(_) => "Commit",
+        Request::Post(_) => "Post",
+        Request::Ping(_) => "Ping",
+        Request::Unsubscribe(_) => "Unsubscribe",
+    }
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_minute` per minute.
+#[derive(Debug)]
+struct TokenBucket {
+    capacity: f64,
+    tokens: f64,
+    per_sec: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn new(burst: u32, per_minute: u32) -> Self {
+        Self {
+            capacity: f64::from(burst),
+            tokens: f64::from(burst),
+            per_sec: f64::from(per_minute) / 60.0,
+            last: None,
+        }
+    }
+
+    fn try_take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let elapsed = now
+                .saturating_duration_since(last)
+                .min(Duration::from_secs(3600));
+            self.tokens = (self.tokens + elapsed.as_secs_f64() * self.per_sec).min(self.capacity);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_refills_at_the_rate() {
+        let mut b = TokenBucket::new(3, 60);
+        let t0 = Instant::now();
+        assert!(b.try_take(t0));
+        assert!(b.try_take(t0));
+        assert!(b.try_take(t0));
+        assert!(!b.try_take(t0));
+        assert!(
+            b.try_take(t0 + Duration::from_secs(1)),
+            "one token per second at 60/min"
+        );
+        assert!(!b.try_take(t0 + Duration::from_secs(1)));
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(600);
+        assert!((0..3).all(|_| b.try_take(later)));
+        assert!(!b.try_take(later));
+    }
+}

@@ -1,0 +1,308 @@
+//! The storage seam: the [`Store`] and [`DirectoryStore`] traits every backend implements,
+//! the records they take and return, and [`StoreError`]. Not for: validation of client input
+//! (the service does it before calling a store) or anything backend-specific; no backend's
+//! types appear here, so a PostgreSQL backend can implement the same traits.
+//!
+//! Contract of every backend:
+//! - each method is atomic: all of its effects commit together, or none do;
+//! - a method returns success only after its effects are durable;
+//! - checks that must be atomic with their write (epoch compare-and-set, credential checks of
+//!   a commit or post, one-time key-package claims) happen inside the method and fail with
+//!   [`StoreError::Refused`];
+//! - writes record the current [`Day`] of the backend's clock, never a finer time.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::Refusal;
+use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
+
+pub use sqlite::SqliteStore;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The operation is refused given the stored state; nothing was changed.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The backend failed (I/O, corruption, …); nothing was acknowledged.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// The store is closed or its writer has stopped.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The future a store method returns: boxed so the traits stay object-safe.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>;
+
+/// A queue to create.
+#[derive(Debug, Clone)]
+pub struct NewQueue {
+    /// Its id.
+    pub id: QueueId,
+    /// SHA-256 of its receive secret.
+    pub receive_secret_hash: SecretHash,
+    /// SHA-256 of its send token.
+    pub send_token_hash: SecretHash,
+}
+
+/// A queue named with the hash of its send token, as a route to add to a group.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteGrant {
+    /// The queue.
+    pub queue_id: QueueId,
+    /// SHA-256 of the send token the client showed.
+    pub send_token_hash: SecretHash,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its sequence number in its queue (from 1, strictly increasing).
+    pub seq: u64,
+    /// The opaque payload.
+    pub payload: Vec<u8>,
+}
+
+/// A page of a queue's pending messages.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetched {
+    /// Messages in sequence order.
+    pub messages: Vec<StoredMessage>,
+    /// Whether more pending messages follow the last one.
+    pub more: bool,
+}
+
+/// How much one fetch may return. At least one message is returned when any is pending, even
+/// if it alone exceeds `max_bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchLimit {
+    /// Most messages.
+    pub max_messages: u32,
+    /// Most payload bytes in total.
+    pub max_bytes: usize,
+}
+
+/// A group to create.
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    /// Its id.
+    pub id: GroupId,
+    /// Its current epoch.
+    pub epoch: u64,
+    /// SHA-256 of that epoch's posting token.
+    pub posting_token_hash: SecretHash,
+    /// Its first routes (distinct queues); each send token is checked.
+    pub routes: Vec<RouteGrant>,
+}
+
+/// A commit to apply (see `blindpost_wire::Commit` for the semantics).
+#[derive(Debug, Clone)]
+pub struct CommitOp {
+    /// The group.
+    pub group_id: GroupId,
+    /// The epoch the commit starts from (compare-and-set).
+    pub epoch: u64,
+    /// SHA-256 of the posting token the client showed.
+    pub posting_token_hash: SecretHash,
+    /// The MLS commit, appended to every current route.
+    pub commit: Vec<u8>,
+    /// SHA-256 of the next epoch's posting token.
+    pub next_posting_token_hash: SecretHash,
+    /// Routes to add (distinct queues).
+    pub add_routes: Vec<RouteGrant>,
+    /// Routes to drop (ids that are not routes are ignored).
+    pub remove_routes: Vec<QueueId>,
+    /// The Welcome, appended to each added route; `None` appends nothing.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The group's epoch after the commit.
+    pub epoch: u64,
+    /// Every queue a message was appended to.
+    pub appended: Vec<QueueId>,
+}
+
+/// A post to fan out.
+#[derive(Debug, Clone)]
+pub struct PostOp {
+    /// The group.
+    pub group_id: GroupId,
+    /// The epoch the message was encrypted in.
+    pub epoch: u64,
+    /// SHA-256 of the posting token the client showed.
+    pub posting_token_hash: SecretHash,
+    /// The idempotency key.
+    pub message_id: MessageId,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// What a post did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Posted {
+    /// Stored in these queues.
+    Stored {
+        /// Every queue the payload was appended to.
+        appended: Vec<QueueId>,
+    },
+    /// The message id was seen before; nothing was stored.
+    Duplicate,
+}
+
+/// Key packages to add to a box (creating it on first publish).
+#[derive(Debug, Clone)]
+pub struct PublishOp {
+    /// The box.
+    pub box_id: BoxId,
+    /// SHA-256 of the box secret the client showed.
+    pub secret_hash: SecretHash,
+    /// One-time packages to append.
+    pub key_packages: Vec<Vec<u8>>,
+    /// A new last-resort package, replacing the stored one.
+    pub last_resort: Option<Vec<u8>>,
+    /// Most one-time packages the box may hold afterwards.
+    pub max_one_time: usize,
+}
+
+/// What a box holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPackageCount {
+    /// One-time packages left.
+    pub one_time: u32,
+    /// Whether a last-resort package is stored.
+    pub has_last_resort: bool,
+}
+
+/// A claimed key package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKeyPackage {
+    /// The serialized package.
+    pub data: Vec<u8>,
+    /// Whether it is the box's last-resort package (which stays stored).
+    pub last_resort: bool,
+}
+
+/// Cut-off days for retention: rows from days strictly before these are deleted.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    /// Messages stored before this day are deleted.
+    pub messages_before: Day,
+    /// Post idempotency keys recorded before this day are deleted.
+    pub posted_ids_before: Day,
+}
+
+/// What retention deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Expired {
+    /// Messages deleted.
+    pub messages: u64,
+    /// Post idempotency keys deleted.
+    pub posted_ids: u64,
+}
+
+/// A directory entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// The username.
+    pub username: String,
+    /// The identity public key the entry is signed by.
+    pub identity_key: [u8; 32],
+    /// The entry's version.
+    pub version: u64,
+    /// The serialized, signed entry.
+    pub entry: Vec<u8>,
+    /// The signature over it.
+    pub signature: Vec<u8>,
+}
+
+/// Queues, groups, messages and key-package boxes.
+pub trait Store: Send + Sync + 'static {
+    /// Creates a queue. Refused with `Conflict` if the id exists.
+    fn create_queue(&self, queue: NewQueue) -> StoreFuture<'_, ()>;
+
+    /// Checks a queue's receive secret and returns its head sequence number (the highest
+    /// assigned so far, 0 if none). Refused with `NotFound` or `Forbidden`.
+    fn authenticate_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, u64>;
+
+    /// Pending messages with sequence numbers above `after_seq`, oldest first. A queue that
+    /// does not exist has none.
+    fn fetch(
+        &self,
+        queue_id: QueueId,
+        after_seq: u64,
+        limit: FetchLimit,
+    ) -> StoreFuture<'_, Fetched>;
+
+    /// Deletes the queue's messages with sequence numbers up to `up_to_seq`.
+    fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()>;
+
+    /// Deletes a queue, its messages and its routes. Refused with `NotFound` or `Forbidden`.
+    fn delete_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, ()>;
+
+    /// Creates a group with its first routes. Refused with `Conflict`, or `NotFound` /
+    /// `Forbidden` for a route.
+    fn create_group(&self, group: NewGroup) -> StoreFuture<'_, ()>;
+
+    /// Applies the one commit of an epoch, atomically (see [`CommitOp`]). Refused with
+    /// `NotFound`, `StaleEpoch`, `Forbidden`, `LimitExceeded` (routes).
+    fn commit(&self, commit: CommitOp) -> StoreFuture<'_, Committed>;
+
+    /// Fans a post out to every route, idempotently by message id. Refused with `NotFound`,
+    /// `StaleEpoch`, `Forbidden`.
+    fn post(&self, post: PostOp) -> StoreFuture<'_, Posted>;
+
+    /// Creates or tops up a key-package box. Refused with `Forbidden` (another secret) or
+    /// `LimitExceeded`.
+    fn publish_key_packages(&self, publish: PublishOp) -> StoreFuture<'_, KeyPackageCount>;
+
+    /// Takes a one-time package (deleting it) or else the last-resort one. Never hands out a
+    /// one-time package twice. Refused with `NotFound`.
+    fn claim_key_package(&self, box_id: BoxId) -> StoreFuture<'_, ClaimedKeyPackage>;
+
+    /// Counts a box's packages after checking its secret. Refused with `NotFound`, `Forbidden`.
+    fn key_package_status(
+        &self,
+        box_id: BoxId,
+        secret_hash: SecretHash,
+    ) -> StoreFuture<'_, KeyPackageCount>;
+
+    /// Deletes expired messages and idempotency keys.
+    fn expire(&self, expiry: Expiry) -> StoreFuture<'_, Expired>;
+
+    /// Succeeds when the store can read and write.
+    fn health_check(&self) -> StoreFuture<'_, ()>;
+
+    /// Finishes every pending write, then stops accepting operations (they fail `Closed`).
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// The username directory. Kept apart from [`Store`] so key transparency can replace it
+/// behind the same methods.
+pub trait DirectoryStore: Send + Sync + 'static {
+    /// The stored entry for a username, if any.
+    fn lookup_user(&self, username: String) -> StoreFuture<'_, Option<UserRecord>>;
+
+    /// Stores an entry: a new username, or an update of one with the same identity key and a
+    /// higher version. Refused with `Conflict(UsernameTaken)` or
+    /// `Conflict(VersionNotIncreased)`.
+    fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()>;
+}

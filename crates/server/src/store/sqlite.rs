@@ -1,0 +1,975 @@
+//! The SQLite backend of [`Store`] and [`DirectoryStore`]: one file `blindpost.sqlite3` in WAL
+//! mode with `synchronous=FULL`, versioned migrations at open, and group commit.
+//! Not for: validation of client input or wire types (the service's job).
+//!
+//! **Group commit.** Every write goes through one writer thread that owns the write connection.
+//! It takes every operation waiting in its channel (up to [`MAX_BATCH_OPS`]), runs them in ONE
+//! transaction, each inside its own `SAVEPOINT` so a refused operation is rolled back without
+//! undoing the others, commits once (one fsync for the batch), and only then answers each
+//! caller. If the transaction fails, every operation of the batch fails: nothing is ever
+//! acknowledged before its commit is durable.
+//!
+//! **Reads** (fetch, status, lookup, health) go through a small pool of read-only connections
+//! on blocking threads; WAL lets them run beside the writer and see only committed data.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use blindpost_wire::limits::MAX_GROUP_ROUTES;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
+    KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError,
+    StoreFuture, StoreResult, StoredMessage, UserRecord,
+};
+use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
+use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
+
+/// The database file's name inside the data directory.
+pub const DATABASE_FILE: &str = "blindpost.sqlite3";
+
+/// Most operations one group-commit transaction carries.
+pub const MAX_BATCH_OPS: usize = 512;
+/// Operations that may wait for the writer before callers wait to enqueue.
+const WRITE_QUEUE: usize = 1024;
+/// Read connections kept open and used at once.
+const READ_CONNECTIONS: usize = 4;
+
+/// The backend's source of "today". Tests pass a settable clock; the server passes
+/// [`crate::types::today`].
+pub type Clock = Arc<dyn Fn() -> Day + Send + Sync>;
+
+/// Versioned schema migrations; `PRAGMA user_version` records how many ran. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema. No owner, no address, no time finer than a day.
+    "CREATE TABLE queues (
+        id BLOB PRIMARY KEY NOT NULL,
+        receive_secret_hash BLOB NOT NULL,
+        send_token_hash BLOB NOT NULL,
+        next_seq INTEGER NOT NULL,
+        created_day INTEGER NOT NULL,
+        last_used_day INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        queue_id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        day INTEGER NOT NULL,
+        PRIMARY KEY (queue_id, seq)
+    );
+    CREATE INDEX messages_by_day ON messages (day);
+    CREATE TABLE groups (
+        id BLOB PRIMARY KEY NOT NULL,
+        epoch INTEGER NOT NULL,
+        posting_token_hash BLOB NOT NULL,
+        created_day INTEGER NOT NULL,
+        last_used_day INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE routes (
+        group_id BLOB NOT NULL,
+        queue_id BLOB NOT NULL,
+        PRIMARY KEY (group_id, queue_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX routes_by_queue ON routes (queue_id);
+    CREATE TABLE posted_ids (
+        group_id BLOB NOT NULL,
+        message_id BLOB NOT NULL,
+        day INTEGER NOT NULL,
+        PRIMARY KEY (group_id, message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX posted_ids_by_day ON posted_ids (day);
+    CREATE TABLE key_package_boxes (
+        id BLOB PRIMARY KEY NOT NULL,
+        secret_hash BLOB NOT NULL,
+        last_resort BLOB,
+        created_day INTEGER NOT NULL,
+        last_used_day INTEGER NOT NULL
+    );
+    CREATE TABLE key_packages (
+        box_id BLOB NOT NULL,
+        n INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (box_id, n)
+    );
+    CREATE TABLE users (
+        username TEXT PRIMARY KEY NOT NULL,
+        identity_key BLOB NOT NULL,
+        version INTEGER NOT NULL,
+        entry BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );",
+];
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    writer: RwLock<Option<mpsc::Sender<Box<dyn WriteJob>>>>,
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    readers: Arc<ReadPool>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `data_dir`, runs pending migrations and
+    /// starts the writer thread. Blocking: call it from a blocking context at start-up.
+    pub fn open(data_dir: &Path, clock: Clock) -> StoreResult<Self> {
+        let path = data_dir.join(DATABASE_FILE);
+        let mut conn = Connection::open(&path)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!(
+                "could not enable WAL (got {mode})"
+            )));
+        }
+        // An acknowledgement means durable, even on power loss.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+
+        let (jobs, receiver) = mpsc::channel(WRITE_QUEUE);
+        let (done_tx, done_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                writer_loop(&conn, receiver, &clock);
+                drop(conn);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+
+        Ok(Self {
+            writer: RwLock::new(Some(jobs)),
+            writer_done: Mutex::new(Some(done_rx)),
+            readers: Arc::new(ReadPool {
+                path,
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(READ_CONNECTIONS),
+            }),
+        })
+    }
+
+    /// Runs `work` on the writer thread inside the next group-commit transaction and returns
+    /// its result once that transaction has committed.
+    async fn write<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
+    {
+        let sender = {
+            let guard = self.writer.read().map_err(|_| StoreError::Closed)?;
+            guard.clone().ok_or(StoreError::Closed)?
+        };
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn WriteJob> = Box::new(Op {
+            work: Some(work),
+            result: None,
+            reply,
+        });
+        sender.send(job).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.readers.run(work).await
+    }
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len();
+    let current = usize::try_from(current).unwrap_or(usize::MAX);
+    if current > known {
+        return Err(StoreError::Backend(format!(
+            "database schema version {current} is newer than this server knows ({known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit
+
+/// One operation waiting for the writer.
+trait WriteJob: Send {
+    /// Runs the operation inside the open savepoint; `true` if it succeeded.
+    fn run(&mut self, conn: &Connection, day: Day) -> bool;
+    /// Answers the caller once the batch's fate (`outcome`) is known.
+    fn finish(self: Box<Self>, outcome: StoreResult<()>);
+}
+
+struct Op<T, F> {
+    work: Option<F>,
+    result: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> WriteJob for Op<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection, Day) -> StoreResult<T> + Send,
+{
+    fn run(&mut self, conn: &Connection, day: Day) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let result = work(conn, day);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn finish(self: Box<Self>, outcome: StoreResult<()>) {
+        let answer = match (outcome, self.result) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(StoreError::Backend("operation did not run".into())),
+        };
+        // The caller may have gone away; its operation is committed (or not) all the same.
+        let _ = self.reply.send(answer);
+    }
+}
+
+fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, clock: &Clock) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH_OPS {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = run_batch(conn, &mut batch, clock());
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, ops = batch.len(), "group commit failed");
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+        for job in batch {
+            job.finish(outcome.clone());
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> StoreResult<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    for job in batch.iter_mut() {
+        conn.execute_batch("SAVEPOINT op")?;
+        if job.run(conn, day) {
+            conn.execute_batch("RELEASE op")?;
+        } else {
+            conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+        }
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (I/O error, disk full, …).
+            return Err(StoreError::Backend(
+                "the database aborted the transaction".into(),
+            ));
+        }
+    }
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl ReadPool {
+    async fn run<T, F>(self: &Arc<Self>, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let taken = pool.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let mut conn = match taken {
+                Some(conn) => conn,
+                None => pool.open()?,
+            };
+            let result = work(&mut conn);
+            if let Ok(mut idle) = pool.idle.lock() {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+    }
+
+    fn open(&self) -> StoreResult<Connection> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        Ok(conn)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations. Each runs inside a savepoint (writes) or a read transaction (reads).
+
+fn seq_to_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn seq_from_sql(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}
+
+fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map(SecretHash::from_bytes)
+        .map_err(|_| StoreError::Backend("stored hash has the wrong length".into()))
+}
+
+/// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
+fn append(
+    conn: &Connection,
+    day: Day,
+    queue: &QueueId,
+    payload: &[u8],
+) -> StoreResult<Option<u64>> {
+    let seq: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2 WHERE id = ?1
+             RETURNING next_seq - 1",
+        )?
+        .query_row(params![queue.as_bytes(), day], |r| r.get(0))
+        .optional()?;
+    let Some(seq) = seq else { return Ok(None) };
+    conn.prepare_cached(
+        "INSERT INTO messages (queue_id, seq, payload, day) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![queue.as_bytes(), seq, payload, day])?;
+    Ok(Some(seq_from_sql(seq)))
+}
+
+fn queue_hashes(
+    conn: &Connection,
+    queue: &QueueId,
+) -> StoreResult<Option<(SecretHash, SecretHash, i64)>> {
+    let row: Option<(Vec<u8>, Vec<u8>, i64)> = conn
+        .prepare_cached(
+            "SELECT receive_secret_hash, send_token_hash, next_seq FROM queues WHERE id = ?1",
+        )?
+        .query_row([queue.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    row.map(|(r, s, n)| Ok((hash_from_sql(r)?, hash_from_sql(s)?, n)))
+        .transpose()
+}
+
+/// Checks that a route's queue exists and its send token matches.
+fn check_route(conn: &Connection, grant: &RouteGrant) -> StoreResult<()> {
+    match queue_hashes(conn, &grant.queue_id)? {
+        None => Err(Refusal::NotFound(Entity::Queue).into()),
+        Some((_, send, _)) if send.matches(&grant.send_token_hash) => Ok(()),
+        Some(_) => Err(Refusal::Forbidden(Credential::SendToken).into()),
+    }
+}
+
+fn routes_of(conn: &Connection, group: &GroupId) -> StoreResult<Vec<QueueId>> {
+    let mut stmt = conn.prepare_cached("SELECT queue_id FROM routes WHERE group_id = ?1")?;
+    let rows = stmt.query_map([group.as_bytes()], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let id = QueueId::parse(&row?).map_err(|e| StoreError::Backend(e.to_string()))?;
+        out.push(id);
+    }
+    Ok(out)
+}
+
+/// Loads a group and checks epoch (first) and posting token (second), as the wire specifies.
+fn check_group(
+    conn: &Connection,
+    group: &GroupId,
+    epoch: u64,
+    token: &SecretHash,
+) -> StoreResult<u64> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT epoch, posting_token_hash FROM groups WHERE id = ?1")?
+        .query_row([group.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((current, hash)) = row else {
+        return Err(Refusal::NotFound(Entity::Group).into());
+    };
+    let current = seq_from_sql(current);
+    if current != epoch {
+        return Err(Refusal::StaleEpoch {
+            current_epoch: current,
+        }
+        .into());
+    }
+    if !hash_from_sql(hash)?.matches(token) {
+        return Err(Refusal::Forbidden(Credential::PostingToken).into());
+    }
+    Ok(current)
+}
+
+fn op_create_queue(conn: &Connection, day: Day, q: &NewQueue) -> StoreResult<()> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day)
+             VALUES (?1, ?2, ?3, 1, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![q.id.as_bytes(), q.receive_secret_hash.as_bytes(), q.send_token_hash.as_bytes(), day])?;
+    if inserted == 0 {
+        return Err(Refusal::Conflict(ConflictKind::QueueExists).into());
+    }
+    Ok(())
+}
+
+fn op_authenticate_queue(
+    conn: &Connection,
+    day: Day,
+    queue: &QueueId,
+    secret: &SecretHash,
+) -> StoreResult<u64> {
+    let Some((receive, _, next_seq)) = queue_hashes(conn, queue)? else {
+        return Err(Refusal::NotFound(Entity::Queue).into());
+    };
+    if !receive.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
+    }
+    conn.prepare_cached(
+        "UPDATE queues SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
+    )?
+    .execute(params![queue.as_bytes(), day])?;
+    Ok(seq_from_sql(next_seq - 1))
+}
+
+fn op_delete_queue(conn: &Connection, queue: &QueueId, secret: &SecretHash) -> StoreResult<()> {
+    let Some((receive, _, _)) = queue_hashes(conn, queue)? else {
+        return Err(Refusal::NotFound(Entity::Queue).into());
+    };
+    if !receive.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
+    }
+    let id = queue.as_bytes();
+    conn.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM routes WHERE queue_id = ?1")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM queues WHERE id = ?1")?
+        .execute([id])?;
+    Ok(())
+}
+
+fn op_create_group(conn: &Connection, day: Day, g: &NewGroup) -> StoreResult<()> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
+             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            g.id.as_bytes(),
+            seq_to_sql(g.epoch),
+            g.posting_token_hash.as_bytes(),
+            day
+        ])?;
+    if inserted == 0 {
+        return Err(Refusal::Conflict(ConflictKind::GroupExists).into());
+    }
+    for grant in &g.routes {
+        check_route(conn, grant)?;
+        conn.prepare_cached("INSERT OR IGNORE INTO routes (group_id, queue_id) VALUES (?1, ?2)")?
+            .execute(params![g.id.as_bytes(), grant.queue_id.as_bytes()])?;
+    }
+    Ok(())
+}
+
+fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed> {
+    let epoch = check_group(conn, &c.group_id, c.epoch, &c.posting_token_hash)?;
+    let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
+        current_epoch: epoch,
+    })?;
+    for grant in &c.add_routes {
+        check_route(conn, grant)?;
+    }
+    let gid = c.group_id.as_bytes();
+    let mut appended: Vec<QueueId> = Vec::new();
+    // The commit reaches every current route, removed ones included.
+    for queue in routes_of(conn, &c.group_id)? {
+        if append(conn, day, &queue, &c.commit)?.is_some() {
+            appended.push(queue);
+        }
+    }
+    for queue in &c.remove_routes {
+        conn.prepare_cached("DELETE FROM routes WHERE group_id = ?1 AND queue_id = ?2")?
+            .execute(params![gid, queue.as_bytes()])?;
+    }
+    for grant in &c.add_routes {
+        conn.prepare_cached("INSERT OR IGNORE INTO routes (group_id, queue_id) VALUES (?1, ?2)")?
+            .execute(params![gid, grant.queue_id.as_bytes()])?;
+    }
+    let routes: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM routes WHERE group_id = ?1")?
+        .query_row([gid], |r| r.get(0))?;
+    if usize::try_from(routes).unwrap_or(usize::MAX) > MAX_GROUP_ROUTES {
+        return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
+    }
+    if let Some(welcome) = &c.welcome {
+        for grant in &c.add_routes {
+            if append(conn, day, &grant.queue_id, welcome)?.is_some() {
+                appended.push(grant.queue_id);
+            }
+        }
+    }
+    conn.prepare_cached(
+        "UPDATE groups SET epoch = ?2, posting_token_hash = ?3, last_used_day = ?4 WHERE id = ?1",
+    )?
+    .execute(params![
+        gid,
+        seq_to_sql(next_epoch),
+        c.next_posting_token_hash.as_bytes(),
+        day
+    ])?;
+    dedup(&mut appended);
+    Ok(Committed {
+        epoch: next_epoch,
+        appended,
+    })
+}
+
+fn dedup(queues: &mut Vec<QueueId>) {
+    let mut seen = HashSet::with_capacity(queues.len());
+    queues.retain(|q| seen.insert(*q));
+}
+
+fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
+    check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
+    let gid = p.group_id.as_bytes();
+    let fresh = conn
+        .prepare_cached(
+            "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)
+             ON CONFLICT (group_id, message_id) DO NOTHING",
+        )?
+        .execute(params![gid, p.message_id.as_bytes(), day])?;
+    if fresh == 0 {
+        return Ok(Posted::Duplicate);
+    }
+    let mut appended = Vec::new();
+    for queue in routes_of(conn, &p.group_id)? {
+        if append(conn, day, &queue, &p.payload)?.is_some() {
+            appended.push(queue);
+        }
+    }
+    conn.prepare_cached(
+        "UPDATE groups SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
+    )?
+    .execute(params![gid, day])?;
+    Ok(Posted::Stored { appended })
+}
+
+fn box_count(conn: &Connection, box_id: &BoxId) -> StoreResult<u32> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM key_packages WHERE box_id = ?1")?
+        .query_row([box_id.as_bytes()], |r| r.get(0))?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// A box's secret hash and whether it has a last-resort package.
+fn box_row(conn: &Connection, box_id: &BoxId) -> StoreResult<Option<(SecretHash, bool)>> {
+    let row: Option<(Vec<u8>, bool)> = conn
+        .prepare_cached(
+            "SELECT secret_hash, last_resort IS NOT NULL FROM key_package_boxes WHERE id = ?1",
+        )?
+        .query_row([box_id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(h, lr)| Ok((hash_from_sql(h)?, lr))).transpose()
+}
+
+fn op_publish(conn: &Connection, day: Day, p: &PublishOp) -> StoreResult<KeyPackageCount> {
+    let bid = p.box_id.as_bytes();
+    match box_row(conn, &p.box_id)? {
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO key_package_boxes (id, secret_hash, last_resort, created_day, last_used_day)
+                 VALUES (?1, ?2, NULL, ?3, ?3)",
+            )?
+            .execute(params![bid, p.secret_hash.as_bytes(), day])?;
+        }
+        Some((hash, _)) if hash.matches(&p.secret_hash) => {}
+        Some(_) => return Err(Refusal::Forbidden(Credential::BoxSecret).into()),
+    }
+    let existing = box_count(conn, &p.box_id)? as usize;
+    if existing + p.key_packages.len() > p.max_one_time {
+        return Err(Refusal::LimitExceeded(Limit::KeyPackages).into());
+    }
+    let next: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(n), 0) + 1 FROM key_packages WHERE box_id = ?1")?
+        .query_row([bid], |r| r.get(0))?;
+    for (n, kp) in (next..).zip(&p.key_packages) {
+        conn.prepare_cached("INSERT INTO key_packages (box_id, n, data) VALUES (?1, ?2, ?3)")?
+            .execute(params![bid, n, kp])?;
+    }
+    if let Some(lr) = &p.last_resort {
+        conn.prepare_cached("UPDATE key_package_boxes SET last_resort = ?2 WHERE id = ?1")?
+            .execute(params![bid, lr])?;
+    }
+    conn.prepare_cached(
+        "UPDATE key_package_boxes SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
+    )?
+    .execute(params![bid, day])?;
+    let (_, has_last_resort) =
+        box_row(conn, &p.box_id)?.ok_or(Refusal::NotFound(Entity::KeyPackageBox))?;
+    Ok(KeyPackageCount {
+        one_time: box_count(conn, &p.box_id)?,
+        has_last_resort,
+    })
+}
+
+fn op_claim(conn: &Connection, day: Day, box_id: &BoxId) -> StoreResult<ClaimedKeyPackage> {
+    let bid = box_id.as_bytes();
+    let last_resort: Option<Option<Vec<u8>>> = conn
+        .prepare_cached("SELECT last_resort FROM key_package_boxes WHERE id = ?1")?
+        .query_row([bid], |r| r.get(0))
+        .optional()?;
+    let Some(last_resort) = last_resort else {
+        return Err(Refusal::NotFound(Entity::KeyPackageBox).into());
+    };
+    conn.prepare_cached(
+        "UPDATE key_package_boxes SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
+    )?
+    .execute(params![bid, day])?;
+    let one_time: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT n, data FROM key_packages WHERE box_id = ?1 ORDER BY n LIMIT 1")?
+        .query_row([bid], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((n, data)) = one_time {
+        conn.prepare_cached("DELETE FROM key_packages WHERE box_id = ?1 AND n = ?2")?
+            .execute(params![bid, n])?;
+        return Ok(ClaimedKeyPackage {
+            data,
+            last_resort: false,
+        });
+    }
+    match last_resort {
+        Some(data) => Ok(ClaimedKeyPackage {
+            data,
+            last_resort: true,
+        }),
+        None => Err(Refusal::NotFound(Entity::KeyPackageBox).into()),
+    }
+}
+
+fn op_register_user(conn: &Connection, u: &UserRecord) -> StoreResult<()> {
+    let stored: Option<(Vec<u8>, i64)> = conn
+        .prepare_cached("SELECT identity_key, version FROM users WHERE username = ?1")?
+        .query_row([&u.username], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let version = seq_to_sql(u.version);
+    match stored {
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO users (username, identity_key, version, entry, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![u.username, &u.identity_key[..], version, u.entry, u.signature])?;
+            Ok(())
+        }
+        Some((key, _)) if key.as_slice() != u.identity_key.as_slice() => {
+            Err(Refusal::Conflict(ConflictKind::UsernameTaken).into())
+        }
+        Some((_, old)) if old >= version => {
+            Err(Refusal::Conflict(ConflictKind::VersionNotIncreased).into())
+        }
+        Some(_) => {
+            conn.prepare_cached(
+                "UPDATE users SET version = ?2, entry = ?3, signature = ?4 WHERE username = ?1",
+            )?
+            .execute(params![u.username, version, u.entry, u.signature])?;
+            Ok(())
+        }
+    }
+}
+
+fn read_fetch(
+    conn: &mut Connection,
+    queue: &QueueId,
+    after_seq: u64,
+    limit: FetchLimit,
+) -> StoreResult<Fetched> {
+    let tx = conn.transaction()?;
+    let after = seq_to_sql(after_seq);
+    let qid = queue.as_bytes();
+    let (last, more) = {
+        // Sizes first, so payloads beyond the byte budget are never loaded.
+        let mut sizes = tx.prepare_cached(
+            "SELECT seq, length(payload) FROM messages WHERE queue_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = sizes.query(params![qid, after, i64::from(limit.max_messages) + 1])?;
+        let (mut count, mut bytes, mut last, mut more) = (0u32, 0usize, None, false);
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let len = usize::try_from(row.get::<_, i64>(1)?).unwrap_or(usize::MAX);
+            if count >= limit.max_messages
+                || (count > 0 && bytes.saturating_add(len) > limit.max_bytes)
+            {
+                more = true;
+                break;
+            }
+            count += 1;
+            bytes = bytes.saturating_add(len);
+            last = Some(seq);
+        }
+        (last, more)
+    };
+    let Some(last) = last else {
+        return Ok(Fetched::default());
+    };
+    let mut messages = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT seq, payload FROM messages WHERE queue_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![qid, after, last], |r| {
+            Ok(StoredMessage {
+                seq: seq_from_sql(r.get(0)?),
+                payload: r.get(1)?,
+            })
+        })?;
+        for row in rows {
+            messages.push(row?);
+        }
+    }
+    tx.finish()?;
+    Ok(Fetched { messages, more })
+}
+
+fn read_status(
+    conn: &mut Connection,
+    box_id: &BoxId,
+    secret: &SecretHash,
+) -> StoreResult<KeyPackageCount> {
+    let tx = conn.transaction()?;
+    let Some((hash, has_last_resort)) = box_row(&tx, box_id)? else {
+        return Err(Refusal::NotFound(Entity::KeyPackageBox).into());
+    };
+    if !hash.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::BoxSecret).into());
+    }
+    let one_time = box_count(&tx, box_id)?;
+    tx.finish()?;
+    Ok(KeyPackageCount {
+        one_time,
+        has_last_resort,
+    })
+}
+
+fn read_user(conn: &mut Connection, username: &str) -> StoreResult<Option<UserRecord>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT identity_key, version, entry, signature FROM users WHERE username = ?1",
+        )?
+        .query_row([username], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                UserRecord {
+                    username: username.to_owned(),
+                    identity_key: [0; 32],
+                    version: seq_from_sql(r.get(1)?),
+                    entry: r.get(2)?,
+                    signature: r.get(3)?,
+                },
+            ))
+        })
+        .optional()?;
+    row.map(|(key, mut record)| {
+        record.identity_key = <[u8; 32]>::try_from(key.as_slice())
+            .map_err(|_| StoreError::Backend("stored identity key has the wrong length".into()))?;
+        Ok(record)
+    })
+    .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The traits
+
+impl Store for SqliteStore {
+    fn create_queue(&self, queue: NewQueue) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, day| op_create_queue(c, day, &queue)))
+    }
+
+    fn authenticate_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, u64> {
+        Box::pin(
+            self.write(move |c, day| {
+                op_authenticate_queue(c, day, &queue_id, &receive_secret_hash)
+            }),
+        )
+    }
+
+    fn fetch(
+        &self,
+        queue_id: QueueId,
+        after_seq: u64,
+        limit: FetchLimit,
+    ) -> StoreFuture<'_, Fetched> {
+        Box::pin(self.read(move |c| read_fetch(c, &queue_id, after_seq, limit)))
+    }
+
+    fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, _| {
+            c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
+                .execute(params![queue_id.as_bytes(), seq_to_sql(up_to_seq)])?;
+            Ok(())
+        }))
+    }
+
+    fn delete_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, _| op_delete_queue(c, &queue_id, &receive_secret_hash)))
+    }
+
+    fn create_group(&self, group: NewGroup) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, day| op_create_group(c, day, &group)))
+    }
+
+    fn commit(&self, commit: CommitOp) -> StoreFuture<'_, Committed> {
+        Box::pin(self.write(move |c, day| op_commit(c, day, &commit)))
+    }
+
+    fn post(&self, post: PostOp) -> StoreFuture<'_, Posted> {
+        Box::pin(self.write(move |c, day| op_post(c, day, &post)))
+    }
+
+    fn publish_key_packages(&self, publish: PublishOp) -> StoreFuture<'_, KeyPackageCount> {
+        Box::pin(self.write(move |c, day| op_publish(c, day, &publish)))
+    }
+
+    fn claim_key_package(&self, box_id: BoxId) -> StoreFuture<'_, ClaimedKeyPackage> {
+        Box::pin(self.write(move |c, day| op_claim(c, day, &box_id)))
+    }
+
+    fn key_package_status(
+        &self,
+        box_id: BoxId,
+        secret_hash: SecretHash,
+    ) -> StoreFuture<'_, KeyPackageCount> {
+        Box::pin(self.read(move |c| read_status(c, &box_id, &secret_hash)))
+    }
+
+    fn expire(&self, expiry: Expiry) -> StoreFuture<'_, Expired> {
+        Box::pin(self.write(move |c, _| {
+            let messages = c
+                .prepare_cached("DELETE FROM messages WHERE day < ?1")?
+                .execute([expiry.messages_before])?;
+            let posted_ids = c
+                .prepare_cached("DELETE FROM posted_ids WHERE day < ?1")?
+                .execute([expiry.posted_ids_before])?;
+            Ok(Expired {
+                messages: messages as u64,
+                posted_ids: posted_ids as u64,
+            })
+        }))
+    }
+
+    fn health_check(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.write(|c, _| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+                .await?;
+            self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Dropping the last sender lets the writer finish what is queued, then stop.
+            if let Ok(mut writer) = self.writer.write() {
+                writer.take();
+            }
+            let done = self.writer_done.lock().ok().and_then(|mut d| d.take());
+            if let Some(done) = done {
+                let _ = done.await;
+            }
+            if let Ok(mut idle) = self.readers.idle.lock() {
+                idle.clear();
+            }
+            Ok(())
+        })
+    }
+}
+
+impl DirectoryStore for SqliteStore {
+    fn lookup_user(&self, username: String) -> StoreFuture<'_, Option<UserRecord>> {
+        Box::pin(self.read(move |c| read_user(c, &username)))
+    }
+
+    fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, _| op_register_user(c, &record)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_run_once_and_record_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(migrate(&mut conn), Err(StoreError::Backend(_))));
+    }
+
+    #[test]
+    fn the_database_runs_in_wal_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let conn = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+}
