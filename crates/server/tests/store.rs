@@ -1,0 +1,782 @@
+//! The storage behaviour suite: every test is a function over a [`Backend`] (a store, its
+//! directory, a settable clock, and a way to reopen), instantiated below for SQLite. A new
+//! backend plugs in by implementing `Backend` and adding one `backend_suite!` line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
+use blindpost_server::store::sqlite::Clock;
+use blindpost_server::store::{
+    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PostOp, Posted,
+    PublishOp, RouteGrant, SqliteStore, Store, StoreError, UserRecord,
+};
+use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+trait Backend: Sized {
+    fn store(&self) -> Arc<dyn Store>;
+    fn directory(&self) -> Arc<dyn DirectoryStore>;
+    fn set_day(&self, day: Day);
+    /// Closes the store and opens the same database again.
+    fn reopen(&mut self) -> impl Future<Output = ()>;
+}
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+    day: Arc<AtomicI64>,
+    store: Arc<SqliteStore>,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let day = Arc::new(AtomicI64::new(20_000));
+        let store = Arc::new(SqliteStore::open(dir.path(), clock(&day)).unwrap());
+        Self { dir, day, store }
+    }
+}
+
+fn clock(day: &Arc<AtomicI64>) -> Clock {
+    let day = Arc::clone(day);
+    Arc::new(move || day.load(Ordering::SeqCst))
+}
+
+impl Backend for Sqlite {
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+    fn directory(&self) -> Arc<dyn DirectoryStore> {
+        self.store.clone()
+    }
+    fn set_day(&self, day: Day) {
+        self.day.store(day, Ordering::SeqCst);
+    }
+    async fn reopen(&mut self) {
+        self.store.close().await.unwrap();
+        self.store = Arc::new(SqliteStore::open(self.dir.path(), clock(&self.day)).unwrap());
+    }
+}
+
+macro_rules! backend_suite {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod sqlite_backend {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let mut backend = $backend::new();
+                    super::$test(&mut backend).await;
+                }
+            )*
+        }
+    };
+}
+
+backend_suite!(Sqlite:
+    queue_create_append_fetch_ack_delete,
+    sequence_numbers_strictly_increase_under_concurrent_posts,
+    fetch_respects_message_and_byte_limits,
+    commit_fans_out_changes_routes_and_rotates_the_token,
+    refused_commit_changes_nothing,
+    concurrent_commits_at_one_epoch_have_one_winner,
+    posts_are_idempotent_by_message_id,
+    create_group_checks_routes,
+    key_package_publish_status_and_limits,
+    concurrent_claims_never_hand_out_a_package_twice,
+    directory_register_update_and_conflicts,
+    retention_expires_old_messages_and_posted_ids,
+    everything_acknowledged_survives_reopen,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn receive_secret(n: u8) -> SecretHash {
+    SecretHash::of_secret("r", &[n ^ 0xA5; 32]).unwrap()
+}
+
+fn send_token(n: u8) -> SecretHash {
+    SecretHash::of_secret("s", &[n ^ 0x5A; 32]).unwrap()
+}
+
+fn posting(n: u8) -> SecretHash {
+    SecretHash::of_secret("p", &[n; 32]).unwrap()
+}
+
+fn qid(n: u8) -> QueueId {
+    QueueId::new([n; 16])
+}
+
+fn gid(n: u8) -> GroupId {
+    GroupId::new([n; 32])
+}
+
+fn mid(n: u32) -> MessageId {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&n.to_be_bytes());
+    MessageId::new(b)
+}
+
+fn grant(n: u8) -> RouteGrant {
+    RouteGrant {
+        queue_id: qid(n),
+        send_token_hash: send_token(n),
+    }
+}
+
+const ALL: FetchLimit = FetchLimit {
+    max_messages: 256,
+    max_bytes: usize::MAX,
+};
+
+async fn queue(s: &dyn Store, n: u8) -> QueueId {
+    s.create_queue(NewQueue {
+        id: qid(n),
+        receive_secret_hash: receive_secret(n),
+        send_token_hash: send_token(n),
+    })
+    .await
+    .unwrap();
+    qid(n)
+}
+
+async fn group(s: &dyn Store, g: u8, epoch: u64, token: u8, routes: &[u8]) -> GroupId {
+    s.create_group(NewGroup {
+        id: gid(g),
+        epoch,
+        posting_token_hash: posting(token),
+        routes: routes.iter().map(|n| grant(*n)).collect(),
+    })
+    .await
+    .unwrap();
+    gid(g)
+}
+
+fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
+    PostOp {
+        group_id: gid(g),
+        epoch,
+        posting_token_hash: posting(token),
+        message_id: mid(id),
+        payload: payload.to_vec(),
+    }
+}
+
+fn commit(g: u8, epoch: u64, token: u8, next: u8) -> CommitOp {
+    CommitOp {
+        group_id: gid(g),
+        epoch,
+        posting_token_hash: posting(token),
+        commit: b"commit".to_vec(),
+        next_posting_token_hash: posting(next),
+        add_routes: vec![],
+        remove_routes: vec![],
+        welcome: None,
+    }
+}
+
+async fn payloads(s: &dyn Store, q: QueueId) -> Vec<Vec<u8>> {
+    s.fetch(q, 0, ALL)
+        .await
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| m.payload)
+        .collect()
+}
+
+fn refusal<T: std::fmt::Debug>(r: Result<T, StoreError>) -> Refusal {
+    match r {
+        Err(StoreError::Refused(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite
+
+async fn queue_create_append_fetch_ack_delete(b: &mut impl Backend) {
+    let s = b.store();
+    let q = queue(&*s, 1).await;
+    let dup = s
+        .create_queue(NewQueue {
+            id: q,
+            receive_secret_hash: receive_secret(9),
+            send_token_hash: send_token(9),
+        })
+        .await;
+    assert_eq!(refusal(dup), Refusal::Conflict(ConflictKind::QueueExists));
+    assert_eq!(s.authenticate_queue(q, receive_secret(1)).await.unwrap(), 0);
+    assert_eq!(
+        refusal(s.authenticate_queue(q, receive_secret(2)).await),
+        Refusal::Forbidden(Credential::ReceiveSecret)
+    );
+    assert_eq!(
+        refusal(s.authenticate_queue(qid(77), receive_secret(77)).await),
+        Refusal::NotFound(Entity::Queue)
+    );
+
+    group(&*s, 1, 0, 1, &[1]).await;
+    for i in 1..=3u8 {
+        let posted = s.post(post(1, 0, 1, u32::from(i), &[i])).await.unwrap();
+        assert_eq!(posted, Posted::Stored { appended: vec![q] });
+    }
+    let fetched = s.fetch(q, 0, ALL).await.unwrap();
+    assert_eq!(
+        fetched.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(payloads(&*s, q).await, [vec![1], vec![2], vec![3]]);
+    assert!(!fetched.more);
+    assert_eq!(s.authenticate_queue(q, receive_secret(1)).await.unwrap(), 3);
+
+    s.ack(q, 2).await.unwrap();
+    assert_eq!(payloads(&*s, q).await, [vec![3]]);
+    s.ack(q, 1).await.unwrap(); // already gone: not an error
+    s.ack(q, 3).await.unwrap();
+    assert_eq!(s.fetch(q, 0, ALL).await.unwrap(), Fetched::default());
+    // Sequence numbers continue after acknowledged messages.
+    s.post(post(1, 0, 1, 4, b"4")).await.unwrap();
+    assert_eq!(s.fetch(q, 0, ALL).await.unwrap().messages[0].seq, 4);
+
+    assert_eq!(
+        refusal(s.delete_queue(q, receive_secret(5)).await),
+        Refusal::Forbidden(Credential::ReceiveSecret)
+    );
+    s.delete_queue(q, receive_secret(1)).await.unwrap();
+    assert_eq!(
+        refusal(s.authenticate_queue(q, receive_secret(1)).await),
+        Refusal::NotFound(Entity::Queue)
+    );
+    assert!(s.fetch(q, 0, ALL).await.unwrap().messages.is_empty());
+    // Its route went with it.
+    let posted = s.post(post(1, 0, 1, 5, b"5")).await.unwrap();
+    assert_eq!(posted, Posted::Stored { appended: vec![] });
+    assert_eq!(
+        refusal(s.delete_queue(q, receive_secret(1)).await),
+        Refusal::NotFound(Entity::Queue)
+    );
+}
+
+async fn sequence_numbers_strictly_increase_under_concurrent_posts(b: &mut impl Backend) {
+    let s = b.store();
+    let q = queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100u32 {
+        let s = Arc::clone(&s);
+        tasks.spawn(async move { s.post(post(1, 0, 1, i, &i.to_be_bytes())).await.unwrap() });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s
+            .fetch(
+                q,
+                after,
+                FetchLimit {
+                    max_messages: 7,
+                    max_bytes: usize::MAX,
+                },
+            )
+            .await
+            .unwrap();
+        seqs.extend(page.messages.iter().map(|m| m.seq));
+        after = *seqs.last().unwrap();
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seqs.len(), 100);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(
+        s.authenticate_queue(q, receive_secret(1)).await.unwrap(),
+        *seqs.last().unwrap()
+    );
+}
+
+async fn fetch_respects_message_and_byte_limits(b: &mut impl Backend) {
+    let s = b.store();
+    let q = queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    for i in 0..5u32 {
+        s.post(post(1, 0, 1, i, &[0u8; 100])).await.unwrap();
+    }
+    let page = s
+        .fetch(
+            q,
+            0,
+            FetchLimit {
+                max_messages: 2,
+                max_bytes: usize::MAX,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 2);
+    assert!(page.more);
+    let page = s
+        .fetch(
+            q,
+            0,
+            FetchLimit {
+                max_messages: 256,
+                max_bytes: 250,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.len(),
+        2,
+        "two 100-byte messages fit in 250 bytes"
+    );
+    assert!(page.more);
+    let page = s
+        .fetch(
+            q,
+            0,
+            FetchLimit {
+                max_messages: 256,
+                max_bytes: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.len(),
+        1,
+        "one message is returned even above the byte budget"
+    );
+    let page = s.fetch(q, 4, ALL).await.unwrap();
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
+    assert!(!page.more);
+}
+
+async fn commit_fans_out_changes_routes_and_rotates_the_token(b: &mut impl Backend) {
+    let s = b.store();
+    for n in 1..=3 {
+        queue(&*s, n).await;
+    }
+    group(&*s, 1, 5, 1, &[1, 2]).await;
+    let mut c = commit(1, 5, 1, 2);
+    c.remove_routes = vec![qid(2), qid(99)];
+    c.add_routes = vec![grant(3)];
+    c.welcome = Some(b"welcome".to_vec());
+    let committed = s.commit(c).await.unwrap();
+    assert_eq!(committed.epoch, 6);
+    let appended: HashSet<_> = committed.appended.into_iter().collect();
+    assert_eq!(appended, HashSet::from([qid(1), qid(2), qid(3)]));
+    assert_eq!(payloads(&*s, qid(1)).await, [b"commit".to_vec()]);
+    assert_eq!(
+        payloads(&*s, qid(2)).await,
+        [b"commit".to_vec()],
+        "the removed member learns of it"
+    );
+    assert_eq!(payloads(&*s, qid(3)).await, [b"welcome".to_vec()]);
+
+    assert_eq!(
+        refusal(s.post(post(1, 5, 1, 1, b"old")).await),
+        Refusal::StaleEpoch { current_epoch: 6 }
+    );
+    assert_eq!(
+        refusal(s.post(post(1, 6, 1, 1, b"old token")).await),
+        Refusal::Forbidden(Credential::PostingToken)
+    );
+    let posted = s.post(post(1, 6, 2, 1, b"hello")).await.unwrap();
+    let Posted::Stored { appended } = posted else {
+        panic!("not stored")
+    };
+    assert_eq!(
+        appended.into_iter().collect::<HashSet<_>>(),
+        HashSet::from([qid(1), qid(3)])
+    );
+    assert_eq!(
+        payloads(&*s, qid(2)).await.len(),
+        1,
+        "a removed route gets nothing more"
+    );
+    assert_eq!(
+        payloads(&*s, qid(3)).await,
+        [b"welcome".to_vec(), b"hello".to_vec()]
+    );
+}
+
+async fn refused_commit_changes_nothing(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    queue(&*s, 2).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    let mut c = commit(1, 0, 1, 2);
+    c.add_routes = vec![RouteGrant {
+        queue_id: qid(2),
+        send_token_hash: send_token(7),
+    }];
+    c.welcome = Some(b"w".to_vec());
+    assert_eq!(
+        refusal(s.commit(c.clone()).await),
+        Refusal::Forbidden(Credential::SendToken)
+    );
+    c.add_routes = vec![grant(42)];
+    assert_eq!(refusal(s.commit(c).await), Refusal::NotFound(Entity::Queue));
+    assert_eq!(
+        refusal(s.commit(commit(1, 0, 9, 2)).await),
+        Refusal::Forbidden(Credential::PostingToken)
+    );
+    assert_eq!(
+        refusal(s.commit(commit(1, 3, 1, 2)).await),
+        Refusal::StaleEpoch { current_epoch: 0 }
+    );
+    assert_eq!(
+        refusal(s.commit(commit(9, 0, 1, 2)).await),
+        Refusal::NotFound(Entity::Group)
+    );
+    assert!(
+        payloads(&*s, qid(1)).await.is_empty(),
+        "no commit was appended"
+    );
+    assert!(payloads(&*s, qid(2)).await.is_empty());
+    // Still at epoch 0 with the old token.
+    s.post(post(1, 0, 1, 1, b"x")).await.unwrap();
+}
+
+async fn concurrent_commits_at_one_epoch_have_one_winner(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    group(&*s, 1, 10, 1, &[1]).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16u8 {
+        let s = Arc::clone(&s);
+        tasks.spawn(async move {
+            let mut c = commit(1, 10, 1, 100 + i);
+            c.commit = vec![i];
+            s.commit(c).await
+        });
+    }
+    let (mut won, mut stale) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(c) => {
+                assert_eq!(c.epoch, 11);
+                won += 1;
+            }
+            Err(StoreError::Refused(Refusal::StaleEpoch { current_epoch: 11 })) => stale += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((won, stale), (1, 15));
+    assert_eq!(
+        payloads(&*s, qid(1)).await.len(),
+        1,
+        "exactly one commit was sequenced"
+    );
+}
+
+async fn posts_are_idempotent_by_message_id(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    group(&*s, 2, 0, 1, &[1]).await;
+    assert!(matches!(
+        s.post(post(1, 0, 1, 7, b"a")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    assert_eq!(
+        s.post(post(1, 0, 1, 7, b"a")).await.unwrap(),
+        Posted::Duplicate
+    );
+    // The id is per group.
+    assert!(matches!(
+        s.post(post(2, 0, 1, 7, b"b")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    assert_eq!(payloads(&*s, qid(1)).await, [b"a".to_vec(), b"b".to_vec()]);
+    // A refused post does not record its id.
+    refusal(s.post(post(1, 0, 9, 8, b"c")).await);
+    assert!(matches!(
+        s.post(post(1, 0, 1, 8, b"c")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+}
+
+async fn create_group_checks_routes(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    let mut g = NewGroup {
+        id: gid(1),
+        epoch: 0,
+        posting_token_hash: posting(1),
+        routes: vec![RouteGrant {
+            queue_id: qid(1),
+            send_token_hash: send_token(2),
+        }],
+    };
+    assert_eq!(
+        refusal(s.create_group(g.clone()).await),
+        Refusal::Forbidden(Credential::SendToken)
+    );
+    g.routes = vec![grant(3)];
+    assert_eq!(
+        refusal(s.create_group(g.clone()).await),
+        Refusal::NotFound(Entity::Queue)
+    );
+    g.routes = vec![grant(1)];
+    s.create_group(g.clone()).await.unwrap();
+    assert_eq!(
+        refusal(s.create_group(g).await),
+        Refusal::Conflict(ConflictKind::GroupExists)
+    );
+    s.post(post(1, 0, 1, 1, b"x")).await.unwrap();
+    assert_eq!(payloads(&*s, qid(1)).await.len(), 1);
+}
+
+fn publish(box_n: u8, secret: u8, count: u8, last_resort: Option<&[u8]>) -> PublishOp {
+    PublishOp {
+        box_id: BoxId::new([box_n; 16]),
+        secret_hash: SecretHash::of_secret("b", &[secret; 32]).unwrap(),
+        key_packages: (0..count).map(|i| vec![box_n, i]).collect(),
+        last_resort: last_resort.map(<[u8]>::to_vec),
+        max_one_time: 10,
+    }
+}
+
+async fn key_package_publish_status_and_limits(b: &mut impl Backend) {
+    let s = b.store();
+    let bx = BoxId::new([1; 16]);
+    let c = s
+        .publish_key_packages(publish(1, 1, 3, None))
+        .await
+        .unwrap();
+    assert_eq!((c.one_time, c.has_last_resort), (3, false));
+    let c = s
+        .publish_key_packages(publish(1, 1, 2, Some(b"lr")))
+        .await
+        .unwrap();
+    assert_eq!((c.one_time, c.has_last_resort), (5, true));
+    assert_eq!(
+        refusal(s.publish_key_packages(publish(1, 2, 1, None)).await),
+        Refusal::Forbidden(Credential::BoxSecret)
+    );
+    assert_eq!(
+        refusal(s.publish_key_packages(publish(1, 1, 6, None)).await),
+        Refusal::LimitExceeded(Limit::KeyPackages)
+    );
+    let secret = SecretHash::of_secret("b", &[1; 32]).unwrap();
+    let c = s.key_package_status(bx, secret).await.unwrap();
+    assert_eq!((c.one_time, c.has_last_resort), (5, true));
+    assert_eq!(
+        refusal(
+            s.key_package_status(bx, SecretHash::of_secret("b", &[2; 32]).unwrap())
+                .await
+        ),
+        Refusal::Forbidden(Credential::BoxSecret)
+    );
+    assert_eq!(
+        refusal(s.key_package_status(BoxId::new([9; 16]), secret).await),
+        Refusal::NotFound(Entity::KeyPackageBox)
+    );
+    // Claims come oldest first.
+    assert_eq!(s.claim_key_package(bx).await.unwrap().data, vec![1, 0]);
+    // A box with nothing left and no last resort has nothing to give.
+    s.publish_key_packages(publish(2, 2, 1, None))
+        .await
+        .unwrap();
+    s.claim_key_package(BoxId::new([2; 16])).await.unwrap();
+    assert_eq!(
+        refusal(s.claim_key_package(BoxId::new([2; 16])).await),
+        Refusal::NotFound(Entity::KeyPackageBox)
+    );
+    assert_eq!(
+        refusal(s.claim_key_package(BoxId::new([3; 16])).await),
+        Refusal::NotFound(Entity::KeyPackageBox)
+    );
+}
+
+async fn concurrent_claims_never_hand_out_a_package_twice(b: &mut impl Backend) {
+    let s = b.store();
+    s.publish_key_packages(publish(1, 1, 10, Some(b"last")))
+        .await
+        .unwrap();
+    let bx = BoxId::new([1; 16]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let s = Arc::clone(&s);
+        tasks.spawn(async move { s.claim_key_package(bx).await.unwrap() });
+    }
+    let mut one_time = HashSet::new();
+    let mut last_resort = 0;
+    while let Some(r) = tasks.join_next().await {
+        let claimed = r.unwrap();
+        if claimed.last_resort {
+            assert_eq!(claimed.data, b"last");
+            last_resort += 1;
+        } else {
+            assert!(
+                one_time.insert(claimed.data),
+                "a one-time package was handed out twice"
+            );
+        }
+    }
+    assert_eq!((one_time.len(), last_resort), (10, 20));
+    let c = s
+        .key_package_status(bx, SecretHash::of_secret("b", &[1; 32]).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.one_time, c.has_last_resort),
+        (0, true),
+        "the last resort is never deleted"
+    );
+    // Topping up makes one-time packages come first again.
+    s.publish_key_packages(publish(1, 1, 1, None))
+        .await
+        .unwrap();
+    assert!(!s.claim_key_package(bx).await.unwrap().last_resort);
+    assert!(s.claim_key_package(bx).await.unwrap().last_resort);
+}
+
+fn user(name: &str, key: u8, version: u64) -> UserRecord {
+    UserRecord {
+        username: name.into(),
+        identity_key: [key; 32],
+        version,
+        entry: vec![key, version as u8],
+        signature: vec![0; 64],
+    }
+}
+
+async fn directory_register_update_and_conflicts(b: &mut impl Backend) {
+    let d = b.directory();
+    assert_eq!(d.lookup_user("alice".into()).await.unwrap(), None);
+    d.register_user(user("alice", 1, 1)).await.unwrap();
+    assert_eq!(
+        d.lookup_user("alice".into()).await.unwrap(),
+        Some(user("alice", 1, 1))
+    );
+    assert_eq!(
+        refusal(d.register_user(user("alice", 2, 5)).await),
+        Refusal::Conflict(ConflictKind::UsernameTaken)
+    );
+    assert_eq!(
+        refusal(d.register_user(user("alice", 1, 1)).await),
+        Refusal::Conflict(ConflictKind::VersionNotIncreased)
+    );
+    d.register_user(user("alice", 1, 3)).await.unwrap();
+    assert_eq!(
+        refusal(d.register_user(user("alice", 1, 2)).await),
+        Refusal::Conflict(ConflictKind::VersionNotIncreased)
+    );
+    assert_eq!(
+        d.lookup_user("alice".into()).await.unwrap(),
+        Some(user("alice", 1, 3))
+    );
+    d.register_user(user("bob", 2, 0)).await.unwrap();
+    assert_eq!(
+        d.lookup_user("bob".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .identity_key,
+        [2; 32]
+    );
+}
+
+async fn retention_expires_old_messages_and_posted_ids(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    b.set_day(100);
+    s.post(post(1, 0, 1, 1, b"old")).await.unwrap();
+    b.set_day(110);
+    s.post(post(1, 0, 1, 2, b"new")).await.unwrap();
+    let expired = s
+        .expire(Expiry {
+            messages_before: 105,
+            posted_ids_before: 105,
+        })
+        .await
+        .unwrap();
+    assert_eq!((expired.messages, expired.posted_ids), (1, 1));
+    assert_eq!(payloads(&*s, qid(1)).await, [b"new".to_vec()]);
+    // The expired id is forgotten, the recent one still deduplicates.
+    assert!(matches!(
+        s.post(post(1, 0, 1, 1, b"again")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    assert_eq!(
+        s.post(post(1, 0, 1, 2, b"new")).await.unwrap(),
+        Posted::Duplicate
+    );
+    let expired = s
+        .expire(Expiry {
+            messages_before: 105,
+            posted_ids_before: 105,
+        })
+        .await
+        .unwrap();
+    assert_eq!((expired.messages, expired.posted_ids), (0, 0));
+}
+
+async fn everything_acknowledged_survives_reopen(b: &mut impl Backend) {
+    {
+        let s = b.store();
+        queue(&*s, 1).await;
+        queue(&*s, 2).await;
+        group(&*s, 1, 0, 1, &[1]).await;
+        let mut c = commit(1, 0, 1, 2);
+        c.add_routes = vec![grant(2)];
+        c.welcome = Some(b"w".to_vec());
+        s.commit(c).await.unwrap();
+        s.post(post(1, 1, 2, 1, b"m")).await.unwrap();
+        s.publish_key_packages(publish(1, 1, 2, Some(b"lr")))
+            .await
+            .unwrap();
+        b.directory()
+            .register_user(user("carol", 3, 1))
+            .await
+            .unwrap();
+    }
+    b.reopen().await;
+    let s = b.store();
+    assert_eq!(
+        payloads(&*s, qid(1)).await,
+        [b"commit".to_vec(), b"m".to_vec()]
+    );
+    assert_eq!(payloads(&*s, qid(2)).await, [b"w".to_vec(), b"m".to_vec()]);
+    assert_eq!(
+        s.authenticate_queue(qid(2), receive_secret(2))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        refusal(s.post(post(1, 0, 1, 2, b"x")).await),
+        Refusal::StaleEpoch { current_epoch: 1 }
+    );
+    assert_eq!(
+        s.post(post(1, 1, 2, 1, b"m")).await.unwrap(),
+        Posted::Duplicate
+    );
+    let c = s
+        .key_package_status(
+            BoxId::new([1; 16]),
+            SecretHash::of_secret("b", &[1; 32]).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((c.one_time, c.has_last_resort), (2, true));
+    assert_eq!(
+        b.directory().lookup_user("carol".into()).await.unwrap(),
+        Some(user("carol", 3, 1))
+    );
+}
