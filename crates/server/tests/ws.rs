@@ -1,0 +1,641 @@
+//! End-to-end tests of the WebSocket front: `blindpost_server::run` on port 0 with a fresh
+//! data directory, driven with `tokio-tungstenite` and the wire types; plus the real
+//! `blindpostd` binary's stdout line and clean shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use blindpost_server::Config;
+use blindpost_wire::limits::MAX_FRAME_BYTES;
+use blindpost_wire::response::Body;
+use blindpost_wire::server_frame::Kind;
+use blindpost_wire::{
+    Ack, ClaimKeyPackage, ClientFrame, Commit, CreateGroup, CreateQueue,
+    DIRECTORY_SIGNATURE_CONTEXT, Device, DirectoryEntry, ErrorCode, Fetch, LookupUser, Ping, Post,
+    PublishKeyPackages, Push, QueueMessage, RegisterUser, Request, Response, Route,
+    SignedDirectoryEntry, Subscribe, decode_server, encode,
+};
+use ed25519_dalek::{Signer, SigningKey};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Guards against a hung test; never an assertion about speed.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), blindpost_server::RunError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Server {
+    start_with(|_| {}).await
+}
+
+async fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config {
+        listen: addr,
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    adjust(&mut config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(blindpost_server::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        stop: Some(stop),
+        task,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    pushes: VecDeque<Push>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+            .await
+            .unwrap();
+        Self {
+            ws,
+            next_id: 1,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    async fn send(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    async fn frame(&mut self) -> Kind {
+        loop {
+            let message = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a frame arrives")
+                .expect("the connection is open")
+                .unwrap();
+            match message {
+                Message::Binary(bytes) => return decode_server(&bytes).unwrap().kind.unwrap(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// The next response (pushes seen meanwhile are kept for `push`).
+    async fn response(&mut self) -> Response {
+        loop {
+            match self.frame().await {
+                Kind::Response(r) => return r,
+                Kind::Push(p) => self.pushes.push_back(p),
+            }
+        }
+    }
+
+    async fn request(&mut self, request: Request) -> Body {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientFrame {
+            id,
+            request: Some(request),
+        };
+        self.send(Message::binary(encode(&frame))).await;
+        let response = self.response().await;
+        assert_eq!(response.id, id);
+        response.body.unwrap()
+    }
+
+    async fn ok(&mut self, request: Request) {
+        match self.request(request).await {
+            Body::Ok(_) => {}
+            other => panic!("expected Ok, got {other:?}"),
+        }
+    }
+
+    async fn error(&mut self, request: Request) -> blindpost_wire::Error {
+        match self.request(request).await {
+            Body::Error(e) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    async fn push(&mut self) -> Push {
+        if let Some(p) = self.pushes.pop_front() {
+            return p;
+        }
+        match self.frame().await {
+            Kind::Push(p) => p,
+            Kind::Response(r) => panic!("unexpected response {r:?}"),
+        }
+    }
+
+    /// Pushed messages of `queue` until `count` have arrived.
+    async fn pushed(&mut self, queue: &[u8], count: usize) -> Vec<QueueMessage> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            let p = self.push().await;
+            assert_eq!(p.queue_id, queue);
+            got.extend(p.messages);
+        }
+        got
+    }
+}
+
+fn error_response(r: &Response) -> &blindpost_wire::Error {
+    match &r.body {
+        Some(Body::Error(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn sha(b: &[u8]) -> Vec<u8> {
+    Sha256::digest(b).to_vec()
+}
+
+/// A queue's id and secrets, derived from one byte.
+struct Q {
+    id: Vec<u8>,
+    receive: Vec<u8>,
+    send: Vec<u8>,
+}
+
+fn q(n: u8) -> Q {
+    Q {
+        id: vec![n; 16],
+        receive: vec![n ^ 0x11; 32],
+        send: vec![n ^ 0x22; 32],
+    }
+}
+
+fn create_queue(q: &Q) -> Request {
+    Request::CreateQueue(CreateQueue {
+        queue_id: q.id.clone(),
+        receive_secret_hash: sha(&q.receive),
+        send_token_hash: sha(&q.send),
+    })
+}
+
+fn subscribe(q: &Q, push: bool) -> Request {
+    Request::Subscribe(Subscribe {
+        queue_id: q.id.clone(),
+        receive_secret: q.receive.clone(),
+        push,
+        after_seq: 0,
+    })
+}
+
+fn route(q: &Q) -> Route {
+    Route {
+        queue_id: q.id.clone(),
+        send_token: q.send.clone(),
+    }
+}
+
+fn post(group: &[u8], epoch: u64, token: &[u8], id: u8, payload: &[u8]) -> Request {
+    Request::Post(Post {
+        group_id: group.to_vec(),
+        epoch,
+        posting_token: token.to_vec(),
+        message_id: vec![id; 16],
+        payload: payload.to_vec(),
+    })
+}
+
+fn fetch(q: &Q) -> Request {
+    Request::Fetch(Fetch {
+        queue_id: q.id.clone(),
+        after_seq: 0,
+        limit: 0,
+    })
+}
+
+async fn fetched(c: &mut Client, q: &Q) -> Vec<(u64, Vec<u8>)> {
+    match c.request(fetch(q)).await {
+        Body::Messages(m) => m.messages.into_iter().map(|m| (m.seq, m.payload)).collect(),
+        other => panic!("expected messages, got {other:?}"),
+    }
+}
+
+/// Creates queue 1 and a group (id 7s, epoch 0, token 1s) routed to it.
+async fn queue_and_group(c: &mut Client) -> (Q, Vec<u8>, Vec<u8>) {
+    let a = q(1);
+    c.ok(create_queue(&a)).await;
+    let group = vec![7u8; 32];
+    let token = vec![1u8; 32];
+    c.ok(Request::CreateGroup(CreateGroup {
+        group_id: group.clone(),
+        epoch: 0,
+        posting_token_hash: sha(&token),
+        routes: vec![route(&a)],
+    }))
+    .await;
+    (a, group, token)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn a_malformed_frame_gets_an_error_and_the_connection_keeps_serving() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    c.send(Message::binary(vec![0xff, 0xff, 0xff])).await;
+    let r = c.response().await;
+    assert_eq!(r.id, 0);
+    assert_eq!(error_response(&r).code(), ErrorCode::Malformed);
+
+    // A frame without a request is malformed too, answered under its id.
+    c.send(Message::binary(encode(&ClientFrame {
+        id: 42,
+        request: None,
+    })))
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.id, 42);
+    assert_eq!(error_response(&r).code(), ErrorCode::Malformed);
+
+    c.ok(Request::Ping(Ping {})).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_too_large_while_other_connections_are_served() {
+    let server = start().await;
+    let mut big = Client::connect(server.addr).await;
+    let mut other = Client::connect(server.addr).await;
+    big.send(Message::binary(vec![0u8; MAX_FRAME_BYTES + 1]))
+        .await;
+    other.ok(Request::Ping(Ping {})).await;
+    let r = big.response().await;
+    assert_eq!(r.id, 0);
+    assert_eq!(error_response(&r).code(), ErrorCode::TooLarge);
+    big.ok(Request::Ping(Ping {})).await;
+    other.ok(Request::Ping(Ping {})).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_text_frame_gets_a_malformed_error() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    c.send(Message::text("hello")).await;
+    let r = c.response().await;
+    assert_eq!(r.id, 0);
+    assert_eq!(error_response(&r).code(), ErrorCode::Malformed);
+    c.ok(Request::Ping(Ping {})).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn full_flow_commit_welcome_post_push_fetch_ack() {
+    let server = start().await;
+    let mut alice = Client::connect(server.addr).await;
+    let mut bob = Client::connect(server.addr).await;
+    let (a, group, token) = queue_and_group(&mut alice).await;
+    let b = q(2);
+    bob.ok(create_queue(&b)).await;
+    match bob.request(subscribe(&b, true)).await {
+        Body::Subscribed(s) => assert_eq!(s.head_seq, 0),
+        other => panic!("{other:?}"),
+    }
+
+    // Alice adds Bob: the commit goes to her queue, the welcome to his.
+    let next_token = vec![2u8; 32];
+    match alice
+        .request(Request::Commit(Commit {
+            group_id: group.clone(),
+            epoch: 0,
+            posting_token: token.clone(),
+            commit: b"commit-1".to_vec(),
+            next_posting_token_hash: sha(&next_token),
+            add_routes: vec![route(&b)],
+            remove_routes: vec![],
+            welcome: b"welcome".to_vec(),
+        }))
+        .await
+    {
+        Body::Committed(c) => assert_eq!(c.epoch, 1),
+        other => panic!("{other:?}"),
+    }
+    alice.ok(post(&group, 1, &next_token, 1, b"hello")).await;
+    alice.ok(post(&group, 1, &next_token, 2, b"world")).await;
+
+    let pushed = bob.pushed(&b.id, 3).await;
+    let got: Vec<(u64, &[u8])> = pushed
+        .iter()
+        .map(|m| (m.seq, m.payload.as_slice()))
+        .collect();
+    assert_eq!(got, [(1, &b"welcome"[..]), (2, b"hello"), (3, b"world")]);
+
+    // Fetch returns the same; after the ack they are gone.
+    assert_eq!(
+        fetched(&mut bob, &b).await,
+        [
+            (1, b"welcome".to_vec()),
+            (2, b"hello".to_vec()),
+            (3, b"world".to_vec())
+        ]
+    );
+    bob.ok(Request::Ack(Ack {
+        queue_id: b.id.clone(),
+        up_to_seq: 3,
+    }))
+    .await;
+    assert!(fetched(&mut bob, &b).await.is_empty());
+
+    // A later post is pushed with the next sequence number only.
+    alice.ok(post(&group, 1, &next_token, 3, b"again")).await;
+    let pushed = bob.pushed(&b.id, 1).await;
+    assert_eq!(
+        (pushed[0].seq, pushed[0].payload.as_slice()),
+        (4, &b"again"[..])
+    );
+
+    // Alice's own queue got the commit and the posts.
+    alice.request(subscribe(&a, false)).await;
+    let mine: Vec<Vec<u8>> = fetched(&mut alice, &a)
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            b"commit-1".to_vec(),
+            b"hello".to_vec(),
+            b"world".to_vec(),
+            b"again".to_vec()
+        ]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_pushes_the_backlog_after_after_seq() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    let (a, group, token) = queue_and_group(&mut c).await;
+    for i in 1..=3u8 {
+        c.ok(post(&group, 0, &token, i, &[i])).await;
+    }
+    let mut sub = Client::connect(server.addr).await;
+    let r = sub
+        .request(Request::Subscribe(Subscribe {
+            queue_id: a.id.clone(),
+            receive_secret: a.receive.clone(),
+            push: true,
+            after_seq: 1,
+        }))
+        .await;
+    assert!(matches!(r, Body::Subscribed(s) if s.head_seq == 3));
+    let pushed = sub.pushed(&a.id, 2).await;
+    assert_eq!(pushed.iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn posts_check_token_and_epoch_and_are_stored_once() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    let (a, group, token) = queue_and_group(&mut c).await;
+
+    let e = c.error(post(&group, 0, &[9u8; 32], 1, b"x")).await;
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    let e = c.error(post(&group, 5, &token, 1, b"x")).await;
+    assert_eq!(e.code(), ErrorCode::StaleEpoch);
+    assert_eq!(e.current_epoch, 0);
+    let e = c.error(post(&[8u8; 32], 0, &token, 1, b"x")).await;
+    assert_eq!(e.code(), ErrorCode::NotFound);
+    let e = c.error(post(&group[..5], 0, &token, 1, b"x")).await;
+    assert_eq!(e.code(), ErrorCode::InvalidArgument);
+
+    c.ok(post(&group, 0, &token, 1, b"once")).await;
+    c.ok(post(&group, 0, &token, 1, b"once")).await;
+    c.request(subscribe(&a, false)).await;
+    assert_eq!(fetched(&mut c, &a).await, [(1, b"once".to_vec())]);
+
+    // After a commit, the old epoch is stale and carries the new one.
+    c.request(Request::Commit(Commit {
+        group_id: group.clone(),
+        epoch: 0,
+        posting_token: token.clone(),
+        commit: b"c".to_vec(),
+        next_posting_token_hash: sha(&[3u8; 32]),
+        ..Commit::default()
+    }))
+    .await;
+    let e = c.error(post(&group, 0, &token, 2, b"late")).await;
+    assert_eq!((e.code(), e.current_epoch), (ErrorCode::StaleEpoch, 1));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn queues_need_a_subscription_on_this_connection() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    let a = q(1);
+    c.ok(create_queue(&a)).await;
+    assert_eq!(c.error(fetch(&a)).await.code(), ErrorCode::Forbidden);
+    let wrong = Request::Subscribe(Subscribe {
+        queue_id: a.id.clone(),
+        receive_secret: vec![0; 32],
+        push: false,
+        after_seq: 0,
+    });
+    assert_eq!(c.error(wrong).await.code(), ErrorCode::Forbidden);
+    assert_eq!(
+        c.error(subscribe(&q(9), false)).await.code(),
+        ErrorCode::NotFound
+    );
+    assert_eq!(c.error(create_queue(&a)).await.code(), ErrorCode::Conflict);
+    c.request(subscribe(&a, false)).await;
+    assert!(fetched(&mut c, &a).await.is_empty());
+    // Another connection has not authenticated it.
+    let mut other = Client::connect(server.addr).await;
+    assert_eq!(other.error(fetch(&a)).await.code(), ErrorCode::Forbidden);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn key_package_claims_are_rate_limited_per_connection() {
+    let server = start_with(|c| {
+        c.claim_burst = 2;
+        c.claims_per_minute = 0;
+    })
+    .await;
+    let mut c = Client::connect(server.addr).await;
+    let publish = Request::PublishKeyPackages(PublishKeyPackages {
+        box_id: vec![5; 16],
+        box_secret: vec![6; 32],
+        key_packages: vec![b"kp1".to_vec(), b"kp2".to_vec()],
+        last_resort: b"last".to_vec(),
+    });
+    match c.request(publish).await {
+        Body::KeyPackageCount(n) => assert_eq!((n.one_time, n.has_last_resort), (2, true)),
+        other => panic!("{other:?}"),
+    }
+    let claim = || {
+        Request::ClaimKeyPackage(ClaimKeyPackage {
+            box_id: vec![5; 16],
+        })
+    };
+    for expected in [&b"kp1"[..], b"kp2"] {
+        match c.request(claim()).await {
+            Body::KeyPackage(k) => {
+                assert_eq!((k.key_package.as_slice(), k.last_resort), (expected, false))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.error(claim()).await.code(), ErrorCode::LimitExceeded);
+    // The limit is per connection.
+    let mut other = Client::connect(server.addr).await;
+    match other.request(claim()).await {
+        Body::KeyPackage(k) => assert!(k.last_resort),
+        x => panic!("{x:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_directory_registers_verified_entries_and_looks_them_up() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    let key = SigningKey::from_bytes(&[3; 32]);
+    let sign = |version: u64| {
+        let entry = DirectoryEntry {
+            username: "alice".into(),
+            identity_key: key.verifying_key().to_bytes().to_vec(),
+            devices: vec![Device {
+                signature_key: vec![1; 32],
+                box_id: vec![2; 16],
+            }],
+            version,
+        }
+        .encode_to_vec();
+        let mut msg = DIRECTORY_SIGNATURE_CONTEXT.to_vec();
+        msg.extend_from_slice(&entry);
+        SignedDirectoryEntry {
+            signature: key.sign(&msg).to_bytes().to_vec(),
+            entry,
+        }
+    };
+    let register = |e: SignedDirectoryEntry| Request::RegisterUser(RegisterUser { entry: Some(e) });
+    c.ok(register(sign(1))).await;
+    assert_eq!(c.error(register(sign(1))).await.code(), ErrorCode::Conflict);
+    let mut forged = sign(2);
+    forged.signature[0] ^= 1;
+    assert_eq!(c.error(register(forged)).await.code(), ErrorCode::Forbidden);
+    c.ok(register(sign(2))).await;
+    let lookup = |name: &str| {
+        Request::LookupUser(LookupUser {
+            username: name.into(),
+        })
+    };
+    match c.request(lookup("alice")).await {
+        Body::User(u) => assert_eq!(u, sign(2)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.error(lookup("nobody")).await.code(), ErrorCode::NotFound);
+    assert_eq!(
+        c.error(lookup("NoBody")).await.code(),
+        ErrorCode::InvalidArgument
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let server = start().await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_binary_prints_its_address_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_blindpostd"))
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr: SocketAddr = line
+        .strip_prefix("blindpostd listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(addr.port(), 0);
+    let mut c = Client::connect(addr).await;
+    c.ok(Request::Ping(Ping {})).await;
+
+    let pid = child.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        lines.next_line().await.unwrap(),
+        None,
+        "stdout holds exactly one line"
+    );
+    assert!(dir.path().join("data").join("blindpost.sqlite3").exists());
+}
