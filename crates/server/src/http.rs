@@ -3,6 +3,7 @@
 //! Not for: the connection loop (see `ws`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use blindpost_wire::WS_PATH;
 use tokio::sync::{Semaphore, watch};
+use tracing::Instrument as _;
 
 use crate::service::Service;
 use crate::session::SessionLimits;
@@ -26,6 +28,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Per-connection limits.
     pub limits: SessionLimits,
+    /// Numbers connections for log spans (a counter, never an address).
+    pub next_connection: AtomicU64,
 }
 
 /// The router.
@@ -56,14 +60,16 @@ async fn upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Resp
         .max_frame_size(crate::ws::SOCKET_MAX_MESSAGE)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| async move {
-            crate::ws::serve(
-                socket,
-                Arc::clone(&app.service),
-                app.limits,
-                app.shutdown.clone(),
-            )
-            .await;
-            drop(permit);
+        .on_upgrade(move |socket| {
+            let conn = app.next_connection.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::debug_span!("conn", conn);
+            async move {
+                tracing::debug!("connection opened");
+                let (service, shutdown) = (Arc::clone(&app.service), app.shutdown.clone());
+                crate::ws::serve(socket, service, app.limits, shutdown).await;
+                tracing::debug!("connection closed");
+                drop(permit);
+            }
+            .instrument(span)
         })
 }

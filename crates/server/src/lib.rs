@@ -96,6 +96,7 @@ pub async fn run(
             claims_per_minute: config.claims_per_minute,
             claim_burst: config.claim_burst,
         },
+        next_connection: std::sync::atomic::AtomicU64::new(1),
     });
     let mut serve_stop = stop_rx.clone();
     let served = axum::serve(listener, http::router(state))
