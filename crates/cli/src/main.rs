@@ -290,7 +290,7 @@ async fn refresh(client: &Client) -> Result<()> {
 }
 
 fn parse_timeout(secs: f64) -> Result<Duration> {
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         bail!("--timeout must be a non-negative number of seconds");
     }
     Ok(Duration::from_secs_f64(secs))

@@ -342,21 +342,19 @@ impl Client {
             };
             let push = tokio::time::timeout(wait, session.conn.next_push()).await;
             session.relock()?;
-            match push {
-                Ok(push) => {
-                    let push = push?;
-                    if !subscribed.contains(&push.queue_id) {
-                        return Err(Error::BadServerReply(
-                            "a push for a queue we did not subscribe to".into(),
-                        ));
-                    }
-                    session.process_batch(&push.queue_id, &push.messages)?;
-                    if let Some(max) = push.messages.iter().map(|m| m.seq).max() {
-                        session.ack(&push.queue_id, max).await?;
-                    }
-                    session.commit_pending_proposals().await?;
+            // A timeout only means nothing arrived this tick.
+            if let Ok(push) = push {
+                let push = push?;
+                if !subscribed.contains(&push.queue_id) {
+                    return Err(Error::BadServerReply(
+                        "a push for a queue we did not subscribe to".into(),
+                    ));
                 }
-                Err(_) => {}
+                session.process_batch(&push.queue_id, &push.messages)?;
+                if let Some(max) = push.messages.iter().map(|m| m.seq).max() {
+                    session.ack(&push.queue_id, max).await?;
+                }
+                session.commit_pending_proposals().await?;
             }
             on_items(self.take_new_items()?);
             if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -91,17 +91,15 @@ impl Connection {
         }
     }
 
-    /// The next push: a queued one, or the next to arrive. `None` when the connection closed.
+    /// The next push: a queued one, or the next to arrive.
     pub async fn next_push(&mut self) -> Result<Push> {
         if let Some(p) = self.pushes.pop_front() {
             return Ok(p);
         }
-        loop {
-            match self.read_frame().await? {
-                server_frame::Kind::Push(p) => return Ok(p),
-                server_frame::Kind::Response(_) => {
-                    return Err(Error::BadServerReply("unsolicited response".into()));
-                }
+        match self.read_frame().await? {
+            server_frame::Kind::Push(p) => Ok(p),
+            server_frame::Kind::Response(_) => {
+                Err(Error::BadServerReply("unsolicited response".into()))
             }
         }
     }
