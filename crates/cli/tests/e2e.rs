@@ -256,3 +256,46 @@ fn both_sides_see_the_same_safety_number() {
     assert_eq!(a, b);
     assert_eq!(a.as_str().unwrap().len(), 60);
 }
+
+#[test]
+fn follow_reconnects_after_the_server_restarts() {
+    let mut server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    alice.ok(&["send", "@bob", "before"]);
+    let mut follow = bob
+        .command(&["receive", "--follow", "--json", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The catch-up: the "joined" item, then the message.
+    let mut before = Vec::new();
+    while before.is_empty() {
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        before.extend(texts(&parse_lines(&line)));
+    }
+    assert_eq!(before, vec!["before"]);
+    server.restart();
+    alice.ok(&["send", "@bob", "after restart"]);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.is_empty() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.extend(texts(&parse_lines(&line)));
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(seen, vec!["after restart"]);
+}

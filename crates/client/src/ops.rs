@@ -309,15 +309,48 @@ impl Client {
     }
 
     /// Receive continuously: catch up, then hand each batch of new items to `on_items` as it
-    /// arrives, until `timeout` (if any) passes. Returns `Ok` at the timeout.
+    /// arrives, until `timeout` (if any) passes. Returns `Ok` at the timeout. If the first
+    /// connection fails, that is the error; a connection lost later is re-established (with
+    /// back-off) and catching up resumes where the store says it stopped.
     pub async fn follow(
         &self,
         timeout: Option<Duration>,
         mut on_items: impl FnMut(Vec<Item>),
     ) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let mut connected_once = false;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self
+                .follow_connection(deadline, &mut on_items, &mut connected_once)
+                .await
+            {
+                Err(Error::Unreachable(reason)) if connected_once => {
+                    tracing::info!(%reason, "connection lost; reconnecting");
+                    let pause = match deadline {
+                        Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
+                        None => backoff,
+                    };
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(());
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn follow_connection(
+        &self,
+        deadline: Option<Instant>,
+        on_items: &mut impl FnMut(Vec<Item>),
+        connected_once: &mut bool,
+    ) -> Result<()> {
         let profile = self.load_profile()?;
         let conn = Connection::connect(&profile.server).await?;
+        *connected_once = true;
         let mut session = Session {
             client: self,
             conn,
