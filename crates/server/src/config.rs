@@ -30,6 +30,9 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Log filter (`tracing` env-filter syntax). Default `info`.
     pub log: String,
+    /// Seconds between scheduled key-directory publications (registrations also publish an
+    /// epoch at once). Default 60.
+    pub directory_publish_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             claim_burst: 20,
             shutdown_grace_secs: 10,
             log: "info".to_owned(),
+            directory_publish_interval_secs: 60,
         }
     }
 }
@@ -168,6 +172,11 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections must be at least 1"));
+        }
+        if self.directory_publish_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "directory_publish_interval_secs must be at least 1",
+            ));
         }
         if self.claim_burst == 0 {
             return Err(ConfigError::Invalid("claim_burst must be at least 1"));

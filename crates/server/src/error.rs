@@ -97,12 +97,15 @@ pub enum Entity {
     KeyPackageBox,
     /// A username.
     User,
+    /// A published key-transparency epoch.
+    Epoch,
 }
 
 impl fmt::Display for Entity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Queue => "queue",
+            Self::Epoch => "directory epoch",
             Self::Group => "group",
             Self::KeyPackageBox => "key package",
             Self::User => "user",
@@ -198,6 +201,9 @@ pub enum ServerFault {
     /// The storage backend failed. The detail is for logs, never sent to clients.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The key-transparency directory failed. The detail is for logs, never sent to clients.
+    #[error("key directory failed: {0}")]
+    Directory(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -229,13 +235,16 @@ pub fn to_wire(id: u64, err: &ServiceError) -> Response {
             Refusal::LimitExceeded(_) => (ErrorCode::LimitExceeded, 0),
         },
         ServiceError::Server(s) => match s {
-            ServerFault::Storage(_) => (ErrorCode::Internal, 0),
+            ServerFault::Storage(_) | ServerFault::Directory(_) => (ErrorCode::Internal, 0),
             ServerFault::Unavailable => (ErrorCode::Unavailable, 0),
         },
     };
     let message = match err {
         // Backend details stay in the server's logs.
         ServiceError::Server(ServerFault::Storage(_)) => "internal storage error".to_owned(),
+        ServiceError::Server(ServerFault::Directory(_)) => {
+            "internal key directory error".to_owned()
+        }
         other => other.to_string(),
     };
     Response::error_with_epoch(id, code, message, epoch)

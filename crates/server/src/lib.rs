@@ -3,7 +3,7 @@
 //! Entry point: [`run`]. Not for: anything that needs plaintext, identities or addresses.
 //!
 //! Module map: `config` (settings), `types` (ids, hashes, days), `error` (faults and their wire
-//! codes), `store` (storage seam + SQLite), `service` (request rules), `hub` (wake-ups),
+//! codes), `store` (storage seam + SQLite), `kt` (key transparency: akd directory, keys, epochs), `service` (request rules), `hub` (wake-ups),
 //! `session` (per-connection state), `ws` (socket loop), `http` (router), `retention`.
 
 #![forbid(unsafe_code)]
@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod kt;
 pub mod retention;
 pub mod service;
 pub mod session;
@@ -49,6 +50,9 @@ pub enum RunError {
     /// The store failed to open or close.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The key-transparency directory failed to open.
+    #[error("key directory: {0}")]
+    Directory(#[from] kt::KtError),
     /// Serving failed.
     #[error("serving failed: {0}")]
     Serve(std::io::Error),
@@ -68,13 +72,25 @@ pub async fn run(
             .await
             .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
     let store = Arc::new(store);
+    let transparency = Arc::new(
+        kt::Transparency::open(
+            Arc::clone(&store) as Arc<dyn store::TransparencyStore>,
+            &config.data_dir,
+        )
+        .await?,
+    );
     let service = Arc::new(Service::new(
         Arc::clone(&store) as Arc<dyn Store>,
         Arc::clone(&store) as Arc<dyn store::DirectoryStore>,
+        Arc::clone(&transparency),
         Arc::new(Hub::new()),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let publisher = tokio::spawn(Arc::clone(&transparency).run_publisher(
+        Duration::from_secs(config.directory_publish_interval_secs),
+        stop_rx.clone(),
+    ));
     let signal = tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -114,6 +130,8 @@ pub async fn run(
     }
     retention.abort();
     let _ = retention.await;
+    publisher.abort();
+    let _ = publisher.await;
     signal.abort();
     store.close().await?;
     tracing::info!("stopped");

@@ -5,19 +5,21 @@
 
 use std::sync::Arc;
 
+use crate::kt::{KtError, Transparency};
 use blindpost_wire::limits::{
     MAX_DEVICES, MAX_DIRECTORY_ENTRY_BYTES, MAX_FETCH_MESSAGES, MAX_GROUP_ROUTES,
     MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_BOX, MAX_PAYLOAD_BYTES, valid_username,
 };
 use blindpost_wire::{
     ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT, DeleteQueue,
-    DirectoryEntry, KeyPackageStatus, LookupUser, Post, PublishKeyPackages, RegisterUser, Route,
-    SignedDirectoryEntry,
+    DirectoryAudit, DirectoryAuditProof, DirectoryEntry, DirectoryHistory, DirectoryHistoryProof,
+    DirectoryLookup, DirectoryLookupProof, KeyPackageStatus, LookupUser, Post, PublishKeyPackages,
+    RegisterUser, Route, SignedDirectoryEntry, SignedRoot,
 };
 use ed25519_dalek::{Signature, VerifyingKey};
 use prost::Message as _;
 
-use crate::error::{BadRequest, Credential, Entity, Limit, Refusal, ServiceError};
+use crate::error::{BadRequest, Credential, Entity, Limit, Refusal, ServerFault, ServiceError};
 use crate::hub::Hub;
 use crate::store::{
     ClaimedKeyPackage, CommitOp, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
@@ -39,6 +41,7 @@ const MAX_DEVICE_KEY_BYTES: usize = 1024;
 pub struct Service {
     store: Arc<dyn Store>,
     directory: Arc<dyn DirectoryStore>,
+    transparency: Arc<Transparency>,
     hub: Arc<Hub>,
 }
 
@@ -49,10 +52,16 @@ pub struct VerifiedEntry(UserRecord);
 
 impl Service {
     /// A service over these parts.
-    pub fn new(store: Arc<dyn Store>, directory: Arc<dyn DirectoryStore>, hub: Arc<Hub>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        directory: Arc<dyn DirectoryStore>,
+        transparency: Arc<Transparency>,
+        hub: Arc<Hub>,
+    ) -> Self {
         Self {
             store,
             directory,
+            transparency,
             hub,
         }
     }
@@ -179,7 +188,60 @@ impl Service {
             .entry
             .ok_or_else(|| BadRequest::Malformed("RegisterUser carries no entry".into()))?;
         let VerifiedEntry(record) = verify_entry(signed)?;
-        Ok(self.directory.register_user(record).await?)
+        self.directory.register_user(record).await?;
+        // Durable and queued; answer once an epoch makes it visible to lookups.
+        Ok(self.transparency.publish_soon().await?)
+    }
+
+    /// `DirectoryLookup`.
+    pub async fn directory_lookup(
+        &self,
+        req: &DirectoryLookup,
+    ) -> ServiceResult<DirectoryLookupProof> {
+        if !valid_username(&req.username) {
+            return Err(invalid_username());
+        }
+        let (root, proof) = self.transparency.lookup(&req.username).await?;
+        Ok(DirectoryLookupProof {
+            root: Some(root),
+            proof,
+        })
+    }
+
+    /// `DirectoryHistory`.
+    pub async fn directory_history(
+        &self,
+        req: &DirectoryHistory,
+    ) -> ServiceResult<DirectoryHistoryProof> {
+        if !valid_username(&req.username) {
+            return Err(invalid_username());
+        }
+        let (root, proof) = self.transparency.history(&req.username).await?;
+        Ok(DirectoryHistoryProof {
+            root: Some(root),
+            proof,
+        })
+    }
+
+    /// `DirectoryAudit`.
+    pub async fn directory_audit(
+        &self,
+        req: &DirectoryAudit,
+    ) -> ServiceResult<DirectoryAuditProof> {
+        if req.epoch == 0 {
+            return Err(BadRequest::InvalidArgument("epoch 0 has no predecessor".into()).into());
+        }
+        let (start, end, proof) = self.transparency.audit(req.epoch).await?;
+        Ok(DirectoryAuditProof {
+            start: Some(start),
+            end: Some(end),
+            proof,
+        })
+    }
+
+    /// `DirectoryRoot`.
+    pub async fn directory_root(&self) -> ServiceResult<SignedRoot> {
+        Ok(self.transparency.latest_root().await?)
     }
 
     /// `LookupUser`.
@@ -283,6 +345,18 @@ impl Service {
     /// Whether the store answers reads and writes.
     pub async fn healthy(&self) -> bool {
         self.store.health_check().await.is_ok()
+    }
+}
+
+impl From<KtError> for ServiceError {
+    fn from(e: KtError) -> Self {
+        match e {
+            KtError::NotFound => Refusal::NotFound(Entity::User).into(),
+            KtError::NoEpoch => Refusal::NotFound(Entity::Epoch).into(),
+            KtError::Store(s) => s.into(),
+            KtError::NotPublished => ServerFault::Unavailable.into(),
+            other => ServerFault::Directory(other.to_string()).into(),
+        }
     }
 }
 

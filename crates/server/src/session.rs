@@ -128,6 +128,19 @@ impl Session {
             Request::KeyPackageStatus(r) => service.key_package_status(&r).await.map(count),
             Request::RegisterUser(r) => service.register_user(r).await.map(ok),
             Request::LookupUser(r) => service.lookup_user(&r).await.map(Body::User),
+            Request::DirectoryLookup(r) => service
+                .directory_lookup(&r)
+                .await
+                .map(Body::DirectoryLookupProof),
+            Request::DirectoryHistory(r) => service
+                .directory_history(&r)
+                .await
+                .map(Body::DirectoryHistoryProof),
+            Request::DirectoryAudit(r) => service
+                .directory_audit(&r)
+                .await
+                .map(Body::DirectoryAuditProof),
+            Request::DirectoryRoot(_) => service.directory_root().await.map(Body::SignedRoot),
             Request::CreateGroup(r) => service.create_group(&r).await.map(ok),
             Request::Commit(r) => {
                 let epoch = service.commit(r).await?;
@@ -266,6 +279,10 @@ fn request_kind(r: &Request) -> &'static str {
         Request::KeyPackageStatus(_) => "KeyPackageStatus",
         Request::RegisterUser(_) => "RegisterUser",
         Request::LookupUser(_) => "LookupUser",
+        Request::DirectoryLookup(_) => "DirectoryLookup",
+        Request::DirectoryHistory(_) => "DirectoryHistory",
+        Request::DirectoryAudit(_) => "DirectoryAudit",
+        Request::DirectoryRoot(_) => "DirectoryRoot",
         Request::CreateGroup(_) => "CreateGroup",
         Request::Commit(_) => "Commit",
         Request::Post(_) => "Post",

@@ -10,12 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
+use blindpost_server::kt::{AkdStorage, KtConfig, KtError, Transparency};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PostOp, Posted,
-    PublishOp, RouteGrant, SqliteStore, Store, StoreError, UserRecord,
+    PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
+use blindpost_wire::{SignedDirectoryEntry, root_signature_message};
+use prost::Message as _;
 
 // ---------------------------------------------------------------------------------------------
 // Backends
@@ -23,6 +26,9 @@ use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHas
 trait Backend: Sized {
     fn store(&self) -> Arc<dyn Store>;
     fn directory(&self) -> Arc<dyn DirectoryStore>;
+    fn transparency(&self) -> Arc<dyn TransparencyStore>;
+    /// A directory for key files that survives `reopen`.
+    fn data_dir(&self) -> &std::path::Path;
     fn set_day(&self, day: Day);
     /// Closes the store and opens the same database again.
     fn reopen(&mut self) -> impl Future<Output = ()>;
@@ -54,6 +60,12 @@ impl Backend for Sqlite {
     }
     fn directory(&self) -> Arc<dyn DirectoryStore> {
         self.store.clone()
+    }
+    fn transparency(&self) -> Arc<dyn TransparencyStore> {
+        self.store.clone()
+    }
+    fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
     fn set_day(&self, day: Day) {
         self.day.store(day, Ordering::SeqCst);
@@ -93,6 +105,8 @@ backend_suite!(Sqlite:
     directory_register_update_and_conflicts,
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
+    akd_storage_passes_akds_own_storage_suite,
+    directory_epochs_publish_prove_and_survive_reopen,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -779,4 +793,105 @@ async fn everything_acknowledged_survives_reopen(b: &mut impl Backend) {
         b.directory().lookup_user("carol".into()).await.unwrap(),
         Some(user("carol", 3, 1))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key transparency
+
+async fn akd_storage_passes_akds_own_storage_suite(b: &mut impl Backend) {
+    // akd's conformance tests for storage layers (they panic on any deviation).
+    akd::storage::tests::run_test_cases_for_storage_impl(AkdStorage::new(b.transparency())).await;
+}
+
+async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend) {
+    use akd::{AkdLabel, Digest};
+    let kt = Transparency::open(b.transparency(), b.data_dir())
+        .await
+        .unwrap();
+    let genesis = kt.latest_root().await.unwrap();
+    assert_eq!(genesis.epoch, 0);
+    assert_eq!(
+        kt.publish_pending().await.unwrap(),
+        None,
+        "nothing queued, no epoch"
+    );
+
+    let d = b.directory();
+    d.register_user(user("alice", 1, 1)).await.unwrap();
+    d.register_user(user("bob", 2, 1)).await.unwrap();
+    d.register_user(user("bob", 2, 2)).await.unwrap();
+    assert_eq!(kt.publish_pending().await.unwrap(), Some(1));
+    assert_eq!(
+        kt.publish_pending().await.unwrap(),
+        None,
+        "the queue was emptied"
+    );
+
+    let (root, proof) = kt.lookup("bob").await.unwrap();
+    assert_eq!(root.epoch, 1);
+    let proof = akd::LookupProof::try_from(
+        &<akd::proto::specs::types::LookupProof as protobuf::Message>::parse_from_bytes(&proof)
+            .unwrap(),
+    )
+    .unwrap();
+    let hash: Digest = root.root_hash.as_slice().try_into().unwrap();
+    let verified = akd::verify::lookup_verify::<KtConfig>(
+        &root.vrf_public_key,
+        hash,
+        root.epoch,
+        AkdLabel(b"bob".to_vec()),
+        proof,
+    )
+    .unwrap();
+    let value = SignedDirectoryEntry::decode(verified.value.0.as_slice()).unwrap();
+    assert_eq!(
+        value.entry,
+        vec![2, 2],
+        "the highest queued version was published"
+    );
+
+    // The root is signed by the server key.
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&root.server_key.as_slice().try_into().unwrap())
+            .unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&root.signature).unwrap();
+    key.verify_strict(
+        &root_signature_message(root.epoch, &root.root_hash, &root.vrf_public_key),
+        &sig,
+    )
+    .unwrap();
+
+    // Epoch 1 provably extends epoch 0.
+    let (start, end, audit) = kt.audit(1).await.unwrap();
+    assert_eq!((start.epoch, end.epoch), (0, 1));
+    let single = akd::SingleAppendOnlyProof::try_from(
+        &<akd::proto::specs::types::SingleAppendOnlyProof as protobuf::Message>::parse_from_bytes(
+            &audit,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    akd::auditor::verify_consecutive_append_only::<KtConfig>(
+        &single,
+        start.root_hash.as_slice().try_into().unwrap(),
+        end.root_hash.as_slice().try_into().unwrap(),
+        1,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(kt.lookup("carol").await, Err(KtError::NotFound)));
+    drop(kt);
+
+    b.reopen().await;
+    let kt = Transparency::open(b.transparency(), b.data_dir())
+        .await
+        .unwrap();
+    let again = kt.latest_root().await.unwrap();
+    assert_eq!(again, root, "same epoch, same root, same keys after reopen");
+    d_after_reopen_lookup(&kt).await;
+}
+
+async fn d_after_reopen_lookup(kt: &Transparency) {
+    let (root, _) = kt.lookup("alice").await.unwrap();
+    assert_eq!(root.epoch, 1);
 }

@@ -52,3 +52,6 @@ mod tests {
         assert!(!valid_username("ålice"));
     }
 }
+
+/// Most past values of a username a `DirectoryHistory` answer proves (the most recent ones).
+pub const MAX_HISTORY_VALUES: usize = 64;

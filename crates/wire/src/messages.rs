@@ -12,7 +12,7 @@ pub struct ClientFrame {
     /// The request. A frame without one is answered with `Malformed`.
     #[prost(
         oneof = "Request",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 21, 22, 23"
     )]
     pub request: Option<Request>,
 }
@@ -66,6 +66,21 @@ pub enum Request {
     /// Stop pushes for a queue on this connection. Answer: `Ok`.
     #[prost(message, tag = "16")]
     Unsubscribe(Unsubscribe),
+    /// Look a username up in the key-transparency directory, with proof.
+    /// Answer: [`response::Body::DirectoryLookupProof`].
+    #[prost(message, tag = "20")]
+    DirectoryLookup(DirectoryLookup),
+    /// Every value a username has had, with proof. Answer:
+    /// [`response::Body::DirectoryHistoryProof`].
+    #[prost(message, tag = "21")]
+    DirectoryHistory(DirectoryHistory),
+    /// The append-only proof from one epoch to the next. Answer:
+    /// [`response::Body::DirectoryAuditProof`].
+    #[prost(message, tag = "22")]
+    DirectoryAudit(DirectoryAudit),
+    /// The latest signed directory root. Answer: [`response::Body::SignedRoot`].
+    #[prost(message, tag = "23")]
+    DirectoryRoot(DirectoryRoot),
 }
 
 /// Create a queue with a client-chosen random id. The server stores only the two hashes;
@@ -260,6 +275,117 @@ pub struct LookupUser {
     pub username: String,
 }
 
+/// Domain-separation label of the key-transparency directory's hashes (akd's `DomainLabel`).
+/// Server and clients must agree on it.
+pub const KT_DOMAIN_LABEL: &[u8] = b"blindpost key transparency v1";
+
+/// Domain-separation prefix of the server's signature over an epoch's root.
+pub const KT_ROOT_SIGNATURE_CONTEXT: &[u8] = b"blindpost directory root v1\0";
+
+/// The bytes the server signs for an epoch: [`KT_ROOT_SIGNATURE_CONTEXT`], the epoch
+/// (8 bytes, big-endian), the root hash, then the directory's VRF public key.
+pub fn root_signature_message(epoch: u64, root_hash: &[u8], vrf_public_key: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(
+        KT_ROOT_SIGNATURE_CONTEXT.len() + 8 + root_hash.len() + vrf_public_key.len(),
+    );
+    m.extend_from_slice(KT_ROOT_SIGNATURE_CONTEXT);
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(root_hash);
+    m.extend_from_slice(vrf_public_key);
+    m
+}
+
+/// The root hash of one published directory epoch, signed by the server's Ed25519 key.
+/// Clients pin `server_key` on first contact and refuse roots signed by any other key.
+#[derive(Clone, PartialEq, Message)]
+pub struct SignedRoot {
+    /// The epoch (0 is the empty directory).
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// akd root hash, 32 bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub root_hash: Vec<u8>,
+    /// The directory's VRF public key, 32 bytes (lookup proofs are checked with it).
+    #[prost(bytes = "vec", tag = "3")]
+    pub vrf_public_key: Vec<u8>,
+    /// The server's Ed25519 signing public key, 32 bytes.
+    #[prost(bytes = "vec", tag = "4")]
+    pub server_key: Vec<u8>,
+    /// Ed25519 signature over [`root_signature_message`], 64 bytes.
+    #[prost(bytes = "vec", tag = "5")]
+    pub signature: Vec<u8>,
+}
+
+/// Look a username up in the key-transparency directory. The answer carries akd's lookup
+/// proof (its value is the serialized [`SignedDirectoryEntry`]) for the latest epoch and that
+/// epoch's signed root. Errors: `InvalidArgument`, `NotFound` (never registered).
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryLookup {
+    /// The username.
+    #[prost(string, tag = "1")]
+    pub username: String,
+}
+
+/// Answer to `DirectoryLookup`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryLookupProof {
+    /// The root the proof is against.
+    #[prost(message, optional, tag = "1")]
+    pub root: Option<SignedRoot>,
+    /// akd `LookupProof`, in akd's protobuf encoding.
+    #[prost(bytes = "vec", tag = "2")]
+    pub proof: Vec<u8>,
+}
+
+/// Every value a username has had (most recent [`crate::limits::MAX_HISTORY_VALUES`]), with
+/// akd's key-history proof against the latest epoch. A client checks its own username's
+/// history on each sync. Errors: `InvalidArgument`, `NotFound`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryHistory {
+    /// The username.
+    #[prost(string, tag = "1")]
+    pub username: String,
+}
+
+/// Answer to `DirectoryHistory`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryHistoryProof {
+    /// The root the proof is against.
+    #[prost(message, optional, tag = "1")]
+    pub root: Option<SignedRoot>,
+    /// akd `HistoryProof`, in akd's protobuf encoding.
+    #[prost(bytes = "vec", tag = "2")]
+    pub proof: Vec<u8>,
+}
+
+/// The append-only proof that epoch `epoch` extends epoch `epoch - 1`, with both signed
+/// roots. Anyone may ask; no account is needed. Errors: `InvalidArgument` (epoch 0),
+/// `NotFound` (not published yet).
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryAudit {
+    /// The later epoch, at least 1.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+}
+
+/// Answer to `DirectoryAudit`.
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryAuditProof {
+    /// The root of `epoch - 1`.
+    #[prost(message, optional, tag = "1")]
+    pub start: Option<SignedRoot>,
+    /// The root of `epoch`.
+    #[prost(message, optional, tag = "2")]
+    pub end: Option<SignedRoot>,
+    /// akd `SingleAppendOnlyProof`, in akd's protobuf encoding.
+    #[prost(bytes = "vec", tag = "3")]
+    pub proof: Vec<u8>,
+}
+
+/// Ask for the latest signed directory root. Anyone may ask.
+#[derive(Clone, PartialEq, Message)]
+pub struct DirectoryRoot {}
+
 /// A queue to add to a group's routes, shown with its send token.
 #[derive(Clone, PartialEq, Message)]
 pub struct Route {
@@ -384,7 +510,10 @@ pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
     /// The result.
-    #[prost(oneof = "response::Body", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(
+        oneof = "response::Body",
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22, 23"
+    )]
     pub body: Option<response::Body>,
 }
 
@@ -419,6 +548,18 @@ pub mod response {
         /// Answer to `Commit`.
         #[prost(message, tag = "9")]
         Committed(super::Committed),
+        /// Answer to `DirectoryLookup`.
+        #[prost(message, tag = "20")]
+        DirectoryLookupProof(super::DirectoryLookupProof),
+        /// Answer to `DirectoryHistory`.
+        #[prost(message, tag = "21")]
+        DirectoryHistoryProof(super::DirectoryHistoryProof),
+        /// Answer to `DirectoryAudit`.
+        #[prost(message, tag = "22")]
+        DirectoryAuditProof(super::DirectoryAuditProof),
+        /// Answer to `DirectoryRoot`.
+        #[prost(message, tag = "23")]
+        SignedRoot(super::SignedRoot),
     }
 }
 

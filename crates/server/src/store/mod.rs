@@ -295,6 +295,80 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) -> StoreFuture<'_, ()>;
 }
 
+/// One akd tree record (the aZKS head or a tree node), keyed by akd's full binary id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AkdNodeRow {
+    /// akd's `get_full_binary_id()` of the record.
+    pub key: Vec<u8>,
+    /// The record, encoded by `kt::codec`.
+    pub data: Vec<u8>,
+}
+
+/// One value state of an akd label: the value a username took at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AkdValueRow {
+    /// The akd label (the username's bytes).
+    pub label: Vec<u8>,
+    /// The epoch the value was published in.
+    pub epoch: u64,
+    /// The label's version at that epoch (from 1).
+    pub version: u64,
+    /// The value state, encoded by `kt::codec`.
+    pub data: Vec<u8>,
+}
+
+/// A published epoch's root as signed by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochRoot {
+    /// The epoch.
+    pub epoch: u64,
+    /// The akd root hash.
+    pub root_hash: [u8; 32],
+    /// The server's Ed25519 signature over `blindpost_wire::root_signature_message`.
+    pub signature: Vec<u8>,
+}
+
+/// A directory entry accepted by [`DirectoryStore::register_user`] and not yet published in
+/// a key-transparency epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEntry {
+    /// The username.
+    pub username: String,
+    /// The entry's version.
+    pub version: u64,
+    /// The serialized, signed entry.
+    pub entry: Vec<u8>,
+    /// The signature over it.
+    pub signature: Vec<u8>,
+}
+
+/// Storage of the key-transparency directory: akd's records, the signed epoch roots, and
+/// the registrations waiting for the next epoch. Backend-neutral, so akd's `Database` trait
+/// is implemented once (`kt::AkdStorage`) over any backend that implements this.
+pub trait TransparencyStore: Send + Sync + 'static {
+    /// Writes akd records (insert or replace), all in one transaction.
+    fn akd_write(&self, nodes: Vec<AkdNodeRow>, values: Vec<AkdValueRow>) -> StoreFuture<'_, ()>;
+
+    /// The tree records with these keys that exist (in no particular order).
+    fn akd_nodes(&self, keys: Vec<Vec<u8>>) -> StoreFuture<'_, Vec<AkdNodeRow>>;
+
+    /// Every value state of one label, oldest epoch first.
+    fn akd_values(&self, label: Vec<u8>) -> StoreFuture<'_, Vec<AkdValueRow>>;
+
+    /// Registrations not yet published, at most `limit`, oldest first.
+    fn pending_entries(&self, limit: usize) -> StoreFuture<'_, Vec<PendingEntry>>;
+
+    /// Records a published epoch's signed root and forgets the pending registrations it
+    /// published (each by username and version: a newer one stays pending), atomically.
+    fn finish_epoch(&self, root: EpochRoot, published: Vec<(String, u64)>) -> StoreFuture<'_, ()>;
+
+    /// The signed root of an epoch, if it was published.
+    fn epoch_root(&self, epoch: u64) -> StoreFuture<'_, Option<EpochRoot>>;
+
+    /// The signed root of the latest published epoch, if any.
+    fn latest_root(&self) -> StoreFuture<'_, Option<EpochRoot>>;
+}
+
 /// The username directory. Kept apart from [`Store`] so key transparency can replace it
 /// behind the same methods.
 pub trait DirectoryStore: Send + Sync + 'static {
@@ -302,7 +376,8 @@ pub trait DirectoryStore: Send + Sync + 'static {
     fn lookup_user(&self, username: String) -> StoreFuture<'_, Option<UserRecord>>;
 
     /// Stores an entry: a new username, or an update of one with the same identity key and a
-    /// higher version. Refused with `Conflict(UsernameTaken)` or
+    /// higher version, and queues it for the next key-transparency epoch
+    /// ([`TransparencyStore::pending_entries`]) in the same transaction. Refused with `Conflict(UsernameTaken)` or
     /// `Conflict(VersionNotIncreased)`.
     fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()>;
 }

@@ -21,9 +21,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
-    KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError,
-    StoreFuture, StoreResult, StoredMessage, UserRecord,
+    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochRoot,
+    Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue, PendingEntry,
+    PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture, StoreResult,
+    StoredMessage, TransparencyStore, UserRecord,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
@@ -100,6 +101,32 @@ const MIGRATIONS: &[&str] = &[
         version INTEGER NOT NULL,
         entry BLOB NOT NULL,
         signature BLOB NOT NULL
+    );",
+    // 2: the key-transparency directory (akd). Tree nodes and the aZKS head by akd's binary
+    // id; value states by (label, epoch); the server-signed root of every epoch; and
+    // registrations accepted but not yet published in an epoch.
+    "CREATE TABLE akd_nodes (
+        key BLOB PRIMARY KEY NOT NULL,
+        data BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE akd_values (
+        label BLOB NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (label, epoch)
+    ) WITHOUT ROWID;
+    CREATE TABLE kt_roots (
+        epoch INTEGER PRIMARY KEY NOT NULL,
+        root_hash BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    CREATE TABLE kt_pending (
+        username TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        entry BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        PRIMARY KEY (username, version)
     );",
 ];
 
@@ -701,7 +728,7 @@ fn op_register_user(conn: &Connection, u: &UserRecord) -> StoreResult<()> {
                 "INSERT INTO users (username, identity_key, version, entry, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![u.username, &u.identity_key[..], version, u.entry, u.signature])?;
-            Ok(())
+            queue_for_publication(conn, u)
         }
         Some((key, _)) if key.as_slice() != u.identity_key.as_slice() => {
             Err(Refusal::Conflict(ConflictKind::UsernameTaken).into())
@@ -714,9 +741,22 @@ fn op_register_user(conn: &Connection, u: &UserRecord) -> StoreResult<()> {
                 "UPDATE users SET version = ?2, entry = ?3, signature = ?4 WHERE username = ?1",
             )?
             .execute(params![u.username, version, u.entry, u.signature])?;
-            Ok(())
+            queue_for_publication(conn, u)
         }
     }
+}
+
+fn queue_for_publication(conn: &Connection, u: &UserRecord) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO kt_pending (username, version, entry, signature) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        u.username,
+        seq_to_sql(u.version),
+        u.entry,
+        u.signature
+    ])?;
+    Ok(())
 }
 
 fn read_fetch(
@@ -942,6 +982,142 @@ impl DirectoryStore for SqliteStore {
     fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()> {
         Box::pin(self.write(move |c, _| op_register_user(c, &record)))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key transparency
+
+impl TransparencyStore for SqliteStore {
+    fn akd_write(&self, nodes: Vec<AkdNodeRow>, values: Vec<AkdValueRow>) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, _| {
+            let mut put_node = c.prepare_cached(
+                "INSERT OR REPLACE INTO akd_nodes (key, data) VALUES (?1, ?2)",
+            )?;
+            for n in &nodes {
+                put_node.execute(params![n.key, n.data])?;
+            }
+            let mut put_value = c.prepare_cached(
+                "INSERT OR REPLACE INTO akd_values (label, epoch, version, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for v in &values {
+                put_value.execute(params![
+                    v.label,
+                    seq_to_sql(v.epoch),
+                    seq_to_sql(v.version),
+                    v.data
+                ])?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn akd_nodes(&self, keys: Vec<Vec<u8>>) -> StoreFuture<'_, Vec<AkdNodeRow>> {
+        Box::pin(self.read(move |c| {
+            let tx = c.transaction()?;
+            let mut found = Vec::with_capacity(keys.len());
+            {
+                let mut get = tx.prepare_cached("SELECT data FROM akd_nodes WHERE key = ?1")?;
+                for key in keys {
+                    let data: Option<Vec<u8>> = get.query_row([&key], |r| r.get(0)).optional()?;
+                    if let Some(data) = data {
+                        found.push(AkdNodeRow { key, data });
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(found)
+        }))
+    }
+
+    fn akd_values(&self, label: Vec<u8>) -> StoreFuture<'_, Vec<AkdValueRow>> {
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT epoch, version, data FROM akd_values WHERE label = ?1 ORDER BY epoch",
+            )?;
+            let rows = stmt.query_map([&label], |r| {
+                Ok(AkdValueRow {
+                    label: label.clone(),
+                    epoch: seq_from_sql(r.get(0)?),
+                    version: seq_from_sql(r.get(1)?),
+                    data: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        }))
+    }
+
+    fn pending_entries(&self, limit: usize) -> StoreFuture<'_, Vec<PendingEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT username, version, entry, signature FROM kt_pending ORDER BY rowid LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit], |r| {
+                Ok(PendingEntry {
+                    username: r.get(0)?,
+                    version: seq_from_sql(r.get(1)?),
+                    entry: r.get(2)?,
+                    signature: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        }))
+    }
+
+    fn finish_epoch(&self, root: EpochRoot, published: Vec<(String, u64)>) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c, _| {
+            c.prepare_cached(
+                "INSERT INTO kt_roots (epoch, root_hash, signature) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                seq_to_sql(root.epoch),
+                &root.root_hash[..],
+                root.signature
+            ])?;
+            let mut forget =
+                c.prepare_cached("DELETE FROM kt_pending WHERE username = ?1 AND version = ?2")?;
+            for (username, version) in &published {
+                forget.execute(params![username, seq_to_sql(*version)])?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn epoch_root(&self, epoch: u64) -> StoreFuture<'_, Option<EpochRoot>> {
+        Box::pin(self.read(move |c| {
+            read_root(
+                c,
+                "SELECT epoch, root_hash, signature FROM kt_roots WHERE epoch = ?1",
+                seq_to_sql(epoch),
+            )
+        }))
+    }
+
+    fn latest_root(&self) -> StoreFuture<'_, Option<EpochRoot>> {
+        Box::pin(self.read(|c| {
+            read_root(
+                c,
+                "SELECT epoch, root_hash, signature FROM kt_roots WHERE epoch >= ?1 ORDER BY epoch DESC LIMIT 1",
+                0,
+            )
+        }))
+    }
+}
+
+fn read_root(conn: &mut Connection, sql: &str, arg: i64) -> StoreResult<Option<EpochRoot>> {
+    let row: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .prepare_cached(sql)?
+        .query_row([arg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    row.map(|(epoch, hash, signature)| {
+        Ok(EpochRoot {
+            epoch: seq_from_sql(epoch),
+            root_hash: <[u8; 32]>::try_from(hash.as_slice())
+                .map_err(|_| StoreError::Backend("stored root hash has the wrong length".into()))?,
+            signature,
+        })
+    })
+    .transpose()
 }
 
 #[cfg(test)]
