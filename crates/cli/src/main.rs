@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use blindpost_client::{Chat, Client, Item, Member, Suite};
+use blindpost_client::{Chat, Client, Item, Member, Suite, VerifyAction};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -85,10 +85,31 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Show the safety number to compare with `@user`.
+    /// Show the safety number to compare with `@user` (and a QR code), from directory proofs.
     Verify {
         /// The user.
         user: String,
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Record that you compared the safety number with the user and it matched. Sending
+        /// to them is then blocked if their key ever changes, until you accept the change.
+        #[arg(long, conflicts_with = "accept_change")]
+        confirm: bool,
+        /// Accept that a confirmed contact's key changed (unblocks sending; confirm again
+        /// after comparing the new safety number).
+        #[arg(long)]
+        accept_change: bool,
+    },
+    /// Audit a server's key directory: verify every epoch's root and append-only proof.
+    /// Needs no account. Exits non-zero on any inconsistency.
+    Audit {
+        /// Server URL, e.g. ws://127.0.0.1:7480.
+        #[arg(long)]
+        server: String,
+        /// Require every root to be signed by this server key (hex).
+        #[arg(long, value_name = "HEX")]
+        server_key: Option<String>,
         /// Print a JSON object.
         #[arg(long)]
         json: bool,
@@ -163,6 +184,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Audit {
+        server,
+        server_key,
+        json,
+    } = &cli.command
+    {
+        return audit(server, server_key.as_deref(), *json).await;
+    }
     let dir = profile_dir(cli.profile)?;
     let client =
         Client::open(&dir).with_context(|| format!("cannot open profile {}", dir.display()))?;
@@ -254,9 +283,20 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         },
-        Command::Verify { user, json } => {
+        Command::Verify {
+            user,
+            json,
+            confirm,
+            accept_change,
+        } => {
             let user = username(&user)?;
-            let sn = client.safety_number(&user).await?;
+            let action = match (confirm, accept_change) {
+                (true, _) => VerifyAction::Confirm,
+                (false, true) => VerifyAction::AcceptChange,
+                (false, false) => VerifyAction::Show,
+            };
+            let v = client.verify_contact(&user, action).await?;
+            let sn = &v.safety;
             if json {
                 println!(
                     "{}",
@@ -264,16 +304,102 @@ async fn run(cli: Cli) -> Result<()> {
                         "user": user,
                         "safety_number": sn.digits,
                         "identity_key": sn.peer_identity_key,
+                        "directory_verified": v.directory_verified,
+                        "confirmed": v.confirmed,
+                        "key_changed": v.key_changed,
                     })
                 );
             } else {
                 println!("safety number with @{user}:");
                 println!("  {}", sn.grouped());
-                println!("compare it with @{user}'s screen; if they match, nobody is in between.");
+                print_qr(&sn.digits);
+                println!(
+                    "directory proof: {}",
+                    if v.directory_verified {
+                        "verified (both keys are in the server's signed, audited directory)"
+                    } else {
+                        "NOT verified"
+                    }
+                );
+                if v.key_changed {
+                    println!("WARNING: @{user}'s key changed since you confirmed it.");
+                }
+                if v.confirmed {
+                    println!("confirmed: you recorded that you compared this number with @{user}.");
+                } else {
+                    println!(
+                        "compare it with @{user}'s screen; if they match, nobody is in between \
+                         (then run `blindpost verify @{user} --confirm`)."
+                    );
+                }
             }
         }
+        Command::Audit {
+            server,
+            server_key,
+            json,
+        } => audit(&server, server_key.as_deref(), json).await?,
     }
     Ok(())
+}
+
+/// `blindpost audit`: the whole directory history, one verdict.
+async fn audit(server: &str, server_key: Option<&str>, json: bool) -> Result<()> {
+    let pinned = match server_key {
+        Some(h) => {
+            let bytes = hex::decode(h).context("--server-key is not hex")?;
+            Some(
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| anyhow::anyhow!("--server-key must be 32 bytes"))?,
+            )
+        }
+        None => None,
+    };
+    match blindpost_client::audit(server, pinned).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "consistent": true,
+                        "latest_epoch": report.latest_epoch,
+                        "server_key": report.server_key,
+                        "root_hash": report.root_hash,
+                    })
+                );
+            } else {
+                println!(
+                    "CONSISTENT: all {} epochs verified; each extends the one before (append-only).",
+                    report.latest_epoch
+                );
+                println!("server key {}", report.server_key);
+                println!("latest root {}", report.root_hash);
+            }
+            Ok(())
+        }
+        Err(e @ blindpost_client::Error::DirectoryAlarm(_)) => {
+            if json {
+                println!("{}", json!({ "consistent": false, "reason": e.to_string() }));
+            }
+            bail!("INCONSISTENT: {e}")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints `text` as a QR code with Unicode half blocks (two rows per line).
+fn print_qr(text: &str) {
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => {
+            let art = code
+                .render::<qrcode::render::unicode::Dense1x2>()
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .build();
+            println!("{art}");
+        }
+        Err(e) => println!("(no QR code: {e})"),
+    }
 }
 
 /// Catch up before showing local state; if the server is unreachable, say so and show what

@@ -50,6 +50,18 @@ pub enum Error {
     /// The server sent something that violates the protocol or does not verify.
     #[error("the server sent an invalid reply: {0}")]
     BadServerReply(String),
+    /// The key directory is inconsistent (a proof fails, a root forks or rolls back, or our own
+    /// username shows a value our devices did not publish): the server may be substituting
+    /// keys. Nothing was encrypted to any key from the failing answer.
+    #[error("KEY DIRECTORY ALARM: {0}. The server may be substituting keys; do not trust it")]
+    DirectoryAlarm(String),
+    /// A contact whose safety number was confirmed now has another identity key; sending to
+    /// them is blocked until the user accepts the change.
+    #[error(
+        "@{0}'s identity key changed since you confirmed their safety number; compare it again \
+         (`blindpost verify @{0}`), then accept it with `blindpost verify @{0} --accept-change`"
+    )]
+    KeyChanged(String),
 
     // --- the network -----------------------------------------------------------------------
     /// The server could not be reached or the connection broke.

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod kt;
 mod mls;
 mod ops;
 mod payload;
@@ -24,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
+pub use ops::{AuditReport, Verification, VerifyAction, audit};
 pub use safety::SafetyNumber;
 pub use transport::ws_url;
 

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use blindpost_wire::{
     ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT, DirectoryEntry,
-    ErrorCode, KeyPackageStatus, LookupUser, Post, PublishKeyPackages, RegisterUser, Request,
-    Route, SignedDirectoryEntry, limits, response,
+    DirectoryHistory, DirectoryLookup, DirectoryRoot, ErrorCode, KeyPackageStatus, Post,
+    PublishKeyPackages, RegisterUser, Request, Route, SignedDirectoryEntry, SignedRoot, limits,
+    response,
 };
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use openmls::prelude::tls_codec::Serialize as _;
@@ -17,6 +18,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use prost::Message as _;
 
 use crate::error::{Error, Result};
+use crate::kt::{self, VerifiedRoot};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
 use crate::payload::{AppMessage, Body};
 use crate::safety::SafetyNumber;
@@ -162,12 +164,14 @@ impl Client {
         signed_msg.extend_from_slice(&entry_bytes);
         let signature = ed25519_dalek::Signer::sign(&profile.identity, &signed_msg);
         publish_key_packages(self, &mut conn, &profile, KEY_PACKAGE_TARGET, true).await?;
+        let signed = SignedDirectoryEntry {
+            entry: entry_bytes,
+            signature: signature.to_bytes().to_vec(),
+        };
+        let published_value = signed.encode_to_vec();
         match conn
             .call(Request::RegisterUser(RegisterUser {
-                entry: Some(SignedDirectoryEntry {
-                    entry: entry_bytes,
-                    signature: signature.to_bytes().to_vec(),
-                }),
+                entry: Some(signed),
             }))
             .await
         {
@@ -178,8 +182,21 @@ impl Client {
             }) => return Err(Error::UsernameTaken(username.to_string())),
             Err(e) => return Err(e),
         }
-        // Only a registered profile counts as set up.
-        self.store.set("username", username.as_bytes())?;
+        // First contact: pin the server's root-signing key (trust on first use), and remember
+        // the value we published so our own history check can tell it from a forged one.
+        let body = conn.call(Request::DirectoryRoot(DirectoryRoot {})).await?;
+        let response::Body::SignedRoot(root) = body else {
+            return Err(Error::BadServerReply(
+                "root request answered with something else".into(),
+            ));
+        };
+        let root = kt::verify_root(Some(&root), None)?;
+        self.store.tx(|s| {
+            s.set("server_key", &root.server_key)?;
+            record_published(s, &published_value)?;
+            // Only a registered profile counts as set up.
+            s.set("username", username.as_bytes())
+        })?;
         conn.close().await;
         Ok(())
     }
@@ -204,6 +221,9 @@ impl Client {
             Err(e) => return Err(e),
         };
         session.ensure_member(&gid, target)?;
+        if let Some(peer) = self.store.chat(&gid)?.and_then(|c| c.peer) {
+            session.ensure_confirmed_key_unchanged(&peer).await?;
+        }
         let app = session
             .post_app(
                 &gid,
@@ -397,24 +417,133 @@ impl Client {
         }
     }
 
-    /// The safety number of our identity and `username`'s, as published in the directory.
-    pub async fn safety_number(&self, username: &str) -> Result<SafetyNumber> {
+    /// The safety number with `username`, from directory lookups whose proofs verified, and
+    /// what the profile records about it. `action` may record that the users compared it
+    /// ([`VerifyAction::Confirm`]) or accept a changed key ([`VerifyAction::AcceptChange`]).
+    pub async fn verify_contact(&self, username: &str, action: VerifyAction) -> Result<Verification> {
         let mut session = self.session().await?;
         let me = session.profile.username.clone();
         let own = session.lookup(&me).await?;
         if own.identity_key != session.profile.identity.verifying_key().to_bytes() {
-            return Err(Error::BadServerReply(format!(
+            return Err(Error::DirectoryAlarm(format!(
                 "the directory lists a different identity key for you (@{me}): the server may be \
                  impersonating you"
             )));
         }
         let peer = session.lookup(username).await?;
         session.conn.close().await;
-        Ok(SafetyNumber::new(
-            (&me, &own.identity_key),
-            (username, &peer.identity_key),
-        ))
+        let key = format!("confirmed/{username}");
+        let recorded = self.store.get(&key)?;
+        let key_changed = recorded
+            .as_deref()
+            .is_some_and(|k| k != peer.identity_key.as_slice());
+        match action {
+            VerifyAction::Show => {}
+            VerifyAction::Confirm if key_changed => {
+                return Err(Error::KeyChanged(username.to_string()));
+            }
+            VerifyAction::Confirm => self.store.set(&key, &peer.identity_key)?,
+            VerifyAction::AcceptChange => self.store.delete(&key)?,
+        }
+        let confirmed = self.store.get(&key)?.as_deref() == Some(peer.identity_key.as_slice());
+        Ok(Verification {
+            safety: SafetyNumber::new((&me, &own.identity_key), (username, &peer.identity_key)),
+            directory_verified: true,
+            confirmed,
+            key_changed: key_changed && !confirmed && action != VerifyAction::AcceptChange,
+        })
     }
+}
+
+/// What `verify` should record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyAction {
+    /// Only show.
+    Show,
+    /// Record that the users compared the safety number and it matched.
+    Confirm,
+    /// Accept that a confirmed contact's key changed (unblocks sending; not confirmed).
+    AcceptChange,
+}
+
+/// The result of `verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// The safety number.
+    pub safety: SafetyNumber,
+    /// Whether both identity keys came from directory proofs that verified against a root
+    /// signed by the pinned server key (a failure is an error, so this is true when returned).
+    pub directory_verified: bool,
+    /// Whether the users confirmed this safety number (for the current key).
+    pub confirmed: bool,
+    /// Whether the peer's key differs from the one the users confirmed.
+    pub key_changed: bool,
+}
+
+/// The verdict of [`audit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    /// The latest epoch; every epoch from 1 to it was proven to extend its predecessor.
+    pub latest_epoch: u64,
+    /// The key that signed every root, hex.
+    pub server_key: String,
+    /// The latest root hash, hex.
+    pub root_hash: String,
+}
+
+/// Audits a server's whole directory history (no account needed): fetches every epoch's
+/// signed root and append-only proof and verifies each root's signature (all by one key, or
+/// by `pinned` when given), that consecutive answers agree on each root, and that every
+/// epoch extends the previous one. Any inconsistency is [`Error::DirectoryAlarm`].
+pub async fn audit(server: &str, pinned: Option<[u8; 32]>) -> Result<AuditReport> {
+    let mut conn = Connection::connect(server).await?;
+    let body = conn.call(Request::DirectoryRoot(DirectoryRoot {})).await?;
+    let response::Body::SignedRoot(latest) = body else {
+        return Err(Error::BadServerReply("root request answered with something else".into()));
+    };
+    let latest = kt::verify_root(Some(&latest), pinned.as_ref())?;
+    let key = latest.server_key;
+    let mut previous: Option<VerifiedRoot> = None;
+    for epoch in 1..=latest.epoch {
+        let body = conn
+            .call(Request::DirectoryAudit(blindpost_wire::DirectoryAudit { epoch }))
+            .await?;
+        let response::Body::DirectoryAuditProof(answer) = body else {
+            return Err(Error::BadServerReply("audit answered with something else".into()));
+        };
+        let start = kt::verify_root(answer.start.as_ref(), Some(&key))?;
+        let end = kt::verify_root(answer.end.as_ref(), Some(&key))?;
+        if start.epoch + 1 != epoch || end.epoch != epoch {
+            return Err(Error::DirectoryAlarm(format!(
+                "asked for epoch {epoch}, the server proved {} → {}",
+                start.epoch, end.epoch
+            )));
+        }
+        if let Some(prev) = &previous {
+            if prev.root_hash != start.root_hash {
+                return Err(Error::DirectoryAlarm(format!(
+                    "the server gave two different roots for epoch {}",
+                    start.epoch
+                )));
+            }
+        }
+        kt::verify_audit_step(&start, &end, &answer.proof).await?;
+        previous = Some(end);
+    }
+    if let Some(last) = &previous {
+        if last.root_hash != latest.root_hash {
+            return Err(Error::DirectoryAlarm(format!(
+                "the server gave two different roots for epoch {}",
+                latest.epoch
+            )));
+        }
+    }
+    conn.close().await;
+    Ok(AuditReport {
+        latest_epoch: latest.epoch,
+        server_key: hex::encode(key),
+        root_hash: hex::encode(latest.root_hash),
+    })
 }
 
 impl Session<'_> {
@@ -430,6 +559,7 @@ impl Session<'_> {
 
     /// Catch up and finish what others asked of us (commit pending leave requests).
     pub(crate) async fn settle(&mut self) -> Result<()> {
+        self.check_own_history().await?;
         self.sync_queues().await?;
         self.commit_pending_proposals().await?;
         self.top_up_key_packages().await
@@ -495,14 +625,16 @@ impl Session<'_> {
         }
     }
 
-    /// Look a user up and check the entry's signature and name.
+    /// Look a user up in the key-transparency directory: the root must verify under the
+    /// pinned server key and be consistent with every root seen before, the akd proof must
+    /// verify against it, and the entry must be signed by its identity key and name the user.
     pub(crate) async fn lookup(&mut self, username: &str) -> Result<DirectoryEntry> {
         if !limits::valid_username(username) {
             return Err(Error::InvalidUsername(username.to_string()));
         }
         let body = match self
             .conn
-            .call(Request::LookupUser(LookupUser {
+            .call(Request::DirectoryLookup(DirectoryLookup {
                 username: username.to_string(),
             }))
             .await
@@ -513,12 +645,82 @@ impl Session<'_> {
             }) => return Err(Error::UnknownUser(username.to_string())),
             other => other?,
         };
-        let response::Body::User(signed) = body else {
+        let response::Body::DirectoryLookupProof(answer) = body else {
             return Err(Error::BadServerReply(
                 "lookup answered with something else".into(),
             ));
         };
+        let root = self.accept_root(answer.root.as_ref())?;
+        let signed = kt::verify_lookup(username, &root, &answer.proof)?;
         verify_entry(username, &signed)
+    }
+
+    /// Refuses to go on if `username`'s safety number was confirmed for another key than the
+    /// directory now shows.
+    fn check_confirmed(&self, username: &str, entry: &DirectoryEntry) -> Result<()> {
+        match self.client.store.get(&format!("confirmed/{username}"))? {
+            Some(k) if k != entry.identity_key => Err(Error::KeyChanged(username.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Looks a confirmed contact up and refuses if their key changed (no lookup otherwise).
+    async fn ensure_confirmed_key_unchanged(&mut self, username: &str) -> Result<()> {
+        if self.client.store.get(&format!("confirmed/{username}"))?.is_none() {
+            return Ok(());
+        }
+        let entry = self.lookup(username).await?;
+        self.check_confirmed(username, &entry)
+    }
+
+    /// Verifies a root under the pinned key and checks it against the newest root this
+    /// profile has seen: the same epoch must have the same hash (else the server forked the
+    /// directory), and epochs never go back. Remembers it if newer.
+    fn accept_root(&self, root: Option<&SignedRoot>) -> Result<VerifiedRoot> {
+        let pinned: Option<[u8; 32]> = self
+            .client
+            .store
+            .get("server_key")?
+            .and_then(|k| k.as_slice().try_into().ok());
+        let root = kt::verify_root(root, pinned.as_ref())?;
+        check_root_against_seen(&self.client.store, &root)?;
+        Ok(root)
+    }
+
+    /// Checks every value our username has had in the directory was published by one of
+    /// our devices (our identity key signs each; we remember each we registered).
+    pub(crate) async fn check_own_history(&mut self) -> Result<()> {
+        let me = self.profile.username.clone();
+        let body = self
+            .conn
+            .call(Request::DirectoryHistory(DirectoryHistory {
+                username: me.clone(),
+            }))
+            .await?;
+        let response::Body::DirectoryHistoryProof(answer) = body else {
+            return Err(Error::BadServerReply(
+                "history answered with something else".into(),
+            ));
+        };
+        let root = self.accept_root(answer.root.as_ref())?;
+        let values = kt::verify_history(&me, &root, &answer.proof)?;
+        if values.is_empty() {
+            return Err(Error::DirectoryAlarm(format!(
+                "the directory shows no value for your own username @{me}"
+            )));
+        }
+        let published = self.client.store.get("kt_published")?.unwrap_or_default();
+        for v in &values {
+            let hash = sha256(&v.value);
+            if !published.chunks(32).any(|h| h == hash.as_slice()) {
+                return Err(Error::DirectoryAlarm(format!(
+                    "your username @{me} had a value at directory epoch {} (version {}) that \
+                     none of your devices published",
+                    v.epoch, v.version
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Claim one key package for every device of every user, checked against the directory.
@@ -532,6 +734,7 @@ impl Session<'_> {
                 return Err(Error::Invalid(format!("@{user} is listed twice")));
             }
             let entry = self.lookup(user).await?;
+            self.check_confirmed(user, &entry)?;
             for device in &entry.devices {
                 let body = match self
                     .conn
@@ -953,6 +1156,42 @@ async fn publish_key_packages(
     }))
     .await?;
     Ok(())
+}
+
+/// Remembers a directory value our devices published (SHA-256, appended to `kt_published`).
+fn record_published(store: &crate::store::Store, value: &[u8]) -> Result<()> {
+    let mut all = store.get("kt_published")?.unwrap_or_default();
+    all.extend_from_slice(&sha256(value));
+    store.set("kt_published", &all)
+}
+
+/// The newest root seen is stored as `kt_root` (8-byte big-endian epoch, then the hash).
+fn check_root_against_seen(store: &crate::store::Store, root: &VerifiedRoot) -> Result<()> {
+    if let Some(seen) = store.get("kt_root")? {
+        if seen.len() == 40 {
+            let mut e = [0u8; 8];
+            e.copy_from_slice(&seen[..8]);
+            let seen_epoch = u64::from_be_bytes(e);
+            let seen_hash = &seen[8..];
+            if root.epoch == seen_epoch && root.root_hash.as_slice() != seen_hash {
+                return Err(Error::DirectoryAlarm(format!(
+                    "the server showed two different directories for epoch {seen_epoch}"
+                )));
+            }
+            if root.epoch < seen_epoch {
+                return Err(Error::DirectoryAlarm(format!(
+                    "the directory went back from epoch {seen_epoch} to {}",
+                    root.epoch
+                )));
+            }
+            if root.epoch == seen_epoch {
+                return Ok(());
+            }
+        }
+    }
+    let mut bytes = root.epoch.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&root.root_hash);
+    store.set("kt_root", &bytes)
 }
 
 /// Decode a signed directory entry and check it names `username` and verifies under its

@@ -258,6 +258,13 @@ impl Store {
         Ok(())
     }
 
+    /// Delete a profile value.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM bp_profile WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
     // --- queues -------------------------------------------------------------------------------
 
     /// Remember a queue we can read.
