@@ -57,7 +57,13 @@ impl Server {
 
     /// Stop (SIGTERM, wait) and start again on the same port and data.
     pub fn restart(&mut self) {
+        self.restart_with(|_| {});
+    }
+
+    /// Stop, run `tamper` on the data directory (as a hostile operator would), start again.
+    pub fn restart_with(&mut self, tamper: impl FnOnce(&Path)) {
         self.stop();
+        tamper(self.data.path());
         let (child, addr) = spawn_server(self.data.path(), &self.addr);
         assert_eq!(addr, self.addr);
         self.child = child;
