@@ -186,3 +186,136 @@ pub async fn verify_audit_step(
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! A hostile server as a test double: an akd directory in memory whose answers are
+    //! tampered with before the checks see them.
+
+    use super::*;
+    use akd::storage::StorageManager;
+    use akd::storage::memory::AsyncInMemoryDatabase;
+    use akd::{AkdValue, AzksParallelismConfig, Directory, EpochHash};
+    use ed25519_dalek::{Signer, SigningKey};
+
+    type TestDirectory = Directory<KtConfig, AsyncInMemoryDatabase, akd::ecvrf::HardCodedAkdVRF>;
+
+    async fn directory() -> (TestDirectory, [u8; 32]) {
+        let vrf = akd::ecvrf::HardCodedAkdVRF;
+        let d = Directory::new(
+            StorageManager::new_no_cache(AsyncInMemoryDatabase::new()),
+            vrf,
+            AzksParallelismConfig::default(),
+        )
+        .await
+        .unwrap();
+        let pk = d.get_public_key().await.unwrap().to_bytes();
+        (d, pk)
+    }
+
+    fn signed(key: &SigningKey, epoch: u64, hash: [u8; 32], vrf: [u8; 32]) -> SignedRoot {
+        SignedRoot {
+            epoch,
+            root_hash: hash.to_vec(),
+            vrf_public_key: vrf.to_vec(),
+            server_key: key.verifying_key().to_bytes().to_vec(),
+            signature: key
+                .sign(&root_signature_message(epoch, &hash, &vrf))
+                .to_bytes()
+                .to_vec(),
+        }
+    }
+
+    fn value(v: &[u8]) -> AkdValue {
+        AkdValue(
+            SignedDirectoryEntry {
+                entry: v.to_vec(),
+                signature: vec![0; 64],
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_substituted_value_or_a_root_from_another_key_is_refused() {
+        let (d, vrf) = directory().await;
+        let server = SigningKey::from_bytes(&[1; 32]);
+        let EpochHash(epoch, hash) = d
+            .publish(vec![(AkdLabel(b"alice".to_vec()), value(b"real"))])
+            .await
+            .unwrap();
+        let root = signed(&server, epoch, hash, vrf);
+        let pinned = server.verifying_key().to_bytes();
+        let (proof, _) = d.lookup(AkdLabel(b"alice".to_vec())).await.unwrap();
+        let bytes = akd::proto::specs::types::LookupProof::from(&proof)
+            .write_to_bytes()
+            .unwrap();
+
+        // The honest answer verifies.
+        let ok = verify_root(Some(&root), Some(&pinned)).unwrap();
+        assert_eq!(verify_lookup("alice", &ok, &bytes).unwrap().entry, b"real");
+
+        // (1) the server swaps the value (a substituted key) in an otherwise valid proof.
+        let mut forged = proof.clone();
+        forged.value = value(b"attacker");
+        let forged = akd::proto::specs::types::LookupProof::from(&forged)
+            .write_to_bytes()
+            .unwrap();
+        assert!(matches!(
+            verify_lookup("alice", &ok, &forged),
+            Err(Error::DirectoryAlarm(_))
+        ));
+        // The proof is for alice, not for bob.
+        assert!(matches!(
+            verify_lookup("bob", &ok, &bytes),
+            Err(Error::DirectoryAlarm(_))
+        ));
+        // A root signed by another key than the pinned one.
+        let other = signed(&SigningKey::from_bytes(&[2; 32]), epoch, hash, vrf);
+        assert!(matches!(
+            verify_root(Some(&other), Some(&pinned)),
+            Err(Error::DirectoryAlarm(_))
+        ));
+        // A root whose signature does not cover its hash.
+        let mut bent = root.clone();
+        bent.root_hash = vec![7; 32];
+        assert!(matches!(
+            verify_root(Some(&bent), Some(&pinned)),
+            Err(Error::DirectoryAlarm(_))
+        ));
+        // Garbage instead of a proof.
+        assert!(verify_lookup("alice", &ok, b"\xff\xff").is_err());
+    }
+
+    #[tokio::test]
+    async fn history_shows_every_value_and_audit_steps_chain() {
+        let (d, vrf) = directory().await;
+        let server = SigningKey::from_bytes(&[1; 32]);
+        let label = AkdLabel(b"alice".to_vec());
+        let EpochHash(_, h1) = d.publish(vec![(label.clone(), value(b"v1"))]).await.unwrap();
+        let EpochHash(e2, h2) = d.publish(vec![(label.clone(), value(b"ghost"))]).await.unwrap();
+        let root = verify_root(Some(&signed(&server, e2, h2, vrf)), None).unwrap();
+        let (proof, _) = d
+            .key_history(&label, HistoryParams::MostRecent(MAX_HISTORY_VALUES))
+            .await
+            .unwrap();
+        let bytes = akd::proto::specs::types::HistoryProof::from(&proof)
+            .write_to_bytes()
+            .unwrap();
+        let values = verify_history("alice", &root, &bytes).unwrap();
+        assert_eq!(values.len(), 2, "a value the owner did not publish cannot be hidden");
+
+        let start = verify_root(Some(&signed(&server, 1, h1, vrf)), None).unwrap();
+        let audit = d.audit(1, 2).await.unwrap();
+        let step = akd::proto::specs::types::SingleAppendOnlyProof::from(&audit.proofs[0])
+            .write_to_bytes()
+            .unwrap();
+        verify_audit_step(&start, &root, &step).await.unwrap();
+        // (4) a rewritten old root does not chain.
+        let rewritten = verify_root(Some(&signed(&server, 1, [6; 32], vrf)), None).unwrap();
+        assert!(matches!(
+            verify_audit_step(&rewritten, &root, &step).await,
+            Err(Error::DirectoryAlarm(_))
+        ));
+    }
+}
