@@ -105,7 +105,10 @@ const MIGRATIONS: &[&str] = &[
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        }
     }
 }
 
@@ -264,7 +267,7 @@ fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, c
         }
         let outcome = run_batch(conn, &mut batch, clock());
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, ops = batch.len(), "group commit failed");
+            tracing::error!(error = %e, ops = batch.len(), "group commit failed; nothing of it acknowledged");
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
@@ -358,12 +361,29 @@ fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
 }
 
 /// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
+/// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
+/// `max_queue_bytes` (`None`: no limit).
 fn append(
     conn: &Connection,
     day: Day,
     queue: &QueueId,
     payload: &[u8],
+    max_queue_bytes: Option<u64>,
 ) -> StoreResult<Option<u64>> {
+    if let Some(max) = max_queue_bytes {
+        // O(pending messages of this queue); bounded by the limit itself.
+        let pending: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(length(payload)), 0) FROM messages WHERE queue_id = ?1",
+            )?
+            .query_row([queue.as_bytes()], |r| r.get(0))?;
+        let after = u64::try_from(pending)
+            .unwrap_or(u64::MAX)
+            .saturating_add(payload.len() as u64);
+        if after > max {
+            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
+        }
+    }
     let seq: Option<i64> = conn
         .prepare_cached(
             "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2 WHERE id = ?1
@@ -524,9 +544,11 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
     }
     let gid = c.group_id.as_bytes();
     let mut appended: Vec<QueueId> = Vec::new();
-    // The commit reaches every current route, removed ones included.
+    // The commit reaches every current route, removed ones included (exempt from the queue
+    // size limit, so a full queue cannot block its own removal).
     for queue in routes_of(conn, &c.group_id)? {
-        if append(conn, day, &queue, &c.commit)?.is_some() {
+        let limit = (!c.remove_routes.contains(&queue)).then_some(c.max_queue_bytes);
+        if append(conn, day, &queue, &c.commit, limit)?.is_some() {
             appended.push(queue);
         }
     }
@@ -541,12 +563,12 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
     let routes: i64 = conn
         .prepare_cached("SELECT COUNT(*) FROM routes WHERE group_id = ?1")?
         .query_row([gid], |r| r.get(0))?;
-    if usize::try_from(routes).unwrap_or(usize::MAX) > MAX_GROUP_ROUTES {
+    if usize::try_from(routes).unwrap_or(usize::MAX) > c.max_routes.min(MAX_GROUP_ROUTES) {
         return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
     }
     if let Some(welcome) = &c.welcome {
         for grant in &c.add_routes {
-            if append(conn, day, &grant.queue_id, welcome)?.is_some() {
+            if append(conn, day, &grant.queue_id, welcome, Some(c.max_queue_bytes))?.is_some() {
                 appended.push(grant.queue_id);
             }
         }
@@ -586,7 +608,7 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     }
     let mut appended = Vec::new();
     for queue in routes_of(conn, &p.group_id)? {
-        if append(conn, day, &queue, &p.payload)?.is_some() {
+        if append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))?.is_some() {
             appended.push(queue);
         }
     }
