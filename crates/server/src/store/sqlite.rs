@@ -219,6 +219,8 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 trait WriteJob: Send {
     /// Runs the operation inside the open savepoint; `true` if it succeeded.
     fn run(&mut self, conn: &Connection, day: Day) -> bool;
+    /// The error the operation failed with, if it ran and failed.
+    fn error(&self) -> Option<StoreError>;
     /// Answers the caller once the batch's fate (`outcome`) is known.
     fn finish(self: Box<Self>, outcome: StoreResult<()>);
 }
@@ -242,6 +244,10 @@ where
         let ok = result.is_ok();
         self.result = Some(result);
         ok
+    }
+
+    fn error(&self) -> Option<StoreError> {
+        self.result.as_ref().and_then(|r| r.as_ref().err().cloned())
     }
 
     fn finish(self: Box<Self>, outcome: StoreResult<()>) {
@@ -282,16 +288,18 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
     conn.execute_batch("BEGIN IMMEDIATE")?;
     for job in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT op")?;
-        if job.run(conn, day) {
+        let ok = job.run(conn, day);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O error, …): nothing of
+            // the batch is stored, and every operation in it fails with the cause.
+            return Err(job.error().unwrap_or_else(|| {
+                StoreError::Backend("the database aborted the transaction".into())
+            }));
+        }
+        if ok {
             conn.execute_batch("RELEASE op")?;
         } else {
             conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
-        }
-        if conn.is_autocommit() {
-            // SQLite rolled the whole transaction back (I/O error, disk full, …).
-            return Err(StoreError::Backend(
-                "the database aborted the transaction".into(),
-            ));
         }
     }
     conn.execute_batch("COMMIT")?;
@@ -993,5 +1001,120 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+}
+
+/// The disk filling up, provoked with SQLite's own limit on the database size
+/// (`PRAGMA max_page_count`, set on the writer's connection from inside the test), so SQLite
+/// fails exactly as on a full disk (`SQLITE_FULL`). Test-only: nothing in a build of the server
+/// can set it.
+#[cfg(test)]
+mod disk_full {
+    use super::*;
+    use crate::types::MessageId;
+
+    fn ids(n: u8) -> (QueueId, GroupId, SecretHash) {
+        (
+            QueueId::new([n; 16]),
+            GroupId::new([n; 32]),
+            SecretHash::of_secret("p", &[n; 32]).unwrap(),
+        )
+    }
+
+    fn post(n: u32, payload: Vec<u8>) -> PostOp {
+        let (_, group, token) = ids(1);
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        PostOp {
+            group_id: group,
+            epoch: 0,
+            posting_token_hash: token,
+            message_id: MessageId::new(id),
+            payload,
+            max_queue_bytes: u64::MAX,
+        }
+    }
+
+    async fn set_max_pages(store: &SqliteStore, extra: i64) {
+        store
+            .write(move |c, _| {
+                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                c.query_row(&format!("PRAGMA max_page_count = {}", pages + extra), [], |r| {
+                    r.get::<_, i64>(0)
+                })?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn pending(store: &SqliteStore) -> Vec<Vec<u8>> {
+        let (queue, _, _) = ids(1);
+        let limit = FetchLimit {
+            max_messages: 256,
+            max_bytes: usize::MAX,
+        };
+        let fetched = store.fetch(queue, 0, limit).await.unwrap();
+        fetched.messages.into_iter().map(|m| m.payload).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let (queue, group, token) = ids(1);
+        store
+            .create_queue(NewQueue {
+                id: queue,
+                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
+                send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
+            })
+            .await
+            .unwrap();
+        store
+            .create_group(NewGroup {
+                id: group,
+                epoch: 0,
+                posting_token_hash: token,
+                routes: vec![RouteGrant {
+                    queue_id: queue,
+                    send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
+                }],
+            })
+            .await
+            .unwrap();
+
+        // Room for a few pages only: posts succeed, then fail as on a full disk.
+        set_max_pages(&store, 40).await;
+        let mut acked = Vec::new();
+        let mut refused = Vec::new();
+        for n in 0..40u32 {
+            let payload = vec![n as u8; 16 * 1024];
+            match store.post(post(n, payload.clone())).await {
+                Ok(_) => acked.push(payload),
+                Err(StoreError::Full(detail)) => {
+                    assert!(detail.contains("full"), "{detail}");
+                    refused.push((n, payload));
+                }
+                Err(other) => panic!("expected a storage-full error, got {other:?}"),
+            }
+        }
+        assert!(!acked.is_empty() && !refused.is_empty(), "the disk never filled");
+        assert_eq!(pending(&store).await, acked, "stored = acknowledged, no more");
+
+        // Space comes back: the refused posts go through on retry (same message ids).
+        set_max_pages(&store, 1_000_000).await;
+        for (n, payload) in &refused {
+            assert!(matches!(
+                store.post(post(*n, payload.clone())).await.unwrap(),
+                Posted::Stored { .. }
+            ));
+            acked.push(payload.clone());
+        }
+        store.close().await.unwrap();
+
+        // Everything acknowledged is durable, exactly once.
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        assert_eq!(pending(&store).await, acked);
     }
 }
