@@ -134,6 +134,9 @@ impl SqliteStore {
         // An acknowledgement means durable, even on power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        // Deleted rows (acknowledged messages, claimed key packages) are overwritten, not left
+        // readable in free pages of the file.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
 
@@ -166,6 +169,25 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
     {
+        self.write_op(work, false).await
+    }
+
+    /// Like [`Self::write`], for an operation that deletes something linkable (a claimed key
+    /// package names its owner and a queue): after its batch commits, the WAL is checkpointed
+    /// and truncated, so the deleted row's old page is left in neither file.
+    async fn write_then_scrub<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
+    {
+        self.write_op(work, true).await
+    }
+
+    async fn write_op<T, F>(&self, work: F, scrub: bool) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
+    {
         let sender = {
             let guard = self.writer.read().map_err(|_| StoreError::Closed)?;
             guard.clone().ok_or(StoreError::Closed)?
@@ -175,6 +197,7 @@ impl SqliteStore {
             work: Some(work),
             result: None,
             reply,
+            scrub,
         });
         sender.send(job).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -221,6 +244,8 @@ trait WriteJob: Send {
     fn run(&mut self, conn: &Connection, day: Day) -> bool;
     /// The error the operation failed with, if it ran and failed.
     fn error(&self) -> Option<StoreError>;
+    /// Whether the WAL must be scrubbed (checkpointed and truncated) once this commits.
+    fn scrubs(&self) -> bool;
     /// Answers the caller once the batch's fate (`outcome`) is known.
     fn finish(self: Box<Self>, outcome: StoreResult<()>);
 }
@@ -229,6 +254,7 @@ struct Op<T, F> {
     work: Option<F>,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
+    scrub: bool,
 }
 
 impl<T, F> WriteJob for Op<T, F>
@@ -248,6 +274,10 @@ where
 
     fn error(&self) -> Option<StoreError> {
         self.result.as_ref().and_then(|r| r.as_ref().err().cloned())
+    }
+
+    fn scrubs(&self) -> bool {
+        self.scrub && matches!(self.result, Some(Ok(_)))
     }
 
     fn finish(self: Box<Self>, outcome: StoreResult<()>) {
@@ -272,6 +302,16 @@ fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, c
             }
         }
         let outcome = run_batch(conn, &mut batch, clock());
+        if outcome.is_ok() && batch.iter().any(|job| job.scrubs()) {
+            // Before answering: once a claim is acknowledged, its package is in no file.
+            // Readers hold snapshots for milliseconds; the busy timeout waits them out.
+            let scrubbed = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+            if !matches!(scrubbed, Ok(0)) {
+                tracing::warn!("WAL checkpoint after a key-package claim did not complete");
+            }
+        }
         if let Err(e) = &outcome {
             tracing::error!(error = %e, ops = batch.len(), "group commit failed; nothing of it acknowledged");
             if !conn.is_autocommit() {
@@ -910,7 +950,7 @@ impl Store for SqliteStore {
     }
 
     fn claim_key_package(&self, box_id: BoxId) -> StoreFuture<'_, ClaimedKeyPackage> {
-        Box::pin(self.write(move |c, day| op_claim(c, day, &box_id)))
+        Box::pin(self.write_then_scrub(move |c, day| op_claim(c, day, &box_id)))
     }
 
     fn key_package_status(
