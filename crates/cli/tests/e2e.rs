@@ -299,3 +299,39 @@ fn follow_reconnects_after_the_server_restarts() {
     let _ = follow.wait();
     assert_eq!(seen, vec!["after restart"]);
 }
+
+#[test]
+fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
+    let server = Server::start();
+    let setup = |name: &str, suite: &str| {
+        let u = User::fresh(name);
+        u.ok(&[
+            "setup",
+            "--server",
+            &server.url,
+            "--username",
+            name,
+            "--ciphersuite",
+            suite,
+        ]);
+        u
+    };
+    let alice = setup("alice", "classic");
+    let bob = setup("bob", "classic");
+    let carol = setup("carol", "pq");
+    alice.ok(&["send", "@bob", "classic hello"]);
+    assert_eq!(bob.receive_texts(), vec!["classic hello"]);
+    let err = alice.fails(&["send", "@carol", "hi"]);
+    assert!(err.contains("ciphersuite"), "{err}");
+    let err = User::fresh("dave").fails(&[
+        "setup",
+        "--server",
+        &server.url,
+        "--username",
+        "dave",
+        "--ciphersuite",
+        "rot13",
+    ]);
+    assert!(err.contains("unknown ciphersuite"), "{err}");
+    drop(carol);
+}
