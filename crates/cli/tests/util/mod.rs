@@ -210,6 +210,27 @@ impl User {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// Start `receive --follow --json --timeout 60`; its output lines arrive on the receiver.
+    pub fn follow(&self) -> Follower {
+        let mut child = self
+            .command(&["receive", "--follow", "--json", "--timeout", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
     /// Run with `--json`; one value per line.
     pub fn json(&self, args: &[&str]) -> Vec<Value> {
         let mut a = args.to_vec();
@@ -225,6 +246,36 @@ impl User {
     /// Texts of received messages.
     pub fn receive_texts(&self) -> Vec<String> {
         texts(&self.receive())
+    }
+}
+
+/// A running `receive --follow`.
+pub struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    /// Collect message texts until `n` arrived or 30 s passed.
+    pub fn texts(&self, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while seen.len() < n && std::time::Instant::now() < deadline {
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                seen.extend(texts(&parse_lines(&line)));
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
