@@ -286,14 +286,19 @@ fn a_drained_box_serves_the_last_resort_until_its_owner_tops_up() {
     let bob = User::setup(&server, "bob");
     let box_id: Vec<u8> = rusqlite::Connection::open(bob.dir().join("blindpost.sqlite3"))
         .unwrap()
-        .query_row("SELECT value FROM bp_profile WHERE key = 'box_id'", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT value FROM bp_profile WHERE key = 'box_id'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     // Someone drains bob's one-time packages: then only the last resort is served, repeatedly.
     let drained = claim_raw(&server, &box_id, 12);
     let one_time = drained.iter().filter(|lr| !**lr).count();
-    assert!(one_time > 0 && drained[one_time..].iter().all(|lr| *lr), "{drained:?}");
+    assert!(
+        one_time > 0 && drained[one_time..].iter().all(|lr| *lr),
+        "{drained:?}"
+    );
     assert!(drained.ends_with(&[true, true]), "{drained:?}");
     // Bob's next sync tops the box up: one-time packages are served again.
     bob.receive();
@@ -302,7 +307,7 @@ fn a_drained_box_serves_the_last_resort_until_its_owner_tops_up() {
     let alice = User::setup(&server, "alice");
     alice.ok(&["send", "@bob", "after the drain"]);
     assert_eq!(bob.receive_texts(), ["after the drain"]);
-
+}
 #[test]
 fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
     let server = Server::start();

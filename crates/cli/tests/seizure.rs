@@ -150,10 +150,15 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         assert!(listed.contains(name.as_str()), "unlisted file {name}");
     }
     assert!(!log.is_empty(), "the debug log was captured");
-    assert!(contains(&log, b"connection opened"), "debug lines are in the log");
+    assert!(
+        contains(&log, b"connection opened"),
+        "debug lines are in the log"
+    );
 
-    let mut everything: Vec<(&str, &[u8])> =
-        files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let mut everything: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
     everything.push(("log", &log));
 
     // No message text, no group name: not in any file, not in the log.
@@ -166,7 +171,10 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
 
     // No client address anywhere; the log names only the server's own listening address.
     for (name, bytes) in &everything {
-        assert!(!contains(bytes, CLIENT_IP.as_bytes()), "{name} holds the client's address");
+        assert!(
+            !contains(bytes, CLIENT_IP.as_bytes()),
+            "{name} holds the client's address"
+        );
     }
     let text = String::from_utf8_lossy(&log);
     for word in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
@@ -256,10 +264,9 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         assert!(!contains(bytes, today.as_bytes()), "{name} holds a date");
     }
     for line in text.lines() {
-        let clock = line
-            .as_bytes()
-            .windows(8)
-            .any(|w| w[2] == b':' && w[5] == b':' && w.iter().all(|c| c.is_ascii_digit() || *c == b':'));
+        let clock = line.as_bytes().windows(8).any(|w| {
+            w[2] == b':' && w[5] == b':' && w.iter().all(|c| c.is_ascii_digit() || *c == b':')
+        });
         assert!(!clock, "the log holds a time of day: {line}");
     }
 
@@ -285,7 +292,10 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
             }
         }
     }
-    assert!(checked >= 7, "the scenario routed too few queues ({checked})");
+    assert!(
+        checked >= 7,
+        "the scenario routed too few queues ({checked})"
+    );
 
     // Padding: the pending texts from dave to carol are stored in size buckets. The three short
     // ones (different lengths, one bucket) take identical space; the long one is larger.
@@ -309,7 +319,10 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         (last4[1], last4[2]),
         "different short texts, one stored size: {sizes:?}"
     );
-    assert!(last4[3] > last4[0], "the long text is in a larger bucket: {sizes:?}");
+    assert!(
+        last4[3] > last4[0],
+        "the long text is in a larger bucket: {sizes:?}"
+    );
     eprintln!(
         "seizure drill: {} files, {} log bytes, {} markers, {} routed queues checked, pending \
          sizes to carol {sizes:?}",

@@ -109,7 +109,7 @@ pub async fn run(
         http::router(state).into_make_service_with_connect_info::<http::ConnInfo>(),
     )
     .with_graceful_shutdown(async move { stopped(&mut serve_stop).await })
-        .await;
+    .await;
 
     // WebSocket tasks outlive hyper's graceful shutdown: wait until each has given its
     // connection permit back (they close on the shutdown signal), within the grace period.

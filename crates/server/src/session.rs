@@ -80,10 +80,7 @@ impl Session {
             inbox,
             queues: HashMap::new(),
             claims: TokenBucket::per_minute(limits.claim_burst, limits.claims_per_minute),
-            requests: TokenBucket::new(
-                limits.request_burst,
-                f64::from(limits.requests_per_second),
-            ),
+            requests: TokenBucket::new(limits.request_burst, f64::from(limits.requests_per_second)),
             max_subscriptions: limits.max_subscriptions,
         }
     }
@@ -181,9 +178,7 @@ impl Session {
 
     async fn subscribe(&mut self, r: Subscribe) -> ServiceResult<Body> {
         let queue = QueueId::parse(&r.queue_id)?;
-        if !self.queues.contains_key(&queue)
-            && self.queues.len() >= self.max_subscriptions
-        {
+        if !self.queues.contains_key(&queue) && self.queues.len() >= self.max_subscriptions {
             return Err(Refusal::LimitExceeded(Limit::Subscriptions).into());
         }
         let (queue, head_seq) = self

@@ -104,8 +104,7 @@ fn rate_limited() -> Response {
 
 /// Sends one frame; a client that does not read it within `timeout` is dropped (`Err`).
 async fn send(socket: &mut WebSocket, frame: ServerFrame, timeout: Duration) -> Result<(), ()> {
-    match tokio::time::timeout(timeout, socket.send(Message::Binary(encode(&frame).into()))).await
-    {
+    match tokio::time::timeout(timeout, socket.send(Message::Binary(encode(&frame).into()))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(()),
         Err(_) => {

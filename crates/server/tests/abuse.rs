@@ -65,11 +65,17 @@ async fn a_queue_holds_at_most_max_queue_bytes_until_acknowledged() {
     let big = vec![0x42; limit / 2];
     c.ok(post(&group, 0, &token, 1, &big)).await;
     c.ok(post(&group, 0, &token, 2, &big)).await;
-    let e = c.error(post(&group, 0, &token, 3, b"one byte too many")).await;
+    let e = c
+        .error(post(&group, 0, &token, 3, b"one byte too many"))
+        .await;
     assert_eq!(e.code(), ErrorCode::LimitExceeded);
     assert!(e.message.contains("queue is full"), "{}", e.message);
     c.request(subscribe(&a, false)).await;
-    assert_eq!(fetched(&mut c, &a).await.len(), 2, "the refused post is not stored");
+    assert_eq!(
+        fetched(&mut c, &a).await.len(),
+        2,
+        "the refused post is not stored"
+    );
     c.ok(Request::Ack(Ack {
         queue_id: a.id.clone(),
         up_to_seq: 1,
@@ -198,10 +204,18 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     let server = start_with(|c| c.handshake_timeout_secs = 1).await;
     // One sends half a request line; another sends nothing at all.
     let mut half = TcpStream::connect(server.addr).await.unwrap();
-    half.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    half.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
-    assert!(closed_by_server(&mut half).await, "half handshake kept open");
-    assert!(closed_by_server(&mut silent).await, "silent client kept open");
+    assert!(
+        closed_by_server(&mut half).await,
+        "half handshake kept open"
+    );
+    assert!(
+        closed_by_server(&mut silent).await,
+        "silent client kept open"
+    );
     // Meanwhile, and after, others are served.
     let mut c = Client::connect(server.addr).await;
     c.ok(ping()).await;
@@ -265,7 +279,10 @@ async fn a_frame_dripped_byte_by_byte_gets_the_connection_dropped_but_idle_is_fi
         (drip, true)
     });
     let (mut drip, _) = dripper.await.unwrap();
-    assert!(closed_by_server(&mut drip).await, "the dripping client was kept");
+    assert!(
+        closed_by_server(&mut drip).await,
+        "the dripping client was kept"
+    );
     server.shutdown().await;
 }
 
@@ -328,11 +345,18 @@ async fn concurrent_claims_drain_one_time_packages_once_then_serve_the_last_reso
                 assert_eq!(data, b"last resort");
                 last_resort += 1;
             } else {
-                assert!(one_time.insert(data), "a one-time package was handed out twice");
+                assert!(
+                    one_time.insert(data),
+                    "a one-time package was handed out twice"
+                );
             }
         }
     }
-    assert_eq!(one_time.len(), 20, "every one-time package handed out, once");
+    assert_eq!(
+        one_time.len(),
+        20,
+        "every one-time package handed out, once"
+    );
     assert_eq!(last_resort, 16 * 3 - 20);
     let status = Request::KeyPackageStatus(blindpost_wire::KeyPackageStatus {
         box_id: vec![9; 16],
@@ -340,7 +364,11 @@ async fn concurrent_claims_drain_one_time_packages_once_then_serve_the_last_reso
     });
     match owner.request(status).await {
         Body::KeyPackageCount(n) => {
-            assert_eq!((n.one_time, n.has_last_resort), (0, true), "last resort kept")
+            assert_eq!(
+                (n.one_time, n.has_last_resort),
+                (0, true),
+                "last resort kept"
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -106,7 +106,10 @@ impl Conn {
             if let Some(c) = Self::connect(addr).await {
                 return c;
             }
-            assert!(tokio::time::Instant::now() < deadline, "server never came back");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never came back"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -441,7 +444,9 @@ async fn a_post_cut_mid_frame_is_not_stored_and_its_retry_is_stored_once() {
     ws_frame.extend_from_slice(&(frame.len() as u64).to_be_bytes());
     ws_frame.extend_from_slice(&[0, 0, 0, 0]); // zero mask: payload as is
     ws_frame.extend_from_slice(&frame);
-    tcp.write_all(&ws_frame[..ws_frame.len() / 2]).await.unwrap();
+    tcp.write_all(&ws_frame[..ws_frame.len() / 2])
+        .await
+        .unwrap();
     drop(tcp);
 
     // The client reconnects and sends the same post again (same message id): stored once.

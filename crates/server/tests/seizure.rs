@@ -95,13 +95,17 @@ fn differences(actual: &Schema, doc: &Schema) -> Vec<String> {
                     out.push(format!("column `{table}.{c}` is not in SEIZURE.md"));
                 }
                 for c in described.difference(columns) {
-                    out.push(format!("SEIZURE.md describes `{table}.{c}`, which does not exist"));
+                    out.push(format!(
+                        "SEIZURE.md describes `{table}.{c}`, which does not exist"
+                    ));
                 }
             }
         }
     }
     for table in doc.keys().filter(|t| !actual.contains_key(*t)) {
-        out.push(format!("SEIZURE.md describes table `{table}`, which does not exist"));
+        out.push(format!(
+            "SEIZURE.md describes table `{table}`, which does not exist"
+        ));
     }
     out
 }

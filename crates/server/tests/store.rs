@@ -973,8 +973,11 @@ async fn queue_invariants(
                     .map(|(k, v)| (*k, v.clone()))
                     .collect();
                 let more = pending[idx].range(after + 1..).count() > expected.len();
-                let got_pairs: Vec<(u64, Vec<u8>)> =
-                    got.messages.into_iter().map(|m| (m.seq, m.payload)).collect();
+                let got_pairs: Vec<(u64, Vec<u8>)> = got
+                    .messages
+                    .into_iter()
+                    .map(|m| (m.seq, m.payload))
+                    .collect();
                 prop_assert_eq!(got_pairs, expected, "delivery after {}", after);
                 prop_assert_eq!(got.more, more);
             }
@@ -1006,15 +1009,26 @@ async fn queue_invariants(
                 )
                 .await
                 .unwrap();
-            let got: Vec<(u64, Vec<u8>)> =
-                all.messages.into_iter().map(|m| (m.seq, m.payload)).collect();
+            let got: Vec<(u64, Vec<u8>)> = all
+                .messages
+                .into_iter()
+                .map(|m| (m.seq, m.payload))
+                .collect();
             let want: Vec<(u64, Vec<u8>)> = pending[usize::from(q - 1)]
                 .iter()
                 .map(|(k, v)| (*k, v.clone()))
                 .collect();
             prop_assert_eq!(got, want, "queue {} after {:?}", q, op);
-            let head = s.authenticate_queue(qid(q), receive_secret(q)).await.unwrap();
-            prop_assert_eq!(head, next_seq[usize::from(q - 1)] - 1, "head of queue {}", q);
+            let head = s
+                .authenticate_queue(qid(q), receive_secret(q))
+                .await
+                .unwrap();
+            prop_assert_eq!(
+                head,
+                next_seq[usize::from(q - 1)] - 1,
+                "head of queue {}",
+                q
+            );
         }
     }
     Ok(())

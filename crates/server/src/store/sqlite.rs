@@ -1079,9 +1079,11 @@ mod disk_full {
         store
             .write(move |c, _| {
                 let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                c.query_row(&format!("PRAGMA max_page_count = {}", pages + extra), [], |r| {
-                    r.get::<_, i64>(0)
-                })?;
+                c.query_row(
+                    &format!("PRAGMA max_page_count = {}", pages + extra),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?;
                 Ok(())
             })
             .await
@@ -1139,8 +1141,15 @@ mod disk_full {
                 Err(other) => panic!("expected a storage-full error, got {other:?}"),
             }
         }
-        assert!(!acked.is_empty() && !refused.is_empty(), "the disk never filled");
-        assert_eq!(pending(&store).await, acked, "stored = acknowledged, no more");
+        assert!(
+            !acked.is_empty() && !refused.is_empty(),
+            "the disk never filled"
+        );
+        assert_eq!(
+            pending(&store).await,
+            acked,
+            "stored = acknowledged, no more"
+        );
 
         // Space comes back: the refused posts go through on retry (same message ids).
         set_max_pages(&store, 1_000_000).await;

@@ -2,7 +2,13 @@
 //! on port 0 with a fresh data directory, a `tokio-tungstenite` client speaking the wire types,
 //! and request builders. Not for: tests themselves.
 
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 pub use std::collections::VecDeque;
 pub use std::net::SocketAddr;
@@ -263,4 +269,3 @@ pub async fn queue_and_group(c: &mut Client) -> (Q, Vec<u8>, Vec<u8>) {
     .await;
     (a, group, token)
 }
-
