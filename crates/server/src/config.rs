@@ -33,9 +33,10 @@ pub struct Config {
     pub box_claims_per_hour: u32,
     /// Claims one key-package box may serve in a burst. Default 30.
     pub box_claim_burst: u32,
-    /// Requests one connection may make per second, on average. Default 200.
+    /// Requests one connection may make per second, on average. Default 500.
     pub requests_per_second: u32,
-    /// Requests one connection may make in a burst. Default 1000.
+    /// Requests one connection may make in a burst. Default 12 000: a device catching up on
+    /// 4096 queues (subscribe, fetch, acknowledge each) must fit in one burst.
     pub request_burst: u32,
     /// Queues one connection may subscribe to. Default and maximum 4096
     /// (`MAX_SUBSCRIPTIONS_PER_CONNECTION`).
@@ -71,8 +72,8 @@ impl Default for Config {
             claim_burst: 20,
             box_claims_per_hour: 60,
             box_claim_burst: 30,
-            requests_per_second: 200,
-            request_burst: 1000,
+            requests_per_second: 500,
+            request_burst: 12_000,
             max_subscriptions: 4096,
             max_queue_bytes: 64 * 1024 * 1024,
             max_group_routes: 10_000,
