@@ -245,6 +245,23 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         let mut rows = stmt.query([]).unwrap();
         while let Some(row) = rows.next().unwrap() {
             for (c, column) in names.iter().enumerate().take(columns) {
+                // A blob may hold a binary time (MLS uses 8-byte big-endian seconds); only key
+                // packages may (their lifetime, SEIZURE.md).
+                let key_package = matches!(
+                    (table.as_str(), column.as_str()),
+                    ("key_packages", "data") | ("key_package_boxes", "last_resort")
+                );
+                if let Ok(blob) = row.get::<_, Vec<u8>>(c)
+                    && !key_package
+                {
+                    for w in blob.windows(8) {
+                        let v = i64::from_be_bytes(w.try_into().unwrap());
+                        assert!(
+                            (v - now).abs() >= 3 * 86_400,
+                            "{table}.{column} holds a binary time"
+                        );
+                    }
+                }
                 if let Ok(v) = row.get::<_, i64>(c) {
                     assert!(!near(v), "{table}.{column} holds a time: {v}");
                     if column.ends_with("day") {
