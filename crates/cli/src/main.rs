@@ -379,7 +379,10 @@ async fn audit(server: &str, server_key: Option<&str>, json: bool) -> Result<()>
         }
         Err(e @ blindpost_client::Error::DirectoryAlarm(_)) => {
             if json {
-                println!("{}", json!({ "consistent": false, "reason": e.to_string() }));
+                println!(
+                    "{}",
+                    json!({ "consistent": false, "reason": e.to_string() })
+                );
             }
             bail!("INCONSISTENT: {e}")
         }

@@ -41,7 +41,11 @@ fn forge_entry(data: &Path, username: &str, entry: &DirectoryEntry, signer: &Sig
 /// The entry the directory currently stores for `username` (from the plain users table).
 fn stored_entry(data: &Path, username: &str) -> DirectoryEntry {
     let entry: Vec<u8> = db(data)
-        .query_row("SELECT entry FROM users WHERE username = ?1", [username], |r| r.get(0))
+        .query_row(
+            "SELECT entry FROM users WHERE username = ?1",
+            [username],
+            |r| r.get(0),
+        )
         .unwrap();
     DirectoryEntry::decode(entry.as_slice()).unwrap()
 }
@@ -56,7 +60,11 @@ fn rewrite_root(data: &Path, epoch: i64) {
     let key = SigningKey::from_bytes(&key);
     let vrf = akd_vrf_public(&std::fs::read(data.join("directory-vrf.key")).unwrap());
     let forged_hash = [0x66u8; 32];
-    let sig = key.sign(&blindpost_wire::root_signature_message(epoch as u64, &forged_hash, &vrf));
+    let sig = key.sign(&blindpost_wire::root_signature_message(
+        epoch as u64,
+        &forged_hash,
+        &vrf,
+    ));
     db(data)
         .execute(
             "UPDATE kt_roots SET root_hash = ?2, signature = ?3 WHERE epoch = ?1",
@@ -91,7 +99,10 @@ fn verify_reports_a_verified_directory_proof_and_records_confirmation() {
     assert_eq!(v["confirmed"], true, "the confirmation is remembered");
     let text = alice.ok(&["verify", "@bob"]);
     assert!(text.contains("directory proof: verified"), "{text}");
-    assert!(text.contains('█') || text.contains('▀') || text.contains('▄'), "a QR code is drawn");
+    assert!(
+        text.contains('█') || text.contains('▀') || text.contains('▄'),
+        "a QR code is drawn"
+    );
 }
 
 #[test]
@@ -104,7 +115,10 @@ fn audit_verifies_every_epoch_without_an_account() {
     assert!(out.contains("CONSISTENT"), "{out}");
     let report = &auditor.json(&["audit", "--server", &server.url])[0];
     assert_eq!(report["consistent"], true);
-    assert!(report["latest_epoch"].as_u64().unwrap() >= 2, "one epoch per registration");
+    assert!(
+        report["latest_epoch"].as_u64().unwrap() >= 2,
+        "one epoch per registration"
+    );
 }
 
 #[test]
@@ -158,7 +172,10 @@ fn hostile_server_adding_a_device_is_caught_and_nothing_is_sent() {
     });
     let err = bob.fails(&["send", "@alice", "secret"]);
     assert!(err.contains("signature does not verify"), "{err}");
-    assert!(bob.ok(&["chats"]).trim().is_empty(), "no chat was created with the ghost");
+    assert!(
+        bob.ok(&["chats"]).trim().is_empty(),
+        "no chat was created with the ghost"
+    );
     let err = alice.fails(&["receive"]);
     assert!(err.contains("KEY DIRECTORY ALARM"), "{err}");
 }

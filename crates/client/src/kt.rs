@@ -54,12 +54,10 @@ pub fn verify_root(root: Option<&SignedRoot>, pinned: Option<&[u8; 32]>) -> Resu
     let root_hash = arr(&root.root_hash, "hash")?;
     let vrf_public_key = arr(&root.vrf_public_key, "VRF key")?;
     let server_key = arr(&root.server_key, "server key")?;
-    if let Some(pinned) = pinned {
-        if &server_key != pinned {
-            return Err(alarm(
-                "the directory root is signed by another key than the one pinned for this server",
-            ));
-        }
+    if pinned.is_some_and(|p| p != &server_key) {
+        return Err(alarm(
+            "the directory root is signed by another key than the one pinned for this server",
+        ));
     }
     let key = VerifyingKey::from_bytes(&server_key)
         .map_err(|_| alarm("the server key is not an Ed25519 key"))?;
@@ -72,7 +70,12 @@ pub fn verify_root(root: Option<&SignedRoot>, pinned: Option<&[u8; 32]>) -> Resu
         &root_signature_message(root.epoch, &root_hash, &vrf_public_key),
         &Signature::from_bytes(&sig),
     )
-    .map_err(|_| alarm(format!("the signature on epoch {}'s root does not verify", root.epoch)))?;
+    .map_err(|_| {
+        alarm(format!(
+            "the signature on epoch {}'s root does not verify",
+            root.epoch
+        ))
+    })?;
     Ok(VerifiedRoot {
         epoch: root.epoch,
         root_hash,
@@ -168,10 +171,19 @@ pub async fn verify_audit_step(
             start.epoch, end.epoch
         )));
     }
-    let wire = akd::proto::specs::types::SingleAppendOnlyProof::parse_from_bytes(proof)
-        .map_err(|_| alarm(format!("epoch {}'s append-only proof does not decode", end.epoch)))?;
-    let proof = akd::SingleAppendOnlyProof::try_from(&wire)
-        .map_err(|_| alarm(format!("epoch {}'s append-only proof is malformed", end.epoch)))?;
+    let wire =
+        akd::proto::specs::types::SingleAppendOnlyProof::parse_from_bytes(proof).map_err(|_| {
+            alarm(format!(
+                "epoch {}'s append-only proof does not decode",
+                end.epoch
+            ))
+        })?;
+    let proof = akd::SingleAppendOnlyProof::try_from(&wire).map_err(|_| {
+        alarm(format!(
+            "epoch {}'s append-only proof is malformed",
+            end.epoch
+        ))
+    })?;
     akd::auditor::verify_consecutive_append_only::<KtConfig>(
         &proof,
         start.root_hash,
@@ -292,8 +304,14 @@ mod tests {
         let (d, vrf) = directory().await;
         let server = SigningKey::from_bytes(&[1; 32]);
         let label = AkdLabel(b"alice".to_vec());
-        let EpochHash(_, h1) = d.publish(vec![(label.clone(), value(b"v1"))]).await.unwrap();
-        let EpochHash(e2, h2) = d.publish(vec![(label.clone(), value(b"ghost"))]).await.unwrap();
+        let EpochHash(_, h1) = d
+            .publish(vec![(label.clone(), value(b"v1"))])
+            .await
+            .unwrap();
+        let EpochHash(e2, h2) = d
+            .publish(vec![(label.clone(), value(b"ghost"))])
+            .await
+            .unwrap();
         let root = verify_root(Some(&signed(&server, e2, h2, vrf)), None).unwrap();
         let (proof, _) = d
             .key_history(&label, HistoryParams::MostRecent(MAX_HISTORY_VALUES))
@@ -303,7 +321,11 @@ mod tests {
             .write_to_bytes()
             .unwrap();
         let values = verify_history("alice", &root, &bytes).unwrap();
-        assert_eq!(values.len(), 2, "a value the owner did not publish cannot be hidden");
+        assert_eq!(
+            values.len(),
+            2,
+            "a value the owner did not publish cannot be hidden"
+        );
 
         let start = verify_root(Some(&signed(&server, 1, h1, vrf)), None).unwrap();
         let audit = d.audit(1, 2).await.unwrap();

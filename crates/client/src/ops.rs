@@ -420,7 +420,11 @@ impl Client {
     /// The safety number with `username`, from directory lookups whose proofs verified, and
     /// what the profile records about it. `action` may record that the users compared it
     /// ([`VerifyAction::Confirm`]) or accept a changed key ([`VerifyAction::AcceptChange`]).
-    pub async fn verify_contact(&self, username: &str, action: VerifyAction) -> Result<Verification> {
+    pub async fn verify_contact(
+        &self,
+        username: &str,
+        action: VerifyAction,
+    ) -> Result<Verification> {
         let mut session = self.session().await?;
         let me = session.profile.username.clone();
         let own = session.lookup(&me).await?;
@@ -499,17 +503,23 @@ pub async fn audit(server: &str, pinned: Option<[u8; 32]>) -> Result<AuditReport
     let mut conn = Connection::connect(server).await?;
     let body = conn.call(Request::DirectoryRoot(DirectoryRoot {})).await?;
     let response::Body::SignedRoot(latest) = body else {
-        return Err(Error::BadServerReply("root request answered with something else".into()));
+        return Err(Error::BadServerReply(
+            "root request answered with something else".into(),
+        ));
     };
     let latest = kt::verify_root(Some(&latest), pinned.as_ref())?;
     let key = latest.server_key;
     let mut previous: Option<VerifiedRoot> = None;
     for epoch in 1..=latest.epoch {
         let body = conn
-            .call(Request::DirectoryAudit(blindpost_wire::DirectoryAudit { epoch }))
+            .call(Request::DirectoryAudit(blindpost_wire::DirectoryAudit {
+                epoch,
+            }))
             .await?;
         let response::Body::DirectoryAuditProof(answer) = body else {
-            return Err(Error::BadServerReply("audit answered with something else".into()));
+            return Err(Error::BadServerReply(
+                "audit answered with something else".into(),
+            ));
         };
         let start = kt::verify_root(answer.start.as_ref(), Some(&key))?;
         let end = kt::verify_root(answer.end.as_ref(), Some(&key))?;
@@ -519,24 +529,24 @@ pub async fn audit(server: &str, pinned: Option<[u8; 32]>) -> Result<AuditReport
                 start.epoch, end.epoch
             )));
         }
-        if let Some(prev) = &previous {
-            if prev.root_hash != start.root_hash {
-                return Err(Error::DirectoryAlarm(format!(
-                    "the server gave two different roots for epoch {}",
-                    start.epoch
-                )));
-            }
+        if let Some(prev) = &previous
+            && prev.root_hash != start.root_hash
+        {
+            return Err(Error::DirectoryAlarm(format!(
+                "the server gave two different roots for epoch {}",
+                start.epoch
+            )));
         }
         kt::verify_audit_step(&start, &end, &answer.proof).await?;
         previous = Some(end);
     }
-    if let Some(last) = &previous {
-        if last.root_hash != latest.root_hash {
-            return Err(Error::DirectoryAlarm(format!(
-                "the server gave two different roots for epoch {}",
-                latest.epoch
-            )));
-        }
+    if let Some(last) = &previous
+        && last.root_hash != latest.root_hash
+    {
+        return Err(Error::DirectoryAlarm(format!(
+            "the server gave two different roots for epoch {}",
+            latest.epoch
+        )));
     }
     conn.close().await;
     Ok(AuditReport {
@@ -666,7 +676,12 @@ impl Session<'_> {
 
     /// Looks a confirmed contact up and refuses if their key changed (no lookup otherwise).
     async fn ensure_confirmed_key_unchanged(&mut self, username: &str) -> Result<()> {
-        if self.client.store.get(&format!("confirmed/{username}"))?.is_none() {
+        if self
+            .client
+            .store
+            .get(&format!("confirmed/{username}"))?
+            .is_none()
+        {
             return Ok(());
         }
         let entry = self.lookup(username).await?;
@@ -872,13 +887,7 @@ impl Session<'_> {
     fn prepare_commit(&self, gid: &[u8], change: &Change) -> Result<PreparedCommit> {
         self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_group(&provider, gid)?;
-            if group.pending_commit().is_some() {
-                // We are caught up, so a commit still pending was never accepted.
-                group
-                    .clear_pending_commit(provider.storage())
-                    .map_err(Error::mls)?;
-            }
+            let mut group = load_caught_up_group(&provider, gid)?;
             let epoch = group.epoch().as_u64();
             let posting_token = mls::posting_token(&group, &provider)?;
             let signer = &self.profile.signer;
@@ -1027,12 +1036,7 @@ impl Session<'_> {
     ) -> Result<()> {
         let (epoch, posting_token, payload) = self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_group(&provider, gid)?;
-            if group.pending_commit().is_some() {
-                group
-                    .clear_pending_commit(provider.storage())
-                    .map_err(Error::mls)?;
-            }
+            let mut group = load_caught_up_group(&provider, gid)?;
             let out = build(&mut group, &provider, &self.profile.signer)?;
             let payload = out.tls_serialize_detached().map_err(Error::mls)?;
             s.add_echo(&sha256(&payload))?;
@@ -1095,6 +1099,18 @@ fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGr
     MlsGroup::load(provider.storage(), &GroupId::from_slice(gid))
         .map_err(Error::mls)?
         .ok_or_else(|| Error::NotAMember(format!("#{}", hex::encode(&gid[..4.min(gid.len())]))))
+}
+
+/// Load a group to change it, right after catching up: a commit of ours still pending then
+/// was never accepted (its echo would have merged it), so it is discarded.
+fn load_caught_up_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
+    let mut group = load_group(provider, gid)?;
+    if group.pending_commit().is_some() {
+        group
+            .clear_pending_commit(provider.storage())
+            .map_err(Error::mls)?;
+    }
+    Ok(group)
 }
 
 async fn new_queue(client: &Client, conn: &mut Connection) -> Result<(Vec<u8>, Vec<u8>)> {
@@ -1167,26 +1183,26 @@ fn record_published(store: &crate::store::Store, value: &[u8]) -> Result<()> {
 
 /// The newest root seen is stored as `kt_root` (8-byte big-endian epoch, then the hash).
 fn check_root_against_seen(store: &crate::store::Store, root: &VerifiedRoot) -> Result<()> {
-    if let Some(seen) = store.get("kt_root")? {
-        if seen.len() == 40 {
-            let mut e = [0u8; 8];
-            e.copy_from_slice(&seen[..8]);
-            let seen_epoch = u64::from_be_bytes(e);
-            let seen_hash = &seen[8..];
-            if root.epoch == seen_epoch && root.root_hash.as_slice() != seen_hash {
-                return Err(Error::DirectoryAlarm(format!(
-                    "the server showed two different directories for epoch {seen_epoch}"
-                )));
-            }
-            if root.epoch < seen_epoch {
-                return Err(Error::DirectoryAlarm(format!(
-                    "the directory went back from epoch {seen_epoch} to {}",
-                    root.epoch
-                )));
-            }
-            if root.epoch == seen_epoch {
-                return Ok(());
-            }
+    if let Some(seen) = store.get("kt_root")?
+        && seen.len() == 40
+    {
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&seen[..8]);
+        let seen_epoch = u64::from_be_bytes(e);
+        let seen_hash = &seen[8..];
+        if root.epoch == seen_epoch && root.root_hash.as_slice() != seen_hash {
+            return Err(Error::DirectoryAlarm(format!(
+                "the server showed two different directories for epoch {seen_epoch}"
+            )));
+        }
+        if root.epoch < seen_epoch {
+            return Err(Error::DirectoryAlarm(format!(
+                "the directory went back from epoch {seen_epoch} to {}",
+                root.epoch
+            )));
+        }
+        if root.epoch == seen_epoch {
+            return Ok(());
         }
     }
     let mut bytes = root.epoch.to_be_bytes().to_vec();

@@ -181,6 +181,12 @@ pub enum Limit {
     GroupRoutes,
     /// Key-package claims per connection per minute.
     ClaimRate,
+    /// Key-package claims one box serves per hour.
+    BoxClaimRate,
+    /// Requests per connection per second.
+    RequestRate,
+    /// Unacknowledged bytes one queue may hold.
+    QueueBytes,
 }
 
 impl fmt::Display for Limit {
@@ -190,6 +196,13 @@ impl fmt::Display for Limit {
             Self::KeyPackages => "too many one-time key packages",
             Self::GroupRoutes => "too many group routes",
             Self::ClaimRate => "too many key-package claims; slow down",
+            Self::BoxClaimRate => {
+                "this user's key packages are being claimed too often; try again later"
+            }
+            Self::RequestRate => "too many requests on this connection; slow down",
+            Self::QueueBytes => {
+                "a recipient's queue is full (too much unread mail); try again later"
+            }
         })
     }
 }
@@ -204,6 +217,9 @@ pub enum ServerFault {
     /// The key-transparency directory failed. The detail is for logs, never sent to clients.
     #[error("key directory failed: {0}")]
     Directory(String),
+    /// The storage is full; nothing was stored. The detail is for logs.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -214,6 +230,7 @@ impl From<StoreError> for ServiceError {
         match e {
             StoreError::Refused(r) => Self::Refused(r),
             StoreError::Backend(detail) => Self::Server(ServerFault::Storage(detail)),
+            StoreError::Full(detail) => Self::Server(ServerFault::StorageFull(detail)),
             StoreError::Closed => Self::Server(ServerFault::Unavailable),
         }
     }
@@ -236,6 +253,7 @@ pub fn to_wire(id: u64, err: &ServiceError) -> Response {
         },
         ServiceError::Server(s) => match s {
             ServerFault::Storage(_) | ServerFault::Directory(_) => (ErrorCode::Internal, 0),
+            ServerFault::StorageFull(_) => (ErrorCode::Unavailable, 0),
             ServerFault::Unavailable => (ErrorCode::Unavailable, 0),
         },
     };
@@ -244,6 +262,9 @@ pub fn to_wire(id: u64, err: &ServiceError) -> Response {
         ServiceError::Server(ServerFault::Storage(_)) => "internal storage error".to_owned(),
         ServiceError::Server(ServerFault::Directory(_)) => {
             "internal key directory error".to_owned()
+        }
+        ServiceError::Server(ServerFault::StorageFull(_)) => {
+            "the server's storage is full; nothing was stored, retry later".to_owned()
         }
         other => other.to_string(),
     };
@@ -304,6 +325,10 @@ mod tests {
                 ErrorCode::Internal,
             ),
             (ServerFault::Unavailable.into(), ErrorCode::Unavailable),
+            (
+                ServerFault::StorageFull("disk".into()).into(),
+                ErrorCode::Unavailable,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(code_of(err).0, code);

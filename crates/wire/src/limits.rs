@@ -36,6 +36,9 @@ pub fn valid_username(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(c))
 }
 
+/// Most past values of a username a `DirectoryHistory` answer proves (the most recent ones).
+pub const MAX_HISTORY_VALUES: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +55,3 @@ mod tests {
         assert!(!valid_username("ålice"));
     }
 }
-
-/// Most past values of a username a `DirectoryHistory` answer proves (the most recent ones).
-pub const MAX_HISTORY_VALUES: usize = 64;
