@@ -144,6 +144,8 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         "blindpost.sqlite3",
         "blindpost.sqlite3-wal",
         "blindpost.sqlite3-shm",
+        "directory-vrf.key",
+        "server-signing.key",
     ]
     .into();
     for name in files.keys() {
