@@ -1133,6 +1133,15 @@ async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend)
     .await
     .unwrap();
     assert!(matches!(kt.lookup("carol").await, Err(KtError::NotFound)));
+
+    // Republishing an unchanged value (as after a crash between publication and clearing
+    // the queue) makes no epoch and clears the queue.
+    let mut same = user("bob", 2, 3);
+    same.entry = vec![2, 2];
+    d.register_user(same).await.unwrap();
+    assert_eq!(kt.publish_pending().await.unwrap(), None);
+    assert!(b.transparency().pending_entries(10).await.unwrap().is_empty());
+    assert_eq!(kt.latest_root().await.unwrap().epoch, 1);
     drop(kt);
 
     b.reopen().await;

@@ -129,7 +129,7 @@ impl Transparency {
         let EpochHash(epoch, hash) = kt.directory.get_epoch_hash().await.map_err(akd_err)?;
         if kt.store.epoch_root(epoch).await?.is_none() {
             kt.store
-                .finish_epoch(kt.sign(epoch, hash), Vec::new())
+                .finish_epoch(Some(kt.sign(epoch, hash)), Vec::new())
                 .await?;
         }
         Ok(kt)
@@ -197,14 +197,20 @@ impl Transparency {
                 (AkdLabel(p.username.as_bytes().to_vec()), AkdValue(value))
             })
             .collect();
+        let EpochHash(before, _) = self.directory.get_epoch_hash().await.map_err(akd_err)?;
         let EpochHash(epoch, hash) = self.directory.publish(updates).await.map_err(akd_err)?;
         let published = pending
             .iter()
             .map(|p| (p.username.clone(), p.version))
             .collect();
-        self.store
-            .finish_epoch(self.sign(epoch, hash), published)
-            .await?;
+        // akd makes no epoch when every value is unchanged (e.g. one republished after a
+        // crash): then there is no new root, only the queue to clear.
+        let new_epoch = epoch > before;
+        let root = new_epoch.then(|| self.sign(epoch, hash));
+        self.store.finish_epoch(root, published).await?;
+        if !new_epoch {
+            return Ok(None);
+        }
         tracing::info!(epoch, updates = latest.len(), "published directory epoch");
         Ok(Some(epoch))
     }

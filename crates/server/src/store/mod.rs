@@ -371,9 +371,14 @@ pub trait TransparencyStore: Send + Sync + 'static {
     /// Registrations not yet published, at most `limit`, oldest first.
     fn pending_entries(&self, limit: usize) -> StoreFuture<'_, Vec<PendingEntry>>;
 
-    /// Records a published epoch's signed root and forgets the pending registrations it
-    /// published (each by username and version: a newer one stays pending), atomically.
-    fn finish_epoch(&self, root: EpochRoot, published: Vec<(String, u64)>) -> StoreFuture<'_, ()>;
+    /// Records a published epoch's signed root (if the publication made a new epoch) and
+    /// forgets the pending registrations it published (each by username and version: a newer
+    /// one stays pending), atomically.
+    fn finish_epoch(
+        &self,
+        root: Option<EpochRoot>,
+        published: Vec<(String, u64)>,
+    ) -> StoreFuture<'_, ()>;
 
     /// The signed root of an epoch, if it was published.
     fn epoch_root(&self, epoch: u64) -> StoreFuture<'_, Option<EpochRoot>>;

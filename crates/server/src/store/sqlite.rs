@@ -1134,16 +1134,22 @@ impl TransparencyStore for SqliteStore {
         }))
     }
 
-    fn finish_epoch(&self, root: EpochRoot, published: Vec<(String, u64)>) -> StoreFuture<'_, ()> {
+    fn finish_epoch(
+        &self,
+        root: Option<EpochRoot>,
+        published: Vec<(String, u64)>,
+    ) -> StoreFuture<'_, ()> {
         Box::pin(self.write(move |c, _| {
-            c.prepare_cached(
-                "INSERT INTO kt_roots (epoch, root_hash, signature) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![
-                seq_to_sql(root.epoch),
-                &root.root_hash[..],
-                root.signature
-            ])?;
+            if let Some(root) = &root {
+                c.prepare_cached(
+                    "INSERT INTO kt_roots (epoch, root_hash, signature) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![
+                    seq_to_sql(root.epoch),
+                    &root.root_hash[..],
+                    root.signature
+                ])?;
+            }
             let mut forget =
                 c.prepare_cached("DELETE FROM kt_pending WHERE username = ?1 AND version = ?2")?;
             for (username, version) in &published {
