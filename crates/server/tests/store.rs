@@ -1140,7 +1140,13 @@ async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend)
     same.entry = vec![2, 2];
     d.register_user(same).await.unwrap();
     assert_eq!(kt.publish_pending().await.unwrap(), None);
-    assert!(b.transparency().pending_entries(10).await.unwrap().is_empty());
+    assert!(
+        b.transparency()
+            .pending_entries(10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(kt.latest_root().await.unwrap().epoch, 1);
     drop(kt);
 
