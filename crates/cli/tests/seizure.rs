@@ -259,7 +259,7 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
                     for w in blob.windows(8) {
                         let v = i64::from_be_bytes(w.try_into().unwrap());
                         assert!(
-                            (v - now).abs() >= 3 * 86_400,
+                            v.abs_diff(now) >= 3 * 86_400,
                             "{table}.{column} holds a binary time"
                         );
                     }
