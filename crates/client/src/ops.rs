@@ -968,6 +968,7 @@ impl Session<'_> {
                 id: hex::encode(message_id),
                 sent_at: now_secs(),
                 body: body.clone(),
+                root: newest_seen_root(&self.client.store)?,
             };
             let bytes = app.to_padded_bytes();
             let result = self
@@ -1207,7 +1208,31 @@ fn check_root_against_seen(store: &crate::store::Store, root: &VerifiedRoot) -> 
     }
     let mut bytes = root.epoch.to_be_bytes().to_vec();
     bytes.extend_from_slice(&root.root_hash);
+    store.set(&format!("kt_root/{}", root.epoch), &root.root_hash)?;
     store.set("kt_root", &bytes)
+}
+
+/// The newest root this profile has seen, for gossip.
+fn newest_seen_root(store: &crate::store::Store) -> Result<Option<crate::payload::SeenRoot>> {
+    Ok(store.get("kt_root")?.filter(|b| b.len() == 40).map(|b| {
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&b[..8]);
+        crate::payload::SeenRoot {
+            epoch: u64::from_be_bytes(e),
+            hash: hex::encode(&b[8..]),
+        }
+    }))
+}
+
+/// Compares a member's gossiped root with the one we saw for that epoch, if we saw one:
+/// a difference means the server showed us different directories.
+pub(crate) fn gossip_conflict(
+    store: &crate::store::Store,
+    theirs: &crate::payload::SeenRoot,
+) -> Result<bool> {
+    Ok(store
+        .get(&format!("kt_root/{}", theirs.epoch))?
+        .is_some_and(|mine| hex::encode(mine) != theirs.hash))
 }
 
 /// Decode a signed directory entry and check it names `username` and verifies under its
@@ -1240,4 +1265,55 @@ fn verify_entry(username: &str, signed: &SignedDirectoryEntry) -> Result<Directo
         return Err(bad("lists no devices or too many"));
     }
     Ok(entry)
+}
+
+#[cfg(test)]
+mod gossip_tests {
+    use super::*;
+    use crate::payload::SeenRoot;
+
+    fn root(epoch: u64, byte: u8) -> VerifiedRoot {
+        VerifiedRoot {
+            epoch,
+            root_hash: [byte; 32],
+            vrf_public_key: [0; 32],
+            server_key: [0; 32],
+        }
+    }
+
+    #[test]
+    fn a_member_shown_another_root_for_an_epoch_we_saw_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        check_root_against_seen(&store, &root(3, 1)).unwrap();
+        check_root_against_seen(&store, &root(4, 2)).unwrap();
+        let ours = newest_seen_root(&store).unwrap().unwrap();
+        assert_eq!(ours.epoch, 4);
+        assert!(!gossip_conflict(&store, &ours).unwrap(), "same view");
+        let forked = SeenRoot {
+            epoch: 3,
+            hash: hex::encode([9u8; 32]),
+        };
+        assert!(
+            gossip_conflict(&store, &forked).unwrap(),
+            "(3) another root for epoch 3"
+        );
+        let unknown = SeenRoot {
+            epoch: 7,
+            hash: hex::encode([9u8; 32]),
+        };
+        assert!(
+            !gossip_conflict(&store, &unknown).unwrap(),
+            "an epoch we never saw"
+        );
+        // The same client shown another root for a seen epoch, or an older epoch.
+        assert!(matches!(
+            check_root_against_seen(&store, &root(4, 5)),
+            Err(Error::DirectoryAlarm(_))
+        ));
+        assert!(matches!(
+            check_root_against_seen(&store, &root(2, 5)),
+            Err(Error::DirectoryAlarm(_))
+        ));
+    }
 }

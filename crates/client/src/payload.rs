@@ -17,6 +17,19 @@ pub struct AppMessage {
     /// What the message carries.
     #[serde(flatten)]
     pub body: Body,
+    /// Root gossip: the newest key-directory root the sender has seen, so members compare
+    /// what the server showed each of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<SeenRoot>,
+}
+
+/// A directory root as gossiped between members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenRoot {
+    /// The epoch.
+    pub epoch: u64,
+    /// The root hash, hex.
+    pub hash: String,
 }
 
 /// The kinds of application message.
@@ -57,11 +70,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn root_gossip_is_optional_both_ways() {
+        let old = br#"{"id":"a","sent_at":1,"type":"text","text":"hi"}"#;
+        let parsed = AppMessage::from_padded_bytes(old).unwrap();
+        assert_eq!(parsed.root, None, "messages without gossip still parse");
+        let bytes = parsed.to_padded_bytes();
+        assert!(!String::from_utf8_lossy(&bytes).contains("root"));
+        let with = AppMessage {
+            root: Some(SeenRoot {
+                epoch: 3,
+                hash: "ab".into(),
+            }),
+            ..parsed
+        };
+        assert_eq!(
+            AppMessage::from_padded_bytes(&with.to_padded_bytes()).unwrap(),
+            with
+        );
+    }
+
+    #[test]
     fn payloads_are_padded_to_power_of_two_buckets_and_round_trip() {
         let m = AppMessage {
             id: "00".into(),
             sent_at: 1,
             body: Body::Text { text: "hi".into() },
+            root: None,
         };
         let b = m.to_padded_bytes();
         assert_eq!(b.len(), MIN_BUCKET);
@@ -72,6 +106,7 @@ mod tests {
             body: Body::Text {
                 text: "x".repeat(300),
             },
+            root: None,
         };
         assert_eq!(long.to_padded_bytes().len(), 512);
     }

@@ -214,6 +214,27 @@ fn handle_protocol(
             if !chat_active {
                 return Ok(());
             }
+            if let Some(root) = &app.root
+                && crate::ops::gossip_conflict(s, root)?
+            {
+                s.add_item(
+                    &ItemRow {
+                        id: format!("directory-alarm-{}", app.id),
+                        group_id: gid.clone(),
+                        sender: sender.clone(),
+                        kind: "directory_alarm".into(),
+                        text: Some(format!(
+                            "KEY DIRECTORY ALARM: @{sender} was shown another directory root \
+                             for epoch {} than you; the server may be showing members different \
+                             directories",
+                            root.epoch
+                        )),
+                        subject: None,
+                        sent_at: app.sent_at,
+                    },
+                    false,
+                )?;
+            }
             match app.body {
                 Body::Text { text } => {
                     s.add_item(
