@@ -228,6 +228,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("refusing to send an empty message");
             }
             client.send(&target, &text).await?;
+            warn_unverified(&client, &target);
         }
         Command::Receive {
             follow,
@@ -474,6 +475,7 @@ fn print_items(items: &[Item], json: bool) {
                 ("member_removed", _, Some(s)) => format!("* {} removed {s}", item.from),
                 ("member_left", _, Some(s)) => format!("* {s} left"),
                 ("joined", _, _) => format!("* you joined (invited by {})", item.from),
+                ("unverified_member" | "directory_alarm", Some(t), _) => format!("* {t}"),
                 (kind, _, _) => format!("* {kind} by {}", item.from),
             };
             format!("[{}] {}  {what}", item.sent_at_rfc3339(), item.chat)
@@ -511,10 +513,38 @@ fn print_chat(chat: &Chat, json: bool) {
 
 fn print_member(m: &Member, json: bool) {
     if json {
-        println!("{}", json!({ "username": m.username, "me": m.me }));
+        println!(
+            "{}",
+            json!({ "username": m.username, "me": m.me, "verified": m.verified })
+        );
     } else if m.me {
         println!("@{} (you)", m.username);
-    } else {
+    } else if m.verified {
         println!("@{}", m.username);
+    } else {
+        println!(
+            "@{} (UNVERIFIED: the key directory does not vouch for this key)",
+            m.username
+        );
+    }
+}
+
+/// After sending: tell the user (stderr) who in the chat the key directory does not vouch
+/// for. Sending is not blocked; the `unverified_member` item said why.
+fn warn_unverified(client: &Client, target: &str) {
+    let Ok(members) = client.members(target) else {
+        return;
+    };
+    let unverified: Vec<String> = members
+        .iter()
+        .filter(|m| !m.verified)
+        .map(|m| format!("@{}", m.username))
+        .collect();
+    if !unverified.is_empty() {
+        eprintln!(
+            "blindpost: warning: sent to {target}, which has members the key directory does not \
+             vouch for: {} (whoever holds their keys can read it)",
+            unverified.join(", ")
+        );
     }
 }

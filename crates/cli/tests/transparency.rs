@@ -2,7 +2,8 @@
 //! proofs and records confirmations, `audit` verifies the whole history, and a hostile
 //! operator who tampers with the stored directory (substituting a key, adding a device,
 //! rewriting an old epoch, showing a client another root) is detected, with nothing
-//! encrypted to the substituted key.
+//! encrypted to the substituted key. Every member credential a client sees in a Welcome or
+//! an Add is checked against the directory, and one it does not vouch for is shown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +15,8 @@ use blindpost_wire::{DIRECTORY_SIGNATURE_CONTEXT, Device, DirectoryEntry, Signed
 use ed25519_dalek::{Signer, SigningKey};
 use prost::Message;
 use rusqlite::{Connection, params};
-use util::{Server, User};
+use serde_json::Value;
+use util::{Server, User, of_kind};
 
 fn db(data: &Path) -> Connection {
     Connection::open(data.join("blindpost.sqlite3")).unwrap()
@@ -196,4 +198,128 @@ fn hostile_server_showing_a_client_another_root_is_caught() {
     let err = alice.fails(&["verify", "@bob"]);
     assert!(err.contains("KEY DIRECTORY ALARM"), "{err}");
     assert!(err.contains("two different directories"), "{err}");
+}
+
+/// `group members --json` as (username, verified).
+fn verdicts(user: &User, group: &str) -> Vec<(String, bool)> {
+    user.json(&["group", "members", group])
+        .iter()
+        .map(|m| {
+            (
+                m["username"].as_str().unwrap().to_string(),
+                m["verified"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn subjects(items: &[Value], kind: &str) -> Vec<String> {
+    of_kind(items, kind)
+        .iter()
+        .map(|i| i["subject"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn every_member_credential_in_a_welcome_or_an_add_is_verified_against_the_directory() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    let carol = User::setup(&server, "carol");
+    User::setup(&server, "dave");
+    alice.ok(&["group", "create", "team", "@bob", "@carol"]);
+    // Bob joins from the Welcome: alice and carol in its tree are checked.
+    let items = bob.receive();
+    assert_eq!(of_kind(&items, "joined").len(), 1, "{items:?}");
+    assert!(of_kind(&items, "unverified_member").is_empty(), "{items:?}");
+    let all =
+        |v: &[&str]| -> Vec<(String, bool)> { v.iter().map(|u| (u.to_string(), true)).collect() };
+    assert_eq!(verdicts(&bob, "team"), all(&["alice", "bob", "carol"]));
+    // The adder's own adds were checked when it claimed their key packages.
+    assert_eq!(verdicts(&alice, "team"), all(&["alice", "bob", "carol"]));
+    // An Add in someone else's commit is checked too.
+    alice.ok(&["group", "add", "team", "@dave"]);
+    let items = carol.receive();
+    assert!(of_kind(&items, "unverified_member").is_empty(), "{items:?}");
+    assert_eq!(
+        verdicts(&carol, "team"),
+        all(&["alice", "bob", "carol", "dave"])
+    );
+    let out = bob.run(&["send", "team", "hi"]);
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("vouch"),
+        "no warning when every member verifies"
+    );
+}
+
+#[test]
+fn hostile_server_whose_directory_does_not_list_a_members_key_makes_it_unverified() {
+    let mut server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    User::setup(&server, "carol");
+    let dave = User::setup(&server, "dave");
+    alice.ok(&["group", "create", "team", "@bob"]);
+    bob.receive();
+    alice.ok(&["group", "add", "team", "@carol"]);
+    // The operator replaces carol's directory value with its own identity key and device:
+    // a validly signed entry that does not list the MLS key carol is in the group with.
+    server.restart_with(|data| {
+        let attacker = SigningKey::from_bytes(&[9u8; 32]);
+        let mut entry = stored_entry(data, "carol");
+        entry.identity_key = attacker.verifying_key().to_bytes().to_vec();
+        entry.devices[0].signature_key = vec![1; 32];
+        entry.version = 99;
+        forge_entry(data, "carol", &entry, &attacker);
+    });
+    // Bob sees carol in alice's Add: the directory does not vouch for her key.
+    let items = bob.receive();
+    assert_eq!(subjects(&items, "member_added"), ["carol"], "{items:?}");
+    assert_eq!(
+        subjects(&items, "unverified_member"),
+        ["carol"],
+        "{items:?}"
+    );
+    let text = of_kind(&items, "unverified_member")[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("does not list"), "{text}");
+    assert_eq!(
+        verdicts(&bob, "team"),
+        [
+            ("alice".to_string(), true),
+            ("bob".to_string(), true),
+            ("carol".to_string(), false)
+        ]
+    );
+    let human = bob.ok(&["group", "members", "team"]);
+    assert!(human.contains("@carol (UNVERIFIED"), "{human}");
+    // Told once: the item is not repeated on the next receive.
+    assert!(of_kind(&bob.receive(), "unverified_member").is_empty());
+    // Sending is not blocked, but never silent.
+    let out = bob.run(&["send", "team", "hello"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not vouch for: @carol"), "{err}");
+
+    // Dave joins from a Welcome whose tree holds carol's key: the same verdict.
+    alice.ok(&["group", "add", "team", "@dave"]);
+    let items = dave.receive();
+    assert_eq!(of_kind(&items, "joined").len(), 1, "{items:?}");
+    assert_eq!(
+        subjects(&items, "unverified_member"),
+        ["carol"],
+        "{items:?}"
+    );
+    assert_eq!(
+        verdicts(&dave, "team"),
+        [
+            ("alice".to_string(), true),
+            ("bob".to_string(), true),
+            ("carol".to_string(), false),
+            ("dave".to_string(), true)
+        ]
+    );
 }

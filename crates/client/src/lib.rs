@@ -54,7 +54,7 @@ pub struct Item {
     /// Who sent it or made the change.
     pub from: String,
     /// `message`, `member_added`, `member_removed`, `member_left`, `joined`, `removed`,
-    /// `created`.
+    /// `created`, `directory_alarm`, `unverified_member`.
     pub kind: String,
     /// The text, for messages.
     pub text: Option<String>,
@@ -86,6 +86,9 @@ pub struct Member {
     pub username: String,
     /// Whether it is us.
     pub me: bool,
+    /// Whether the key directory vouches for the member's MLS credential (a verified lookup
+    /// lists its signature key among the user's devices). False until the check passed.
+    pub verified: bool,
 }
 
 impl Client {

@@ -22,7 +22,7 @@ use crate::kt::{self, VerifiedRoot};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
 use crate::payload::{AppMessage, Body};
 use crate::safety::SafetyNumber;
-use crate::store::{ItemRow, ProfileLock};
+use crate::store::{ItemRow, MemberCheck, MemberState, ProfileLock};
 use crate::sync::merge_own_commit;
 use crate::transport::Connection;
 use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, random_bytes};
@@ -407,6 +407,7 @@ impl Client {
                 if let Some(max) = push.messages.iter().map(|m| m.seq).max() {
                     session.ack(&push.queue_id, max).await?;
                 }
+                session.check_pending_members().await?;
                 session.commit_pending_proposals().await?;
             }
             on_items(self.take_new_items()?);
@@ -663,6 +664,81 @@ impl Session<'_> {
         let root = self.accept_root(answer.root.as_ref())?;
         let signed = kt::verify_lookup(username, &root, &answer.proof)?;
         verify_entry(username, &signed)
+    }
+
+    /// Checks every member credential seen but not yet checked (recorded by `sync` while
+    /// processing Welcomes and commits) against the directory: the username must have a
+    /// verified lookup whose device list holds the credential's MLS signature key. A member
+    /// the directory does not vouch for becomes an `unverified_member` item. Only a failure to
+    /// ask (network, local store) is an error; the check then stays pending for next time.
+    pub(crate) async fn check_pending_members(&mut self) -> Result<()> {
+        let pending = self.client.store.pending_member_checks()?;
+        let mut looked_up: Vec<(String, Result<DirectoryEntry, String>)> = Vec::new();
+        for check in pending {
+            let known = looked_up.iter().position(|(u, _)| u == &check.username);
+            let i = match known {
+                Some(i) => i,
+                None => {
+                    let answer = match self.lookup(&check.username).await {
+                        Ok(entry) => Ok(entry),
+                        Err(
+                            e @ (Error::UnknownUser(_)
+                            | Error::InvalidUsername(_)
+                            | Error::DirectoryAlarm(_)
+                            | Error::BadServerReply(_)),
+                        ) => Err(e.to_string()),
+                        Err(e) => return Err(e),
+                    };
+                    looked_up.push((check.username.clone(), answer));
+                    looked_up.len() - 1
+                }
+            };
+            let user = &check.username;
+            let failure = match &looked_up[i].1 {
+                Ok(entry)
+                    if entry
+                        .devices
+                        .iter()
+                        .any(|d| d.signature_key == check.signature_key) =>
+                {
+                    None
+                }
+                Ok(_) => Some(format!(
+                    "the key directory does not list @{user}'s MLS key in this chat among \
+                     @{user}'s devices"
+                )),
+                Err(why) => Some(format!(
+                    "the key directory does not vouch for @{user}'s key in this chat: {why}"
+                )),
+            };
+            self.client.store.tx(|s| {
+                let Some(reason) = &failure else {
+                    return s.set_member_state(&check, MemberState::Verified);
+                };
+                s.set_member_state(&check, MemberState::Unverified)?;
+                s.add_item(
+                    &ItemRow {
+                        id: format!(
+                            "unverified-{}-{}",
+                            hex::encode(&check.group_id[..12.min(check.group_id.len())]),
+                            hex::encode(&sha256(&check.signature_key)[..12])
+                        ),
+                        group_id: check.group_id.clone(),
+                        sender: user.clone(),
+                        kind: "unverified_member".into(),
+                        text: Some(format!(
+                            "UNVERIFIED MEMBER @{user}: {reason}; whoever holds that key can \
+                             read this chat"
+                        )),
+                        subject: Some(user.clone()),
+                        sent_at: now_secs(),
+                    },
+                    false,
+                )?;
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Refuses to go on if `username`'s safety number was confirmed for another key than the
@@ -1081,16 +1157,21 @@ impl Client {
         if !group.is_active() {
             return Ok(Vec::new());
         }
-        let mut members: Vec<crate::Member> = group
-            .members()
-            .map(|m| {
-                let username = identity(&m.credential);
-                crate::Member {
-                    me: username == me,
-                    username,
-                }
-            })
-            .collect();
+        let mut members = Vec::new();
+        for m in group.members() {
+            let check = MemberCheck {
+                group_id: gid.to_vec(),
+                username: identity(&m.credential),
+                signature_key: m.signature_key,
+            };
+            // Our own key is ours (and our username's history is checked every session).
+            let me = check.username == me;
+            members.push(crate::Member {
+                verified: me || self.store.member_verified(&check)?,
+                me,
+                username: check.username,
+            });
+        }
         members.sort_by(|a, b| a.username.cmp(&b.username));
         Ok(members)
     }

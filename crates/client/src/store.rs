@@ -1,6 +1,7 @@
 //! The profile's local store: one SQLite file (WAL, mode 0600) holding openmls's state
 //! (through `openmls_sqlite_storage`) beside our own tables (`bp_*`): profile settings and
-//! secrets, queues, chats, received items and echo hashes. Not for talking to the server.
+//! secrets, queues, chats, received items, echo hashes and the directory verdicts on group
+//! members' credentials. Not for talking to the server.
 //!
 //! Writes that belong together run in one transaction ([`Store::tx`]), and the profile lock
 //! ([`ProfileLock`]) serialises whole operations between processes sharing a profile.
@@ -57,7 +58,8 @@ impl<'c> OpenMlsProvider for Provider<'c> {
 }
 
 /// Our own tables. Versioned by `PRAGMA user_version`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE bp_profile (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE bp_queues (
     id BLOB PRIMARY KEY,
@@ -85,7 +87,17 @@ CREATE TABLE bp_items (
 );
 CREATE INDEX bp_items_group ON bp_items (group_id, seq);
 CREATE TABLE bp_echo (hash BLOB PRIMARY KEY);
-"#];
+"#,
+    r#"
+CREATE TABLE bp_member_checks (
+    group_id BLOB NOT NULL,
+    username TEXT NOT NULL,
+    signature_key BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'verified', 'unverified')),
+    PRIMARY KEY (group_id, username, signature_key)
+);
+"#,
+];
 
 /// A row of `bp_items`: one thing to show the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +129,36 @@ pub struct ChatRow {
     pub peer: Option<String>,
     /// Whether we are still a member.
     pub active: bool,
+}
+
+/// The verdict on a group member's MLS credential (before it, the credential is `pending`:
+/// seen, not checked yet, as the check needs the network; see [`Store::note_member`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// The directory lists the member's MLS signature key among the user's devices.
+    Verified,
+    /// It does not (unknown user, key not listed, or the proof failed).
+    Unverified,
+}
+
+impl MemberState {
+    fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Verified => "verified",
+            MemberState::Unverified => "unverified",
+        }
+    }
+}
+
+/// A member credential awaiting its directory check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberCheck {
+    /// The group.
+    pub group_id: Vec<u8>,
+    /// The username the credential names.
+    pub username: String,
+    /// The credential's MLS signature key.
+    pub signature_key: Vec<u8>,
 }
 
 /// A queue we can read.
@@ -420,6 +462,67 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // --- member credential checks ------------------------------------------------------------
+
+    /// Record a member credential seen in a group as awaiting its directory check. With
+    /// `again`, an earlier verdict for the same credential is reset (the member was added
+    /// anew); without, an existing verdict stands.
+    pub fn note_member(&self, m: &MemberCheck, again: bool) -> Result<()> {
+        let sql = if again {
+            "INSERT INTO bp_member_checks (group_id, username, signature_key, state)
+             VALUES (?1, ?2, ?3, 'pending')
+             ON CONFLICT (group_id, username, signature_key) DO UPDATE SET state = 'pending'"
+        } else {
+            "INSERT OR IGNORE INTO bp_member_checks (group_id, username, signature_key, state)
+             VALUES (?1, ?2, ?3, 'pending')"
+        };
+        self.conn
+            .execute(sql, params![m.group_id, m.username, m.signature_key])?;
+        Ok(())
+    }
+
+    /// Store the verdict on a member credential.
+    pub fn set_member_state(&self, m: &MemberCheck, state: MemberState) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO bp_member_checks (group_id, username, signature_key, state)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (group_id, username, signature_key) DO UPDATE SET state = excluded.state",
+            params![m.group_id, m.username, m.signature_key, state.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Every member credential still awaiting its check.
+    pub fn pending_member_checks(&self) -> Result<Vec<MemberCheck>> {
+        let mut st = self.conn.prepare(
+            "SELECT group_id, username, signature_key FROM bp_member_checks
+             WHERE state = 'pending' ORDER BY rowid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(MemberCheck {
+                group_id: r.get(0)?,
+                username: r.get(1)?,
+                signature_key: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether the directory check of a member credential passed.
+    pub fn member_verified(&self, m: &MemberCheck) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM bp_member_checks
+                 WHERE group_id = ?1 AND username = ?2 AND signature_key = ?3
+                   AND state = 'verified'",
+                params![m.group_id, m.username, m.signature_key],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     // --- echoes of what we sent -----------------------------------------------------------

@@ -12,15 +12,16 @@ use crate::mls::{self, identity, sha256};
 use crate::now_secs;
 use crate::ops::Session;
 use crate::payload::{AppMessage, Body};
-use crate::store::{ItemRow, QueueRow, Store};
+use crate::store::{ItemRow, MemberCheck, MemberState, QueueRow, Store};
 
 impl Session<'_> {
-    /// Read and process everything pending on every queue we own.
+    /// Read and process everything pending on every queue we own, then check the member
+    /// credentials it showed us against the directory.
     pub(crate) async fn sync_queues(&mut self) -> Result<()> {
         for q in self.client.store.queues()? {
             self.drain_queue(&q).await?;
         }
-        Ok(())
+        self.check_pending_members().await
     }
 
     /// Authenticate a queue on this connection (optionally with pushes).
@@ -158,6 +159,14 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
         // Tentative until the chat's metadata says whether it is a named group.
         s.set_chat_peer(&gid, peer)?;
     }
+    // Every credential in the Welcome's ratchet tree is checked against the directory once
+    // the batch is stored (the check needs the network).
+    for m in group.members() {
+        let check = member_check(&gid, &m.credential, &m.signature_key);
+        if check.username != me {
+            s.note_member(&check, true)?;
+        }
+    }
     s.add_item(
         &ItemRow {
             id: format!("{}-joined", hex::encode(&gid[..12])),
@@ -272,12 +281,26 @@ fn handle_protocol(
         }
         ProcessedMessageContent::StagedCommitMessage(sc) => {
             let items = commit_items(&group, &sc, &sender, hash);
+            let added = added_members(&group, &sc);
             let self_removed = sc.self_removed();
             group
                 .merge_staged_commit(&provider, *sc)
                 .map_err(Error::mls)?;
             for item in &items {
                 s.add_item(item, false)?;
+            }
+            // Each added member is checked against the directory after the batch, and so is
+            // any other credential we have no verdict on (a member's new leaf key).
+            for check in &added {
+                s.note_member(check, true)?;
+            }
+            if !self_removed {
+                for m in group.members() {
+                    let check = member_check(&gid, &m.credential, &m.signature_key);
+                    if check.username != me {
+                        s.note_member(&check, false)?;
+                    }
+                }
             }
             if self_removed {
                 s.set_chat_inactive(&gid)?;
@@ -303,15 +326,43 @@ pub(crate) fn merge_own_commit(
     shown: bool,
 ) -> Result<()> {
     let provider = s.provider();
-    let items = match group.pending_commit() {
-        Some(sc) => commit_items(group, sc, me, commit_hash),
+    let (items, added) = match group.pending_commit() {
+        Some(sc) => (
+            commit_items(group, sc, me, commit_hash),
+            added_members(group, sc),
+        ),
         None => return Err(Error::Mls("no pending commit to merge".into())),
     };
     group.merge_pending_commit(&provider).map_err(Error::mls)?;
     for item in &items {
         s.add_item(item, shown)?;
     }
+    // Invariant: our commits add only key packages `claim_all` checked against a verified
+    // directory lookup (user and MLS signature key), so their members are vouched for.
+    for check in &added {
+        s.set_member_state(check, MemberState::Verified)?;
+    }
     Ok(())
+}
+
+/// The directory check a member credential needs: its username and MLS signature key.
+fn member_check(gid: &[u8], credential: &Credential, signature_key: &[u8]) -> MemberCheck {
+    MemberCheck {
+        group_id: gid.to_vec(),
+        username: identity(credential),
+        signature_key: signature_key.to_vec(),
+    }
+}
+
+/// The credentials a commit adds.
+fn added_members(group: &MlsGroup, sc: &StagedCommit) -> Vec<MemberCheck> {
+    let gid = group.group_id().as_slice();
+    sc.add_proposals()
+        .map(|add| {
+            let leaf = add.add_proposal().key_package().leaf_node();
+            member_check(gid, leaf.credential(), leaf.signature_key().as_slice())
+        })
+        .collect()
 }
 
 /// The membership changes a commit makes, as items (computed before merging, while the
