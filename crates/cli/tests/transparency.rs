@@ -304,9 +304,14 @@ fn hostile_server_whose_directory_does_not_list_a_members_key_makes_it_unverifie
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not vouch for: @carol"), "{err}");
 
-    // Dave joins from a Welcome whose tree holds carol's key: the same verdict.
+    // Dave, following live, joins from a Welcome whose tree holds carol's key: the same
+    // verdict, from the follow loop (his "ready" shows he is past the catch-up).
+    let follow = dave.follow();
+    alice.ok(&["send", "@dave", "ready"]);
+    assert_eq!(follow.texts(1), ["ready"]);
     alice.ok(&["group", "add", "team", "@dave"]);
-    let items = dave.receive();
+    let items = follow.items_until("unverified_member");
+    drop(follow);
     assert_eq!(of_kind(&items, "joined").len(), 1, "{items:?}");
     assert_eq!(
         subjects(&items, "unverified_member"),

@@ -276,6 +276,21 @@ impl Follower {
         }
         seen
     }
+
+    /// Collect every item until one of `kind` arrived or 30 s passed.
+    pub fn items_until(&self, kind: &str) -> Vec<Value> {
+        let mut seen: Vec<Value> = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !seen.iter().any(|i| i["kind"] == kind) && std::time::Instant::now() < deadline {
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                seen.extend(parse_lines(&line));
+            }
+        }
+        seen
+    }
 }
 
 impl Drop for Follower {
