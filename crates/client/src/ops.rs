@@ -1148,6 +1148,7 @@ impl Client {
     /// Current members of a group, from local MLS state.
     pub(crate) fn member_list(&self, gid: &[u8]) -> Result<Vec<crate::Member>> {
         let me = self.store.get_str("username")?.unwrap_or_default();
+        let my_key = self.store.get("signature_public")?.unwrap_or_default();
         let provider = self.store.provider();
         let Some(group) =
             MlsGroup::load(provider.storage(), &GroupId::from_slice(gid)).map_err(Error::mls)?
@@ -1164,8 +1165,9 @@ impl Client {
                 username: identity(&m.credential),
                 signature_key: m.signature_key,
             };
-            // Our own key is ours (and our username's history is checked every session).
-            let me = check.username == me;
+            // Our own leaf is ours (and our username's history is checked every session); a
+            // leaf naming us with another key is someone else and needs the directory's word.
+            let me = check.username == me && check.signature_key == my_key;
             members.push(crate::Member {
                 verified: me || self.store.member_verified(&check)?,
                 me,

@@ -159,13 +159,11 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
         // Tentative until the chat's metadata says whether it is a named group.
         s.set_chat_peer(&gid, peer)?;
     }
-    // Every credential in the Welcome's ratchet tree is checked against the directory once
-    // the batch is stored (the check needs the network).
+    // Every credential in the Welcome's ratchet tree (ours too: a leaf naming us with another
+    // key is a ghost) is checked against the directory once the batch is stored (the check
+    // needs the network).
     for m in group.members() {
-        let check = member_check(&gid, &m.credential, &m.signature_key);
-        if check.username != me {
-            s.note_member(&check, true)?;
-        }
+        s.note_member(&member_check(&gid, &m.credential, &m.signature_key), true)?;
     }
     s.add_item(
         &ItemRow {
@@ -296,10 +294,7 @@ fn handle_protocol(
             }
             if !self_removed {
                 for m in group.members() {
-                    let check = member_check(&gid, &m.credential, &m.signature_key);
-                    if check.username != me {
-                        s.note_member(&check, false)?;
-                    }
+                    s.note_member(&member_check(&gid, &m.credential, &m.signature_key), false)?;
                 }
             }
             if self_removed {
