@@ -1,19 +1,26 @@
 //! The storage behaviour suite: every test is a function over a [`Backend`] (a store, its
-//! directory, a settable clock, and a way to reopen), instantiated below for SQLite. A new
-//! backend plugs in by implementing `Backend` and adding one `backend_suite!` line.
+//! directory, a settable clock, and a way to reopen), instantiated below for SQLite and
+//! PostgreSQL. A new backend plugs in by implementing `Backend` and adding one line to the
+//! `backend_suite!` call.
+//!
+//! PostgreSQL: each test creates a fresh database on `127.0.0.1:5432` (trust auth, user
+//! `postgres` or `root`; `BLINDPOST_TEST_POSTGRES` overrides the admin URL) and drops it
+//! afterwards. If no server answers, each PostgreSQL test prints why it was skipped to stderr
+//! and passes — unless `BLINDPOST_REQUIRE_POSTGRES` is set (CI sets it), when it fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
-    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PostOp, Posted,
-    PublishOp, RouteGrant, SqliteStore, Store, StoreError, UserRecord,
+    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore, PostOp,
+    Posted, PublishOp, RouteGrant, SqliteStore, Store, StoreError, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
@@ -35,11 +42,11 @@ struct Sqlite {
 }
 
 impl Sqlite {
-    fn new() -> Self {
+    async fn new(_test: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let day = Arc::new(AtomicI64::new(20_000));
         let store = Arc::new(SqliteStore::open(dir.path(), clock(&day)).unwrap());
-        Self { dir, day, store }
+        Some(Self { dir, day, store })
     }
 }
 
@@ -64,22 +71,138 @@ impl Backend for Sqlite {
     }
 }
 
+/// A fresh PostgreSQL database for one test, dropped when the test ends (even by a panic).
+struct Postgres {
+    admin: String,
+    name: String,
+    url: String,
+    day: Arc<AtomicI64>,
+    store: Arc<PgStore>,
+}
+
+/// Admin URLs tried in turn (trust auth on the local server).
+fn postgres_admin_urls() -> Vec<String> {
+    match std::env::var("BLINDPOST_TEST_POSTGRES") {
+        Ok(url) => vec![url],
+        Err(_) => ["postgres", "root"]
+            .iter()
+            .map(|u| format!("postgres://{u}@127.0.0.1:5432/test"))
+            .collect(),
+    }
+}
+
+impl Postgres {
+    async fn new(test: &str) -> Option<Self> {
+        let mut reasons = Vec::new();
+        for admin in postgres_admin_urls() {
+            let client = match tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    client
+                }
+                Err(e) => {
+                    reasons.push(format!("{admin}: {e}"));
+                    continue;
+                }
+            };
+            let mut rnd = [0u8; 6];
+            getrandom::fill(&mut rnd).unwrap();
+            let name = format!("bp_test_{}_{}", std::process::id(), hex::encode(rnd));
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            let (base, _) = admin.rsplit_once('/').unwrap();
+            let url = format!("{base}/{name}");
+            let day = Arc::new(AtomicI64::new(20_000));
+            let store = Arc::new(PgStore::open(&url, clock(&day)).await.unwrap());
+            return Some(Self {
+                admin,
+                name,
+                url,
+                day,
+                store,
+            });
+        }
+        let why = format!(
+            "SKIPPED postgres test {test}: no PostgreSQL server answered ({})",
+            reasons.join("; ")
+        );
+        assert!(
+            std::env::var_os("BLINDPOST_REQUIRE_POSTGRES").is_none(),
+            "{why}, and BLINDPOST_REQUIRE_POSTGRES is set"
+        );
+        // Past the test harness's capture, so the skip shows in `cargo test` output.
+        let _ = writeln!(std::io::stderr(), "{why}");
+        None
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .unwrap();
+            });
+        })
+        .join();
+        if dropped.is_err() {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+impl Backend for Postgres {
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+    fn directory(&self) -> Arc<dyn DirectoryStore> {
+        self.store.clone()
+    }
+    fn set_day(&self, day: Day) {
+        self.day.store(day, Ordering::SeqCst);
+    }
+    async fn reopen(&mut self) {
+        self.store.close().await.unwrap();
+        self.store = Arc::new(PgStore::open(&self.url, clock(&self.day)).await.unwrap());
+    }
+}
+
 macro_rules! backend_suite {
-    ($backend:ident: $($test:ident),* $(,)?) => {
-        mod sqlite_backend {
+    ($($module:ident: $backend:ident),+ ; $tests:tt) => {
+        $( backend_suite!(@one $module $backend $tests); )+
+    };
+    (@one $module:ident $backend:ident [$($test:ident),* $(,)?]) => {
+        mod $module {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    let mut backend = $backend::new();
+                    let Some(mut backend) = $backend::new(stringify!($test)).await else {
+                        return;
+                    };
                     super::$test(&mut backend).await;
+                    backend.store().close().await.unwrap();
                 }
             )*
         }
     };
 }
 
-backend_suite!(Sqlite:
+backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     queue_create_append_fetch_ack_delete,
     sequence_numbers_strictly_increase_under_concurrent_posts,
     fetch_respects_message_and_byte_limits,
@@ -93,7 +216,7 @@ backend_suite!(Sqlite:
     directory_register_update_and_conflicts,
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
-);
+]);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
