@@ -1,6 +1,7 @@
 //! End-to-end: the real `blindpostd` and the real `blindpost` binary, driven through the
 //! README's walk-through — 1:1 both ways, groups (create/add/remove/leave), offline delivery
-//! across a restart, concurrent follow + send, epoch races, and errors users see.
+//! across a restart, concurrent follow + send, epoch races, and errors users see; and three
+//! nodes on one PostgreSQL database, one killed mid-traffic (skipped without PostgreSQL).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -298,4 +299,180 @@ fn follow_reconnects_after_the_server_restarts() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert_eq!(seen, vec!["after restart"]);
+}
+
+/// A background `receive --follow --json`, collecting what it prints.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    items: Vec<serde_json::Value>,
+}
+
+impl Follower {
+    fn start(user: &User) -> Self {
+        let mut child = user
+            .command(&["receive", "--follow", "--json", "--timeout", "180"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            items: Vec::new(),
+        }
+    }
+
+    /// Waits until every text of `want` has been printed (or the deadline passes).
+    fn wait_for(&mut self, want: &[String], within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = texts(&self.items);
+            if want.iter().all(|w| seen.contains(w)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.items.extend(parse_lines(&line));
+            }
+        }
+    }
+
+    /// Stops it; everything it printed.
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.items.extend(parse_lines(&line));
+        }
+        self.items
+    }
+}
+
+/// Each text of `acked` exactly once in `delivered`, and no text delivered twice.
+fn assert_exactly_once(who: &str, acked: &[String], delivered: &[String]) {
+    for text in acked {
+        let n = delivered.iter().filter(|d| *d == text).count();
+        assert_eq!(
+            n, 1,
+            "{who} got {text:?} {n} times; delivered: {delivered:?}"
+        );
+    }
+    let mut unique = delivered.to_vec();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        delivered.len(),
+        "{who}: duplicates in {delivered:?}"
+    );
+}
+
+#[test]
+fn three_nodes_on_postgres_lose_nothing_when_one_is_killed() {
+    let Some(db) =
+        util::PgDatabase::create("e2e::three_nodes_on_postgres_lose_nothing_when_one_is_killed")
+    else {
+        return;
+    };
+    let a = Server::start_on(&db);
+    let b = Server::start_on(&db);
+    let mut c = Server::start_on(&db);
+    // Each user tries a different node first: alice uses a, bob c, carol b.
+    let alice = User::setup_on(&[&a, &b, &c], "alice");
+    let bob = User::setup_on(&[&c, &a, &b], "bob");
+    let carol = User::setup_on(&[&b, &c, &a], "carol");
+    assert_eq!(
+        bob.ok(&["servers", "list"]),
+        format!("{}\n{}\n{}\n", c.url, a.url, b.url)
+    );
+
+    alice.ok(&["send", "@bob", "hello"]);
+    alice.ok(&["group", "create", "team", "@bob", "@carol"]);
+    let mut bob_follow = Follower::start(&bob);
+    let mut carol_follow = Follower::start(&carol);
+    assert!(
+        bob_follow.wait_for(&["hello".to_string()], Duration::from_secs(30)),
+        "bob's follower (node c) did not catch up: {:?}",
+        bob_follow.items
+    );
+
+    // A post accepted on node a is pushed to bob's connection on node c.
+    alice.ok(&["send", "@bob", "pushed across nodes"]);
+    assert!(
+        bob_follow.wait_for(
+            &["pushed across nodes".to_string()],
+            Duration::from_secs(10)
+        ),
+        "no cross-node push: {:?}",
+        bob_follow.items
+    );
+
+    // Traffic through all three nodes; node c (bob's sends and bob's follower) dies by SIGKILL
+    // part-way. Only acknowledged sends (exit 0) count.
+    let mut to_bob = vec!["hello".to_string(), "pushed across nodes".to_string()];
+    let (mut from_alice_team, mut from_bob_team) = (Vec::new(), Vec::new());
+    for i in 0..8 {
+        if i == 3 {
+            c.kill();
+        }
+        let dm = format!("dm {i}");
+        if alice.run(&["send", "@bob", &dm]).status.success() {
+            to_bob.push(dm);
+        }
+        let t = format!("team {i} from alice");
+        if alice.run(&["send", "team", &t]).status.success() {
+            from_alice_team.push(t);
+        }
+        let t = format!("team {i} from bob");
+        if bob.run(&["send", "team", &t]).status.success() {
+            from_bob_team.push(t);
+        }
+    }
+    // Node c was the only one down, and every user lists another: every send went through.
+    assert_eq!(to_bob.len(), 10);
+    assert_eq!(from_alice_team.len(), 8);
+    assert_eq!(from_bob_team.len(), 8);
+
+    // The followers reconnect to a live node and get everything by push or catch-up.
+    let bob_wants: Vec<String> = to_bob.iter().chain(&from_alice_team).cloned().collect();
+    let carol_wants: Vec<String> = from_alice_team
+        .iter()
+        .chain(&from_bob_team)
+        .cloned()
+        .collect();
+    assert!(
+        bob_follow.wait_for(&bob_wants, Duration::from_secs(60)),
+        "bob's follower lost messages after node c died: {:?}",
+        texts(&bob_follow.items)
+    );
+    assert!(
+        carol_follow.wait_for(&carol_wants, Duration::from_secs(60)),
+        "carol's follower lost messages after node c died: {:?}",
+        texts(&carol_follow.items)
+    );
+
+    // Exactly once: what the followers printed plus anything a later receive shows.
+    for (user, follower, wants) in [
+        (&bob, bob_follow, bob_wants),
+        (&carol, carol_follow, carol_wants),
+    ] {
+        let mut delivered = texts(&follower.stop());
+        delivered.extend(user.receive_texts());
+        assert_exactly_once(&user.name, &wants, &delivered);
+    }
+    let alice_got = alice.receive_texts();
+    assert_exactly_once("alice", &from_bob_team, &alice_got);
 }

@@ -29,6 +29,18 @@ pub use transport::ws_url;
 
 use store::{ChatRow, ItemRow, Store};
 
+/// The server list as stored under the profile key `server`: one URL per line (a profile
+/// from before several servers were supported holds exactly one).
+pub(crate) fn parse_servers(stored: Option<&str>) -> Vec<String> {
+    stored
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Number of one-time key packages a device keeps on the server.
 pub const KEY_PACKAGE_TARGET: usize = 10;
 /// Top up when fewer than this many remain.
@@ -38,6 +50,9 @@ pub const KEY_PACKAGE_LOW_WATER: u32 = 5;
 pub struct Client {
     dir: PathBuf,
     store: Store,
+    /// Index (into the profile's server list) of the server to try first: the last one that
+    /// answered, moved on when a connection drops.
+    preferred_server: std::sync::atomic::AtomicUsize,
 }
 
 /// Something to show the user: a message or a membership change.
@@ -91,7 +106,11 @@ impl Client {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         let store = Store::open(&dir)?;
-        Ok(Self { dir, store })
+        Ok(Self {
+            dir,
+            store,
+            preferred_server: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// The profile directory.
@@ -104,9 +123,41 @@ impl Client {
         self.store.get_str("username")
     }
 
-    /// The server URL, once set up.
-    pub fn server(&self) -> Result<Option<String>> {
-        self.store.get_str("server")
+    /// The server URLs, in the order they are tried (empty before setup). Every URL names a
+    /// node of the same deployment (one shared database).
+    pub fn servers(&self) -> Result<Vec<String>> {
+        Ok(parse_servers(self.store.get_str("server")?.as_deref()))
+    }
+
+    /// Adds a server URL to the end of the list (after checking its form). Adding one that
+    /// is already listed is an error.
+    pub fn add_server(&self, url: &str) -> Result<()> {
+        crate::transport::ws_url(url)?;
+        let mut servers = self.servers()?;
+        if servers.is_empty() {
+            return Err(Error::NotSetUp);
+        }
+        if servers.iter().any(|s| s == url) {
+            return Err(Error::Invalid(format!("{url} is already listed")));
+        }
+        servers.push(url.to_string());
+        self.store.set("server", servers.join("\n").as_bytes())
+    }
+
+    /// Removes a server URL; the last one cannot be removed.
+    pub fn remove_server(&self, url: &str) -> Result<()> {
+        let mut servers = self.servers()?;
+        let before = servers.len();
+        servers.retain(|s| s != url);
+        if servers.len() == before {
+            return Err(Error::Invalid(format!("{url} is not listed")));
+        }
+        if servers.is_empty() {
+            return Err(Error::Invalid(
+                "cannot remove the only server; add another first".into(),
+            ));
+        }
+        self.store.set("server", servers.join("\n").as_bytes())
     }
 
     /// Items not handed out before, oldest first; each is handed out once.

@@ -1,5 +1,11 @@
 //! Test harness for end-to-end tests: runs the real `blindpostd` on a free port with a temp
-//! data dir, and the real `blindpost` binary against it, one profile directory per user.
+//! data dir (SQLite) or on a shared PostgreSQL database (several nodes), and the real
+//! `blindpost` binary against it, one profile directory per user.
+//!
+//! PostgreSQL: [`PgDatabase::create`] makes a fresh database on `127.0.0.1:5432` with `psql`
+//! (trust auth, user `postgres` or `root`) and drops it afterwards. Without a reachable server
+//! it prints why the test is skipped to stderr and returns `None` — unless
+//! `BLINDPOST_REQUIRE_POSTGRES` is set (CI sets it), when it fails.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,8 +51,17 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A node on a shared PostgreSQL database.
+    pub fn start_on(db: &PgDatabase) -> Self {
+        Self::start_with(Some(&db.url))
+    }
+
+    fn start_with(database: Option<&str>) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0");
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database);
         Self {
             child,
             url: format!("ws://{addr}"),
@@ -58,7 +73,7 @@ impl Server {
     /// Stop (SIGTERM, wait) and start again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, addr) = spawn_server(self.data.path(), &self.addr);
+        let (child, addr) = spawn_server(self.data.path(), &self.addr, None);
         assert_eq!(addr, self.addr);
         self.child = child;
     }
@@ -74,6 +89,12 @@ impl Server {
         );
     }
 
+    /// Kill with SIGKILL: no shutdown, no flush, connections cut.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        let _ = self.child.wait();
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data.path()
     }
@@ -86,12 +107,15 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(data: &Path, listen: &str) -> (Child, String) {
+fn spawn_server(data: &Path, listen: &str, database: Option<&str>) -> (Child, String) {
     // The port of a just-stopped server may linger briefly; retry binding a few times.
     for attempt in 0..50 {
-        let mut child = Command::new(bin("blindpostd"))
-            .args(["--listen", listen, "--data"])
-            .arg(data)
+        let mut command = Command::new(bin("blindpostd"));
+        command.args(["--listen", listen, "--data"]).arg(data);
+        if let Some(url) = database {
+            command.args(["--database", url]);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -108,6 +132,75 @@ fn spawn_server(data: &Path, listen: &str) -> (Child, String) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     unreachable!()
+}
+
+/// A fresh PostgreSQL database, dropped on drop.
+pub struct PgDatabase {
+    user: String,
+    name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// Creates one, or says on stderr why the calling test is skipped and returns `None`.
+    pub fn create(test: &str) -> Option<Self> {
+        let name = format!(
+            "bp_e2e_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let mut reasons = Vec::new();
+        for user in ["postgres", "root"] {
+            match psql(user, &format!("CREATE DATABASE {name}")) {
+                Ok(()) => {
+                    return Some(Self {
+                        url: format!("postgres://{user}@127.0.0.1:5432/{name}"),
+                        user: user.to_string(),
+                        name,
+                    });
+                }
+                Err(e) => reasons.push(format!("as {user}: {e}")),
+            }
+        }
+        let why = format!(
+            "SKIPPED {test}: no PostgreSQL server on 127.0.0.1:5432 ({})",
+            reasons.join("; ")
+        );
+        assert!(
+            std::env::var_os("BLINDPOST_REQUIRE_POSTGRES").is_none(),
+            "{why}, and BLINDPOST_REQUIRE_POSTGRES is set"
+        );
+        // Past the test harness's capture, so the skip shows in `cargo test` output.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{why}");
+        None
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.user,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(user: &str, sql: &str) -> Result<(), String> {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", user, "-d", "test"])
+        .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 /// One user: a profile directory.
@@ -129,6 +222,17 @@ impl User {
     pub fn setup(server: &Server, name: &str) -> Self {
         let u = Self::fresh(name);
         u.ok(&["setup", "--server", &server.url, "--username", name]);
+        u
+    }
+
+    /// A new profile, set up with several servers (tried in this order) as `name`.
+    pub fn setup_on(servers: &[&Server], name: &str) -> Self {
+        let u = Self::fresh(name);
+        let mut args = vec!["setup", "--username", name];
+        for s in servers {
+            args.extend(["--server", s.url.as_str()]);
+        }
+        u.ok(&args);
         u
     }
 
