@@ -7,11 +7,10 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use util::{Server, User, of_kind, parse_lines, texts};
+use util::{Server, User, of_kind, texts};
 
 #[test]
 fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
@@ -156,37 +155,15 @@ fn follow_and_send_on_one_profile_at_the_same_time() {
     let bob = User::setup(&server, "bob");
     alice.ok(&["send", "@bob", "first"]);
 
-    let mut follow = bob
-        .command(&["receive", "--follow", "--json", "--timeout", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follow = bob.follow();
 
     // While bob follows, bob also sends from another process, and alice sends more.
     bob.ok(&["send", "@alice", "bob while following"]);
     for i in 0..3 {
         alice.ok(&["send", "@bob", &format!("live {i}")]);
     }
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.len() < 4 && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.extend(texts(&parse_lines(&line)));
-        }
-    }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    let seen = follow.texts(4);
+    drop(follow);
     assert_eq!(seen, vec!["first", "live 0", "live 1", "live 2"]);
     assert_eq!(alice.receive_texts(), vec!["bob while following"]);
 }
@@ -264,101 +241,50 @@ fn follow_reconnects_after_the_server_restarts() {
     let alice = User::setup(&server, "alice");
     let bob = User::setup(&server, "bob");
     alice.ok(&["send", "@bob", "before"]);
-    let mut follow = bob
-        .command(&["receive", "--follow", "--json", "--timeout", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follow = bob.follow();
     // The catch-up: the "joined" item, then the message.
-    let mut before = Vec::new();
-    while before.is_empty() {
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        before.extend(texts(&parse_lines(&line)));
-    }
-    assert_eq!(before, vec!["before"]);
+    assert_eq!(follow.texts(1), vec!["before"]);
     server.restart();
     alice.ok(&["send", "@bob", "after restart"]);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.is_empty() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.extend(texts(&parse_lines(&line)));
-        }
-    }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    let seen = follow.texts(1);
+    drop(follow);
     assert_eq!(seen, vec!["after restart"]);
 }
 
-/// A background `receive --follow --json`, collecting what it prints.
-struct Follower {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    items: Vec<serde_json::Value>,
-}
-
-impl Follower {
-    fn start(user: &User) -> Self {
-        let mut child = user
-            .command(&["receive", "--follow", "--json", "--timeout", "180"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            items: Vec::new(),
-        }
-    }
-
-    /// Waits until every text of `want` has been printed (or the deadline passes).
-    fn wait_for(&mut self, want: &[String], within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            let seen = texts(&self.items);
-            if want.iter().all(|w| seen.contains(w)) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.items.extend(parse_lines(&line));
-            }
-        }
-    }
-
-    /// Stops it; everything it printed.
-    fn stop(mut self) -> Vec<serde_json::Value> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.items.extend(parse_lines(&line));
-        }
-        self.items
-    }
+#[test]
+fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
+    let server = Server::start();
+    let setup = |name: &str, suite: &str| {
+        let u = User::fresh(name);
+        u.ok(&[
+            "setup",
+            "--server",
+            &server.url,
+            "--username",
+            name,
+            "--ciphersuite",
+            suite,
+        ]);
+        u
+    };
+    let alice = setup("alice", "classic");
+    let bob = setup("bob", "classic");
+    let carol = setup("carol", "pq");
+    alice.ok(&["send", "@bob", "classic hello"]);
+    assert_eq!(bob.receive_texts(), vec!["classic hello"]);
+    let err = alice.fails(&["send", "@carol", "hi"]);
+    assert!(err.contains("ciphersuite"), "{err}");
+    let err = User::fresh("dave").fails(&[
+        "setup",
+        "--server",
+        &server.url,
+        "--username",
+        "dave",
+        "--ciphersuite",
+        "rot13",
+    ]);
+    assert!(err.contains("unknown ciphersuite"), "{err}");
+    drop(carol);
 }
 
 /// Each text of `acked` exactly once in `delivered`, and no text delivered twice.
@@ -401,8 +327,8 @@ fn three_nodes_on_postgres_lose_nothing_when_one_is_killed() {
 
     alice.ok(&["send", "@bob", "hello"]);
     alice.ok(&["group", "create", "team", "@bob", "@carol"]);
-    let mut bob_follow = Follower::start(&bob);
-    let mut carol_follow = Follower::start(&carol);
+    let mut bob_follow = bob.follow();
+    let mut carol_follow = carol.follow();
     assert!(
         bob_follow.wait_for(&["hello".to_string()], Duration::from_secs(30)),
         "bob's follower (node c) did not catch up: {:?}",

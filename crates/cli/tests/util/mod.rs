@@ -276,6 +276,31 @@ impl User {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// Start `receive --follow --json --timeout 60`; its output lines arrive on the receiver.
+    pub fn follow(&self) -> Follower {
+        let mut child = self
+            .command(&["receive", "--follow", "--json", "--timeout", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower {
+            child,
+            lines,
+            items: Vec::new(),
+        }
+    }
+
     /// Run with `--json`; one value per line.
     pub fn json(&self, args: &[&str]) -> Vec<Value> {
         let mut a = args.to_vec();
@@ -291,6 +316,73 @@ impl User {
     /// Texts of received messages.
     pub fn receive_texts(&self) -> Vec<String> {
         texts(&self.receive())
+    }
+}
+
+/// A running `receive --follow`.
+pub struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What `wait_for` has read so far.
+    pub items: Vec<Value>,
+}
+
+impl Follower {
+    /// Collect message texts until `n` arrived or 30 s passed.
+    pub fn texts(&self, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while seen.len() < n && std::time::Instant::now() < deadline {
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                seen.extend(texts(&parse_lines(&line)));
+            }
+        }
+        seen
+    }
+}
+
+impl Follower {
+    /// Waits until every text of `want` has been printed; false if `within` passed first.
+    pub fn wait_for(&mut self, want: &[String], within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let seen = texts(&self.items);
+            if want.iter().all(|w| seen.contains(w)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                self.items.extend(parse_lines(&line));
+            }
+        }
+    }
+
+    /// Kills it; every item it printed (including those `wait_for` read).
+    pub fn stop(mut self) -> Vec<Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(200))
+        {
+            self.items.extend(parse_lines(&line));
+        }
+        std::mem::take(&mut self.items)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
