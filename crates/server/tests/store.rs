@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
+use blindpost_server::store::postgres::Wakeups;
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore, PostOp,
@@ -29,6 +30,9 @@ use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHas
 
 trait Backend: Sized {
     fn store(&self) -> Arc<dyn Store>;
+    /// Every node's store on this database: one for SQLite, two for PostgreSQL (two pools,
+    /// as two `blindpostd` processes would have). Concurrency tests spread over them.
+    fn nodes(&self) -> Vec<Arc<dyn Store>>;
     fn directory(&self) -> Arc<dyn DirectoryStore>;
     fn set_day(&self, day: Day);
     /// Closes the store and opens the same database again.
@@ -59,6 +63,9 @@ impl Backend for Sqlite {
     fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
     }
+    fn nodes(&self) -> Vec<Arc<dyn Store>> {
+        vec![self.store.clone()]
+    }
     fn directory(&self) -> Arc<dyn DirectoryStore> {
         self.store.clone()
     }
@@ -78,6 +85,7 @@ struct Postgres {
     url: String,
     day: Arc<AtomicI64>,
     store: Arc<PgStore>,
+    other_node: Arc<PgStore>,
 }
 
 /// Admin URLs tried in turn (trust auth on the local server).
@@ -116,12 +124,14 @@ impl Postgres {
             let url = format!("{base}/{name}");
             let day = Arc::new(AtomicI64::new(20_000));
             let store = Arc::new(PgStore::open(&url, clock(&day)).await.unwrap());
+            let other_node = Arc::new(PgStore::open(&url, clock(&day)).await.unwrap());
             return Some(Self {
                 admin,
                 name,
                 url,
                 day,
                 store,
+                other_node,
             });
         }
         let why = format!(
@@ -169,6 +179,9 @@ impl Backend for Postgres {
     fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
     }
+    fn nodes(&self) -> Vec<Arc<dyn Store>> {
+        vec![self.store.clone(), self.other_node.clone()]
+    }
     fn directory(&self) -> Arc<dyn DirectoryStore> {
         self.store.clone()
     }
@@ -195,7 +208,9 @@ macro_rules! backend_suite {
                         return;
                     };
                     super::$test(&mut backend).await;
-                    backend.store().close().await.unwrap();
+                    for node in backend.nodes() {
+                        node.close().await.unwrap();
+                    }
                 }
             )*
         }
@@ -217,6 +232,102 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
 ]);
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only: wake-ups between nodes
+
+/// Records what the listener relays.
+#[derive(Default)]
+struct Wakes {
+    queues: std::sync::Mutex<Vec<QueueId>>,
+    resyncs: std::sync::atomic::AtomicUsize,
+}
+
+impl Wakeups for Wakes {
+    fn appended(&self, queues: &[QueueId]) {
+        self.queues.lock().unwrap().extend_from_slice(queues);
+    }
+    fn resync(&self) {
+        self.resyncs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    async fn until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(self) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    fn relayed(&self) -> Vec<QueueId> {
+        self.queues.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_its_connection() {
+    let Some(pg) = Postgres::new("postgres_listener_relays_other_nodes_appends").await else {
+        return;
+    };
+    let wakes = Arc::new(Wakes::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let listener = pg.store.listen(wakes.clone(), stopped);
+    wakes
+        .until("first LISTEN", |w| w.resyncs.load(Ordering::SeqCst) == 1)
+        .await;
+
+    // Node 2 stores; node 1's listener hears which queues, and only those.
+    let other = pg.other_node.clone();
+    queue(&*other, 1).await;
+    queue(&*other, 2).await;
+    group(&*other, 1, 0, 1, &[1, 2]).await;
+    other.post(post(1, 0, 1, 1, b"x")).await.unwrap();
+    wakes
+        .until("a wake-up for node 2's post", |w| w.relayed().len() == 2)
+        .await;
+    let mut relayed = wakes.relayed();
+    relayed.sort();
+    assert_eq!(relayed, vec![qid(1), qid(2)]);
+
+    // Node 1's own appends are not relayed back (its service woke its connections already);
+    // notifications arrive in commit order, so once node 2's next post is heard, an echo of
+    // node 1's would have been too.
+    pg.store.post(post(1, 0, 1, 2, b"own")).await.unwrap();
+    other.post(post(1, 0, 1, 3, b"y")).await.unwrap();
+    wakes
+        .until("node 2's second post", |w| w.relayed().len() >= 4)
+        .await;
+    assert_eq!(wakes.relayed().len(), 4, "node 1 heard its own post");
+
+    // Cut the listener's connection: it reconnects, re-checks every subscription, and hears
+    // node 2 again.
+    let (admin, connection) = tokio_postgres::connect(&pg.admin, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'blindpostd-listen' AND datname = $1",
+            &[&pg.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 1, "one listener connection");
+    wakes
+        .until("a resync after reconnecting", |w| {
+            w.resyncs.load(Ordering::SeqCst) == 2
+        })
+        .await;
+    other.post(post(1, 0, 1, 4, b"z")).await.unwrap();
+    wakes
+        .until("a wake-up after reconnecting", |w| w.relayed().len() == 6)
+        .await;
+
+    stop.send(true).unwrap();
+    listener.await.unwrap();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -392,9 +503,10 @@ async fn sequence_numbers_strictly_increase_under_concurrent_posts(b: &mut impl 
     let s = b.store();
     let q = queue(&*s, 1).await;
     group(&*s, 1, 0, 1, &[1]).await;
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100u32 {
-        let s = Arc::clone(&s);
+        let s = Arc::clone(&nodes[i as usize % nodes.len()]);
         tasks.spawn(async move { s.post(post(1, 0, 1, i, &i.to_be_bytes())).await.unwrap() });
     }
     while let Some(r) = tasks.join_next().await {
@@ -577,9 +689,10 @@ async fn concurrent_commits_at_one_epoch_have_one_winner(b: &mut impl Backend) {
     let s = b.store();
     queue(&*s, 1).await;
     group(&*s, 1, 10, 1, &[1]).await;
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16u8 {
-        let s = Arc::clone(&s);
+        let s = Arc::clone(&nodes[usize::from(i) % nodes.len()]);
         tasks.spawn(async move {
             let mut c = commit(1, 10, 1, 100 + i);
             c.commit = vec![i];
@@ -731,9 +844,10 @@ async fn concurrent_claims_never_hand_out_a_package_twice(b: &mut impl Backend) 
         .await
         .unwrap();
     let bx = BoxId::new([1; 16]);
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..30 {
-        let s = Arc::clone(&s);
+    for i in 0..30 {
+        let s = Arc::clone(&nodes[i % nodes.len()]);
         tasks.spawn(async move { s.claim_key_package(bx).await.unwrap() });
     }
     let mut one_time = HashSet::new();

@@ -171,7 +171,9 @@ impl PgStore {
         wakeups: Arc<dyn Wakeups>,
         stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
-        let config = self.pool.config.clone();
+        let mut config = self.pool.config.clone();
+        // Named apart from the pool's connections, so operators (and tests) can tell it.
+        config.application_name("blindpostd-listen");
         let node = self.node.clone();
         tokio::spawn(listen_loop(config, node, wakeups, stop))
     }
