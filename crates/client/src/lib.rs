@@ -301,3 +301,72 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     getrandom::fill(&mut b).expect("OS random source");
     b
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[test]
+    fn an_old_single_url_profile_is_a_list_of_one_and_the_list_can_be_edited() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::open(dir.path()).unwrap();
+        assert!(client.servers().unwrap().is_empty());
+        assert!(matches!(
+            client.add_server("ws://a:1"),
+            Err(Error::NotSetUp)
+        ));
+        // What a profile written before several servers were supported holds.
+        client.store.set("server", b"ws://a:1").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1"]);
+
+        client.add_server("ws://b:2").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "ws://b:2"]);
+        assert!(client.add_server("ws://b:2").is_err(), "listed twice");
+        assert!(client.add_server("http://c:3").is_err(), "not a ws:// URL");
+        assert!(client.remove_server("ws://nope:9").is_err());
+        client.remove_server("ws://a:1").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert!(
+            client.remove_server("ws://b:2").is_err(),
+            "the last server stays"
+        );
+        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+    }
+
+    #[tokio::test]
+    async fn connecting_skips_a_dead_server_and_prefers_the_one_that_answered() {
+        // A port nothing listens on (bound, then closed), and a live WebSocket server.
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("ws://{}", l.local_addr().unwrap())
+        };
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_url = format!("ws://{}", live.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = live.accept().await {
+                tokio::spawn(async move {
+                    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                    while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::open(dir.path()).unwrap();
+        let servers = vec![dead.clone(), live_url];
+        client.connect(&servers).await.unwrap().close().await;
+        assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
+        // After a drop the client tries the next one first (here: round to the dead one,
+        // then on to the live one again).
+        client.rotate_server();
+        client.connect(&servers).await.unwrap().close().await;
+        assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
+        // With every server dead, the error names each failure.
+        let err = client.connect(&[dead.clone(), dead]).await.err().unwrap();
+        assert!(
+            matches!(err, Error::Unreachable(ref m) if m.contains(';')),
+            "{err}"
+        );
+    }
+}

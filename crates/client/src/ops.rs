@@ -124,7 +124,7 @@ impl Client {
 
     /// Connects to the first server of `servers` that answers, starting with the preferred
     /// one and going round the list once; the one that answered becomes preferred.
-    async fn connect(&self, servers: &[String]) -> Result<Connection> {
+    pub(crate) async fn connect(&self, servers: &[String]) -> Result<Connection> {
         let start = self.preferred_server.load(Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..servers.len() {
@@ -145,7 +145,7 @@ impl Client {
     }
 
     /// Makes the server after the preferred one preferred (its connection dropped).
-    fn rotate_server(&self) {
+    pub(crate) fn rotate_server(&self) {
         self.preferred_server.fetch_add(1, Ordering::Relaxed);
     }
 
