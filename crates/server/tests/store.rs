@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
-use blindpost_server::store::postgres::Wakeups;
+use blindpost_server::store::postgres::{self, Wakeups};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore, PostOp,
@@ -79,10 +79,15 @@ impl Backend for Sqlite {
 }
 
 /// A fresh PostgreSQL database for one test, dropped when the test ends (even by a panic).
-struct Postgres {
+struct TestDb {
     admin: String,
     name: String,
     url: String,
+}
+
+/// The PostgreSQL backend: a fresh database and two nodes' stores on it.
+struct Postgres {
+    db: TestDb,
     day: Arc<AtomicI64>,
     store: Arc<PgStore>,
     other_node: Arc<PgStore>,
@@ -99,15 +104,19 @@ fn postgres_admin_urls() -> Vec<String> {
     }
 }
 
-impl Postgres {
-    async fn new(test: &str) -> Option<Self> {
+async fn admin_client(admin: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl TestDb {
+    /// Creates one, or says on stderr why `test` is skipped and returns `None`.
+    async fn create(test: &str) -> Option<Self> {
         let mut reasons = Vec::new();
         for admin in postgres_admin_urls() {
-            let client = match tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
-                Ok((client, connection)) => {
-                    tokio::spawn(connection);
-                    client
-                }
+            let client = match admin_client(&admin).await {
+                Ok(client) => client,
                 Err(e) => {
                     reasons.push(format!("{admin}: {e}"));
                     continue;
@@ -122,17 +131,7 @@ impl Postgres {
                 .unwrap();
             let (base, _) = admin.rsplit_once('/').unwrap();
             let url = format!("{base}/{name}");
-            let day = Arc::new(AtomicI64::new(20_000));
-            let store = Arc::new(PgStore::open(&url, clock(&day)).await.unwrap());
-            let other_node = Arc::new(PgStore::open(&url, clock(&day)).await.unwrap());
-            return Some(Self {
-                admin,
-                name,
-                url,
-                day,
-                store,
-                other_node,
-            });
+            return Some(Self { admin, name, url });
         }
         let why = format!(
             "SKIPPED postgres test {test}: no PostgreSQL server answered ({})",
@@ -148,7 +147,7 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
+impl Drop for TestDb {
     fn drop(&mut self) {
         let (admin, name) = (self.admin.clone(), self.name.clone());
         // Drop runs inside the test's runtime: use a thread with a runtime of its own.
@@ -158,11 +157,9 @@ impl Drop for Postgres {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                admin_client(&admin)
                     .await
-                    .unwrap();
-                tokio::spawn(connection);
-                client
+                    .unwrap()
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await
                     .unwrap();
@@ -172,6 +169,21 @@ impl Drop for Postgres {
         if dropped.is_err() {
             eprintln!("could not drop test database {}", self.name);
         }
+    }
+}
+
+impl Postgres {
+    async fn new(test: &str) -> Option<Self> {
+        let db = TestDb::create(test).await?;
+        let day = Arc::new(AtomicI64::new(20_000));
+        let store = Arc::new(PgStore::open(&db.url, clock(&day)).await.unwrap());
+        let other_node = Arc::new(PgStore::open(&db.url, clock(&day)).await.unwrap());
+        Some(Self {
+            db,
+            day,
+            store,
+            other_node,
+        })
     }
 }
 
@@ -190,7 +202,7 @@ impl Backend for Postgres {
     }
     async fn reopen(&mut self) {
         self.store.close().await.unwrap();
-        self.store = Arc::new(PgStore::open(&self.url, clock(&self.day)).await.unwrap());
+        self.store = Arc::new(PgStore::open(&self.db.url, clock(&self.day)).await.unwrap());
     }
 }
 
@@ -302,15 +314,12 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
 
     // Cut the listener's connection: it reconnects, re-checks every subscription, and hears
     // node 2 again.
-    let (admin, connection) = tokio_postgres::connect(&pg.admin, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let admin = admin_client(&pg.db.admin).await.unwrap();
     let cut = admin
         .query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE application_name = 'blindpostd-listen' AND datname = $1",
-            &[&pg.name],
+            &[&pg.db.name],
         )
         .await
         .unwrap();
@@ -327,6 +336,41 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
 
     stop.send(true).unwrap();
     listener.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_nodes_starting_at_once_migrate_once_and_refuse_a_newer_schema() {
+    let Some(db) = TestDb::create("postgres_nodes_starting_at_once_migrate_once").await else {
+        return;
+    };
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let url = db.url.clone();
+        starts.spawn(async move { PgStore::open(&url, Arc::new(|| 1)).await });
+    }
+    while let Some(started) = starts.join_next().await {
+        started.unwrap().unwrap().close().await.unwrap();
+    }
+    let client = admin_client(&db.url).await.unwrap();
+    let rows = client
+        .query("SELECT version FROM blindpost_schema", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one version row");
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        postgres::SCHEMA_VERSION as i64,
+        "every migration applied once"
+    );
+    client
+        .batch_execute("UPDATE blindpost_schema SET version = 99")
+        .await
+        .unwrap();
+    let newer = PgStore::open(&db.url, Arc::new(|| 1)).await;
+    assert!(
+        matches!(newer, Err(StoreError::Backend(ref m)) if m.contains("newer")),
+        "a schema from a newer server is refused"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

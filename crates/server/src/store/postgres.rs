@@ -59,6 +59,9 @@ const LISTEN_PING: Duration = Duration::from_secs(15);
 /// Longest pause between listener reconnection attempts.
 const LISTEN_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The schema version this server creates and understands.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 /// Versioned schema migrations; `blindpost_schema.version` records how many ran. Append only.
 /// Same tables and columns as the SQLite backend (see SEIZURE.md).
 const MIGRATIONS: &[&str] = &[
