@@ -339,6 +339,40 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_operations_survive_the_pools_connections_being_cut() {
+    let Some(pg) = Postgres::new("postgres_operations_survive_cut_connections").await else {
+        return;
+    };
+    let s = pg.store();
+    // Fill the pool with several connections.
+    let mut warm = tokio::task::JoinSet::new();
+    for n in 1..=8u8 {
+        let s = Arc::clone(&s);
+        warm.spawn(async move { queue(&*s, n).await });
+    }
+    while let Some(r) = warm.join_next().await {
+        r.unwrap();
+    }
+    let admin = admin_client(&pg.db.admin).await.unwrap();
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'blindpostd' AND datname = $1",
+            &[&pg.db.name],
+        )
+        .await
+        .unwrap();
+    assert!(!cut.is_empty());
+    // Every operation still succeeds: dead connections are replaced, and an operation that
+    // met one before committing runs again on a fresh one.
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    for i in 0..8u32 {
+        s.post(post(1, 0, 1, i, b"after the cut")).await.unwrap();
+    }
+    assert_eq!(payloads(&*s, qid(2)).await.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_nodes_starting_at_once_migrate_once_and_refuse_a_newer_schema() {
     let Some(db) = TestDb::create("postgres_nodes_starting_at_once_migrate_once").await else {
         return;

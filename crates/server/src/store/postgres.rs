@@ -12,9 +12,10 @@
 //! (READ COMMITTED): commits and posts lock the group row (`FOR UPDATE`), so the epoch
 //! compare-and-set sees the winner's epoch after waiting; publishes lock the box row; a claim
 //! deletes one package chosen `FOR UPDATE SKIP LOCKED`, so two nodes never hand out the same
-//! one-time package. An operation that hits a deadlock or a unique-key race is rolled back and
-//! run again from scratch (at most [`MAX_RETRIES`] times); a failed `COMMIT` is never retried
-//! (its outcome is unknown) and is reported as an error, never acknowledged.
+//! one-time package. An operation that hits a deadlock, a unique-key race or a dead pooled
+//! connection is rolled back and run again from scratch (at most [`MAX_RETRIES`] times); a
+//! failed `COMMIT` is never retried (its outcome is unknown) and is reported as an error,
+//! never acknowledged.
 //!
 //! **Wake-ups.** A transaction that appends messages also runs `pg_notify` on [`CHANNEL`] with
 //! this node's tag and the queue ids; PostgreSQL delivers it to every listening node only if
@@ -211,13 +212,34 @@ impl From<StoreError> for Fail {
 }
 
 impl Fail {
+    /// Whether running the operation again, from scratch, is safe and may succeed: a
+    /// deadlock or race, or a pooled connection found dead before anything was committed.
     fn retryable(&self) -> bool {
+        if self.connection_lost() {
+            return true;
+        }
         match self {
             Fail::Db(e) => e.code().is_some_and(|c| {
                 *c == SqlState::T_R_DEADLOCK_DETECTED
                     || *c == SqlState::T_R_SERIALIZATION_FAILURE
                     || *c == SqlState::UNIQUE_VIOLATION
             }),
+            Fail::Store(_) => false,
+        }
+    }
+
+    /// Whether the server ended this session (restart, failover, terminated backend), so its
+    /// idle siblings in the pool are likely dead too.
+    fn connection_lost(&self) -> bool {
+        match self {
+            Fail::Db(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|c| {
+                        *c == SqlState::ADMIN_SHUTDOWN
+                            || *c == SqlState::CRASH_SHUTDOWN
+                            || c.code().starts_with("08")
+                    })
+            }
             Fail::Store(_) => false,
         }
     }
@@ -461,7 +483,13 @@ macro_rules! transact {
                             node: &store.node,
                         };
                         match $body.await {
-                            Ok(value) => $tx.tx.commit().await.map(|()| value).map_err(Fail::Db),
+                            // Never retried: whether a failed COMMIT took effect is unknown.
+                            Ok(value) => $tx.tx.commit().await.map(|()| value).map_err(|e| {
+                                Fail::Store(StoreError::Backend(format!(
+                                    "commit failed: {}",
+                                    db_message(&e)
+                                )))
+                            }),
                             Err(e) => {
                                 let _ = $tx.tx.rollback().await;
                                 Err(e)
@@ -473,6 +501,12 @@ macro_rules! transact {
                     Ok(value) => return Ok(value),
                     Err(e) if e.retryable() && attempt < MAX_RETRIES => {
                         attempt += 1;
+                        if e.connection_lost() {
+                            // A database restart kills every pooled connection: reconnect.
+                            if let Ok(mut idle) = store.pool.idle.lock() {
+                                idle.clear();
+                            }
+                        }
                         tracing::debug!(attempt, error = %e.into_store(), "retrying an operation");
                     }
                     Err(e) => return Err(e.into_store()),
