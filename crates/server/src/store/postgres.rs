@@ -397,9 +397,16 @@ async fn migrate(client: &mut Client) -> Result<(), Fail> {
     Ok(())
 }
 
-/// One operation's transaction, with the connection's statement cache and the day.
+/// Where an operation's statements go: its own transaction, or (reads and idempotent single
+/// statements) the connection in autocommit, saving the `BEGIN`/`COMMIT` round trips.
+enum Link<'a> {
+    Tx(tokio_postgres::Transaction<'a>),
+    Direct(&'a Client),
+}
+
+/// One operation: its link, the connection's statement cache, the day and our node tag.
 struct Tx<'a> {
-    tx: tokio_postgres::Transaction<'a>,
+    link: Link<'a>,
     stmts: &'a mut HashMap<&'static str, Statement>,
     day: Day,
     node: &'a str,
@@ -412,29 +419,64 @@ impl Tx<'_> {
         if let Some(s) = self.stmts.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.tx.prepare(sql).await?;
+        let s = match &self.link {
+            Link::Tx(tx) => tx.prepare(sql).await?,
+            Link::Direct(client) => client.prepare(sql).await?,
+        };
         self.stmts.insert(sql, s.clone());
         Ok(s)
     }
 
     async fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(self.tx.query(&s, params).await?)
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query(&s, params).await?,
+            Link::Direct(client) => client.query(&s, params).await?,
+        })
     }
 
     async fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(self.tx.query_opt(&s, params).await?)
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query_opt(&s, params).await?,
+            Link::Direct(client) => client.query_opt(&s, params).await?,
+        })
     }
 
     async fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(self.tx.query_one(&s, params).await?)
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query_one(&s, params).await?,
+            Link::Direct(client) => client.query_one(&s, params).await?,
+        })
     }
 
     async fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(self.tx.execute(&s, params).await?)
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.execute(&s, params).await?,
+            Link::Direct(client) => client.execute(&s, params).await?,
+        })
+    }
+
+    /// Commits (a transaction) or does nothing (autocommit). A failure is never retryable:
+    /// whether a failed `COMMIT` took effect is unknown.
+    async fn commit(self) -> Result<(), Fail> {
+        match self.link {
+            Link::Tx(tx) => tx.commit().await.map_err(|e| {
+                Fail::Store(StoreError::Backend(format!(
+                    "commit failed: {}",
+                    db_message(&e)
+                )))
+            }),
+            Link::Direct(_) => Ok(()),
+        }
+    }
+
+    async fn rollback(self) {
+        if let Link::Tx(tx) = self.link {
+            let _ = tx.rollback().await;
+        }
     }
 
     /// Tells every listening node (on commit) that `queues` have new messages.
@@ -462,36 +504,43 @@ impl Tx<'_> {
     }
 }
 
-/// Runs `$body` (an expression using the `Tx` named `$tx`) in a transaction of its own,
-/// commits, and retries from scratch after a deadlock or unique-key race.
+/// Runs `$body` (an expression using the `Tx` named `$tx`) in a transaction of its own and
+/// commits; with `autocommit`, runs it without one (only for reads and idempotent single
+/// statements: a lost connection makes it run again). Runs it again from scratch after a
+/// deadlock, a unique-key race or a dead connection, never after a failed `COMMIT`.
 macro_rules! transact {
     ($store:expr, |$tx:ident| $body:expr) => {
+        transact!(@run $store, true, |$tx| $body)
+    };
+    ($store:expr, autocommit |$tx:ident| $body:expr) => {
+        transact!(@run $store, false, |$tx| $body)
+    };
+    (@run $store:expr, $in_tx:expr, |$tx:ident| $body:expr) => {
         Box::pin(async move {
             let store = $store;
             let mut attempt = 0;
             loop {
                 let mut conn = store.pool.get().await?;
                 let PgConn { client, stmts } = &mut *conn;
-                let outcome = match client.transaction().await {
+                let link = if $in_tx {
+                    client.transaction().await.map(Link::Tx)
+                } else {
+                    Ok(Link::Direct(&*client))
+                };
+                let outcome = match link {
                     Err(e) => Err(Fail::Db(e)),
-                    Ok(tx) => {
+                    Ok(link) => {
                         #[allow(unused_mut)]
                         let mut $tx = Tx {
-                            tx,
+                            link,
                             stmts,
                             day: (store.clock)(),
                             node: &store.node,
                         };
                         match $body.await {
-                            // Never retried: whether a failed COMMIT took effect is unknown.
-                            Ok(value) => $tx.tx.commit().await.map(|()| value).map_err(|e| {
-                                Fail::Store(StoreError::Backend(format!(
-                                    "commit failed: {}",
-                                    db_message(&e)
-                                )))
-                            }),
+                            Ok(value) => $tx.commit().await.map(|()| value),
                             Err(e) => {
-                                let _ = $tx.tx.rollback().await;
+                                $tx.rollback().await;
                                 Err(e)
                             }
                         }
@@ -537,8 +586,8 @@ fn queue_from_sql(bytes: &[u8]) -> Result<QueueId, Fail> {
     QueueId::parse(bytes).map_err(|_| bad_row("queue id"))
 }
 
-/// Appends `payload` to each queue of `queues` that still exists, in one statement; returns
-/// the queues it went to.
+/// Appends `payload` to each of `queues` that still exists, in one statement; returns the
+/// queues it went to.
 async fn append_many(
     tx: &mut Tx<'_>,
     queues: &[Vec<u8>],
@@ -564,15 +613,27 @@ async fn append_many(
         .collect()
 }
 
-async fn routes_of(tx: &mut Tx<'_>, group: &GroupId) -> Result<Vec<Vec<u8>>, Fail> {
+/// Appends `payload` to every route of `group`, in one statement; returns the queues.
+async fn append_to_routes(
+    tx: &mut Tx<'_>,
+    group: &GroupId,
+    payload: &[u8],
+) -> Result<Vec<QueueId>, Fail> {
+    let day = tx.day;
     let rows = tx
         .query(
-            "SELECT queue_id FROM routes WHERE group_id = $1 ORDER BY queue_id",
-            &[&group.as_bytes()],
+            "WITH q AS (
+                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                RETURNING id, next_seq - 1 AS seq
+             )
+             INSERT INTO messages (queue_id, seq, payload, day)
+             SELECT id, seq, $2, $3 FROM q RETURNING queue_id",
+            &[&group.as_bytes(), &payload, &day],
         )
         .await?;
     rows.iter()
-        .map(|r| Ok(r.try_get::<_, Vec<u8>>(0)?))
+        .map(|r| queue_from_sql(r.try_get::<_, &[u8]>(0)?))
         .collect()
 }
 
@@ -733,8 +794,7 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
     }
     let gid = c.group_id.as_bytes();
     // The commit reaches every current route, removed ones included.
-    let current = routes_of(tx, &c.group_id).await?;
-    let mut appended = append_many(tx, &current, &c.commit).await?;
+    let mut appended = append_to_routes(tx, &c.group_id, &c.commit).await?;
     let removed: Vec<&[u8]> = c.remove_routes.iter().map(|q| q.as_bytes()).collect();
     tx.exec(
         "DELETE FROM routes WHERE group_id = $1 AND queue_id = ANY($2)",
@@ -800,8 +860,7 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     if fresh == 0 {
         return Ok(Posted::Duplicate);
     }
-    let routes = routes_of(tx, &p.group_id).await?;
-    let appended = append_many(tx, &routes, &p.payload).await?;
+    let appended = append_to_routes(tx, &p.group_id, &p.payload).await?;
     tx.exec(
         "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
         &[&gid, &day],
@@ -1112,18 +1171,26 @@ impl Store for PgStore {
         after_seq: u64,
         limit: FetchLimit,
     ) -> StoreFuture<'_, Fetched> {
-        transact!(self, |tx| read_fetch(&mut tx, &queue_id, after_seq, limit))
+        transact!(
+            self,
+            autocommit | tx | read_fetch(&mut tx, &queue_id, after_seq, limit)
+        )
     }
 
     fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()> {
-        transact!(self, |tx| async {
-            tx.exec(
-                "DELETE FROM messages WHERE queue_id = $1 AND seq <= $2",
-                &[&queue_id.as_bytes(), &seq_to_sql(up_to_seq)],
-            )
-            .await
-            .map(|_| ())
-        })
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.exec(
+                        "DELETE FROM messages WHERE queue_id = $1 AND seq <= $2",
+                        &[&queue_id.as_bytes(), &seq_to_sql(up_to_seq)],
+                    )
+                    .await
+                    .map(|_| ())
+                }
+        )
     }
 
     fn delete_queue(
@@ -1163,7 +1230,10 @@ impl Store for PgStore {
         box_id: BoxId,
         secret_hash: SecretHash,
     ) -> StoreFuture<'_, KeyPackageCount> {
-        transact!(self, |tx| read_status(&mut tx, &box_id, &secret_hash))
+        transact!(
+            self,
+            autocommit | tx | read_status(&mut tx, &box_id, &secret_hash)
+        )
     }
 
     fn expire(&self, expiry: Expiry) -> StoreFuture<'_, Expired> {
@@ -1171,9 +1241,10 @@ impl Store for PgStore {
     }
 
     fn health_check(&self) -> StoreFuture<'_, ()> {
-        transact!(self, |tx| async {
-            tx.one("SELECT 1", &[]).await.map(|_| ())
-        })
+        transact!(
+            self,
+            autocommit | tx | async { tx.one("SELECT 1", &[]).await.map(|_| ()) }
+        )
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
@@ -1194,7 +1265,7 @@ impl Store for PgStore {
 
 impl DirectoryStore for PgStore {
     fn lookup_user(&self, username: String) -> StoreFuture<'_, Option<UserRecord>> {
-        transact!(self, |tx| read_user(&mut tx, &username))
+        transact!(self, autocommit | tx | read_user(&mut tx, &username))
     }
 
     fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()> {
