@@ -252,11 +252,21 @@ impl Fail {
     }
 }
 
-/// A database error's text (never a parameter value: tokio-postgres does not echo them).
+/// A database error's text with its causes (never a parameter value: tokio-postgres does not
+/// echo them).
 fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -347,10 +357,12 @@ impl Pool {
 }
 
 async fn connect(config: &tokio_postgres::Config) -> StoreResult<Client> {
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| StoreError::Backend(format!("cannot connect to the database: {e}")))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot connect to the database: {}",
+            db_message(&e)
+        ))
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "database connection lost");
@@ -1306,7 +1318,7 @@ async fn listen_once(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| db_message(&e))?;
     let (tx, mut notifications) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
