@@ -251,6 +251,65 @@ fn follow_reconnects_after_the_server_restarts() {
     assert_eq!(seen, vec!["after restart"]);
 }
 
+/// Claims `n` key packages from a box over a raw connection (as a drainer would); returns
+/// whether each was the last-resort one.
+fn claim_raw(server: &Server, box_id: &[u8], n: usize) -> Vec<bool> {
+    use blindpost_wire::response::Body;
+    use blindpost_wire::server_frame::Kind;
+    use blindpost_wire::{ClaimKeyPackage, ClientFrame, Request, decode_server, encode};
+    use tokio_tungstenite::tungstenite::{Message, connect};
+    let (mut ws, _) = connect(format!("{}/v1/ws", server.url)).unwrap();
+    (0..n as u64)
+        .map(|id| {
+            let frame = ClientFrame {
+                id,
+                request: Some(Request::ClaimKeyPackage(ClaimKeyPackage {
+                    box_id: box_id.to_vec(),
+                })),
+            };
+            ws.send(Message::binary(encode(&frame))).unwrap();
+            loop {
+                if let Message::Binary(b) = ws.read().unwrap()
+                    && let Some(Kind::Response(r)) = decode_server(&b).unwrap().kind
+                {
+                    match r.body {
+                        Some(Body::KeyPackage(k)) => return k.last_resort,
+                        other => panic!("claim failed: {other:?}"),
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_drained_box_serves_the_last_resort_until_its_owner_tops_up() {
+    let server = Server::start();
+    let bob = User::setup(&server, "bob");
+    let box_id: Vec<u8> = rusqlite::Connection::open(bob.dir().join("blindpost.sqlite3"))
+        .unwrap()
+        .query_row(
+            "SELECT value FROM bp_profile WHERE key = 'box_id'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // Someone drains bob's one-time packages: then only the last resort is served, repeatedly.
+    let drained = claim_raw(&server, &box_id, 12);
+    let one_time = drained.iter().filter(|lr| !**lr).count();
+    assert!(
+        one_time > 0 && drained[one_time..].iter().all(|lr| *lr),
+        "{drained:?}"
+    );
+    assert!(drained.ends_with(&[true, true]), "{drained:?}");
+    // Bob's next sync tops the box up: one-time packages are served again.
+    bob.receive();
+    assert_eq!(claim_raw(&server, &box_id, 1), [false]);
+    // And a chat made through the drained-then-refilled box works.
+    let alice = User::setup(&server, "alice");
+    alice.ok(&["send", "@bob", "after the drain"]);
+    assert_eq!(bob.receive_texts(), ["after the drain"]);
+}
 #[test]
 fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
     let server = Server::start();

@@ -47,6 +47,8 @@ pub struct Server {
     data: TempDir,
     pub url: String,
     pub addr: String,
+    /// Where its stderr (the log) goes, if captured: outside the data directory.
+    log: Option<(TempDir, PathBuf)>,
 }
 
 impl Server {
@@ -61,19 +63,47 @@ impl Server {
 
     fn start_with(database: Option<&str>) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database);
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database, None);
         Self {
             child,
             url: format!("ws://{addr}"),
             addr,
             data,
+            log: None,
         }
+    }
+
+    /// Starts on `ip` (port 0) logging at `level` to a file, for tests that read the log.
+    pub fn start_logged(ip: &str, level: &str) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = log_dir.path().join("blindpostd.log");
+        let (child, addr) = spawn_server(
+            data.path(),
+            &format!("{ip}:0"),
+            None,
+            Some((log.as_path(), level)),
+        );
+        Self {
+            child,
+            url: format!("ws://{addr}"),
+            addr,
+            data,
+            log: Some((log_dir, log)),
+        }
+    }
+
+    /// The captured log so far.
+    pub fn log(&self) -> Vec<u8> {
+        let (_, path) = self.log.as_ref().expect("started with start_logged");
+        std::fs::read(path).unwrap()
     }
 
     /// Stop (SIGTERM, wait) and start again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, addr) = spawn_server(self.data.path(), &self.addr, None);
+        assert!(self.log.is_none(), "restart of a logged server");
+        let (child, addr) = spawn_server(self.data.path(), &self.addr, None, None);
         assert_eq!(addr, self.addr);
         self.child = child;
     }
@@ -107,19 +137,33 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(data: &Path, listen: &str, database: Option<&str>) -> (Child, String) {
+fn spawn_server(
+    data: &Path,
+    listen: &str,
+    database: Option<&str>,
+    log: Option<(&Path, &str)>,
+) -> (Child, String) {
     // The port of a just-stopped server may linger briefly; retry binding a few times.
     for attempt in 0..50 {
         let mut command = Command::new(bin("blindpostd"));
-        command.args(["--listen", listen, "--data"]).arg(data);
+        command
+            .args(["--listen", listen, "--data"])
+            .arg(data)
+            .stdout(Stdio::piped());
         if let Some(url) = database {
             command.args(["--database", url]);
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("blindpostd starts");
+        match log {
+            Some((file, level)) => {
+                command
+                    .args(["--log", level])
+                    .stderr(std::fs::File::create(file).unwrap());
+            }
+            None => {
+                command.stderr(Stdio::null());
+            }
+        }
+        let mut child = command.spawn().expect("blindpostd starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)

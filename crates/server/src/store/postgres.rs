@@ -247,6 +247,9 @@ impl Fail {
     fn into_store(self) -> StoreError {
         match self {
             Fail::Store(e) => e,
+            Fail::Db(e) if e.code() == Some(&SqlState::DISK_FULL) => {
+                StoreError::Full(db_message(&e))
+            }
             Fail::Db(e) => StoreError::Backend(db_message(&e)),
         }
     }
@@ -649,6 +652,53 @@ async fn append_to_routes(
         .collect()
 }
 
+/// The queues an append goes to, for [`check_room`].
+enum Room<'a> {
+    /// Every route of a group.
+    Routes(&'a GroupId),
+    /// These queues.
+    Queues(&'a [Vec<u8>]),
+}
+
+/// Refused with `LimitExceeded(QueueBytes)` if any queue of `room` (but those in `exempt`)
+/// would hold more than `max` pending payload bytes after an append of `len` bytes.
+async fn check_room(
+    tx: &mut Tx<'_>,
+    room: Room<'_>,
+    len: usize,
+    max: u64,
+    exempt: &[QueueId],
+) -> Result<(), Fail> {
+    let rows = match room {
+        Room::Routes(group) => {
+            tx.query(
+                "SELECT r.queue_id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
+                 FROM routes r LEFT JOIN messages m ON m.queue_id = r.queue_id
+                 WHERE r.group_id = $1 GROUP BY r.queue_id",
+                &[&group.as_bytes()],
+            )
+            .await?
+        }
+        Room::Queues(queues) => {
+            tx.query(
+                "SELECT q.id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
+                 FROM unnest($1::BYTEA[]) AS q(id) LEFT JOIN messages m ON m.queue_id = q.id
+                 GROUP BY q.id",
+                &[&queues],
+            )
+            .await?
+        }
+    };
+    for row in &rows {
+        let queue = queue_from_sql(row.try_get::<_, &[u8]>(0)?)?;
+        let pending = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
+        if !exempt.contains(&queue) && pending.saturating_add(len as u64) > max {
+            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
+        }
+    }
+    Ok(())
+}
+
 /// Locks the group row and checks epoch (first) and posting token (second).
 async fn check_group(
     tx: &mut Tx<'_>,
@@ -805,7 +855,16 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
         check_route(tx, grant).await?;
     }
     let gid = c.group_id.as_bytes();
-    // The commit reaches every current route, removed ones included.
+    // The commit reaches every current route, removed ones included (exempt from the queue
+    // size limit, so a full queue cannot block its own removal).
+    check_room(
+        tx,
+        Room::Routes(&c.group_id),
+        c.commit.len(),
+        c.max_queue_bytes,
+        &c.remove_routes,
+    )
+    .await?;
     let mut appended = append_to_routes(tx, &c.group_id, &c.commit).await?;
     let removed: Vec<&[u8]> = c.remove_routes.iter().map(|q| q.as_bytes()).collect();
     tx.exec(
@@ -828,10 +887,18 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
         .one("SELECT COUNT(*) FROM routes WHERE group_id = $1", &[&gid])
         .await?
         .try_get(0)?;
-    if usize::try_from(routes).unwrap_or(usize::MAX) > MAX_GROUP_ROUTES {
+    if usize::try_from(routes).unwrap_or(usize::MAX) > c.max_routes.min(MAX_GROUP_ROUTES) {
         return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
     }
     if let Some(welcome) = &c.welcome {
+        check_room(
+            tx,
+            Room::Queues(&added),
+            welcome.len(),
+            c.max_queue_bytes,
+            &[],
+        )
+        .await?;
         appended.extend(append_many(tx, &added, welcome).await?);
     }
     let day = tx.day;
@@ -872,6 +939,14 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     if fresh == 0 {
         return Ok(Posted::Duplicate);
     }
+    check_room(
+        tx,
+        Room::Routes(&p.group_id),
+        p.payload.len(),
+        p.max_queue_bytes,
+        &[],
+    )
+    .await?;
     let appended = append_to_routes(tx, &p.group_id, &p.payload).await?;
     tx.exec(
         "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
