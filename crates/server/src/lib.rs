@@ -84,10 +84,11 @@ pub async fn run(
         Backend::Sqlite(dir) => {
             create_data_dir(dir)?;
             let dir = dir.to_owned();
-            let store =
-                tokio::task::spawn_blocking(move || SqliteStore::open(&dir, Arc::new(types::today)))
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
+            let store = tokio::task::spawn_blocking(move || {
+                SqliteStore::open(&dir, Arc::new(types::today))
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
             let store = Arc::new(store);
             (store.clone(), store.clone(), store, None)
         }

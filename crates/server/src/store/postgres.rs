@@ -1534,66 +1534,81 @@ impl TransparencyStore for PgStore {
     }
 
     fn akd_nodes(&self, keys: Vec<Vec<u8>>) -> StoreFuture<'_, Vec<AkdNodeRow>> {
-        transact!(self, autocommit |tx| async {
-            let rows = tx
-                .query(
-                    "SELECT key, data FROM akd_nodes WHERE key = ANY($1)",
-                    &[&keys],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(AkdNodeRow {
-                        key: r.try_get(0)?,
-                        data: r.try_get(1)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, Fail>>()
-        })
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
+                        .query(
+                            "SELECT key, data FROM akd_nodes WHERE key = ANY($1)",
+                            &[&keys],
+                        )
+                        .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(AkdNodeRow {
+                                key: r.try_get(0)?,
+                                data: r.try_get(1)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
     }
 
     fn akd_values(&self, label: Vec<u8>) -> StoreFuture<'_, Vec<AkdValueRow>> {
-        transact!(self, autocommit |tx| async {
-            let rows = tx
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
                 .query(
                     "SELECT epoch, version, data FROM akd_values WHERE label = $1 ORDER BY epoch",
                     &[&label],
                 )
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(AkdValueRow {
-                        label: label.clone(),
-                        epoch: seq_from_sql(r.try_get(0)?),
-                        version: seq_from_sql(r.try_get(1)?),
-                        data: r.try_get(2)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, Fail>>()
-        })
+                    rows.iter()
+                        .map(|r| {
+                            Ok(AkdValueRow {
+                                label: label.clone(),
+                                epoch: seq_from_sql(r.try_get(0)?),
+                                version: seq_from_sql(r.try_get(1)?),
+                                data: r.try_get(2)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
     }
 
     fn pending_entries(&self, limit: usize) -> StoreFuture<'_, Vec<PendingEntry>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        transact!(self, autocommit |tx| async {
-            let rows = tx
-                .query(
-                    "SELECT username, version, entry, signature FROM kt_pending
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
+                        .query(
+                            "SELECT username, version, entry, signature FROM kt_pending
                      ORDER BY id LIMIT $1",
-                    &[&limit],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(PendingEntry {
-                        username: r.try_get(0)?,
-                        version: seq_from_sql(r.try_get(1)?),
-                        entry: r.try_get(2)?,
-                        signature: r.try_get(3)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, Fail>>()
-        })
+                            &[&limit],
+                        )
+                        .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(PendingEntry {
+                                username: r.try_get(0)?,
+                                version: seq_from_sql(r.try_get(1)?),
+                                entry: r.try_get(2)?,
+                                signature: r.try_get(3)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
     }
 
     fn finish_epoch(
@@ -1609,21 +1624,30 @@ impl TransparencyStore for PgStore {
     }
 
     fn epoch_root(&self, epoch: u64) -> StoreFuture<'_, Option<EpochRoot>> {
-        transact!(self, autocommit |tx| async {
-            tx.opt(
-                "SELECT epoch, root_hash, signature FROM kt_roots WHERE epoch = $1",
-                &[&seq_to_sql(epoch)],
-            )
-            .await?
-            .as_ref()
-            .map(root_from_row)
-            .transpose()
-        })
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.opt(
+                        "SELECT epoch, root_hash, signature FROM kt_roots WHERE epoch = $1",
+                        &[&seq_to_sql(epoch)],
+                    )
+                    .await?
+                    .as_ref()
+                    .map(root_from_row)
+                    .transpose()
+                }
+        )
     }
 
     fn latest_root(&self) -> StoreFuture<'_, Option<EpochRoot>> {
-        transact!(self, autocommit |tx| async {
-            tx.opt(
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.opt(
                 "SELECT epoch, root_hash, signature FROM kt_roots ORDER BY epoch DESC LIMIT 1",
                 &[],
             )
@@ -1631,7 +1655,8 @@ impl TransparencyStore for PgStore {
             .as_ref()
             .map(root_from_row)
             .transpose()
-        })
+                }
+        )
     }
 
     fn shared_keys(&self, candidate: StoredKeys) -> StoreFuture<'_, Option<StoredKeys>> {

@@ -21,10 +21,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochRoot,
-    Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue, PendingEntry,
-    PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture, StoreResult,
-    StoredMessage, StoredKeys, EpochLock, TransparencyStore, UserRecord,
+    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
+    EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
+    PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
+    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
