@@ -65,6 +65,14 @@ pub enum RunError {
     Serve(std::io::Error),
 }
 
+/// An opened backend behind each of its traits, and (PostgreSQL) its `LISTEN` task.
+type Opened = (
+    Arc<dyn Store>,
+    Arc<dyn DirectoryStore>,
+    Arc<dyn TransparencyStore>,
+    Option<tokio::task::JoinHandle<()>>,
+);
+
 /// Opens the store (SQLite in `config.data_dir`, or PostgreSQL), running migrations; serves
 /// HTTP/WebSocket on `listener` until `shutdown` completes, then closes connections and
 /// flushes the store. On PostgreSQL a listener task relays other nodes' wake-ups to the hub.
@@ -75,12 +83,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let hub = Arc::new(Hub::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (store, directory, transparency_store, listen): (
-        Arc<dyn Store>,
-        Arc<dyn DirectoryStore>,
-        Arc<dyn TransparencyStore>,
-        _,
-    ) = match config.backend()? {
+    let (store, directory, transparency_store, listen): Opened = match config.backend()? {
         Backend::Sqlite(dir) => {
             create_data_dir(dir)?;
             let dir = dir.to_owned();
