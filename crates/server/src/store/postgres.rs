@@ -1,6 +1,7 @@
-//! The PostgreSQL backend of [`Store`] and [`DirectoryStore`], for deployments where many
-//! stateless `blindpostd` nodes share one database; and the `LISTEN` task that tells this node
-//! about messages other nodes stored. Not for: validation of client input, or SQLite.
+//! The PostgreSQL backend of [`Store`], [`DirectoryStore`] and [`TransparencyStore`], for
+//! deployments where many stateless `blindpostd` nodes share one database; and the `LISTEN`
+//! task that tells this node about messages other nodes stored. Not for: validation of client
+//! input, or SQLite.
 //!
 //! **Transactions.** Every operation is one transaction on a pooled connection, committed
 //! before the caller is answered (an acknowledgement means the commit is durable, subject to
@@ -22,6 +23,11 @@
 //! and when the transaction commits. [`PgStore::listen`] relays other nodes' notifications to a
 //! [`Wakeups`] sink (the hub), and after every (re)connection asks it to re-check every
 //! subscription, so nothing committed while the listener was away is left unpushed.
+//!
+//! **Key transparency.** akd's records, the signed roots and the pending registrations in the
+//! same tables as SQLite's; the server's keys in one row (`kt_keys`) every node reads; the
+//! directory's epoch lock is an advisory lock ([`EPOCH_LOCK`]) held by a pooled connection in
+//! an open transaction, exclusive to publish and shared to prove (ARCHITECTURE.md).
 
 use std::collections::HashMap;
 use std::str::FromStr as _;
@@ -1515,15 +1521,23 @@ struct HeldEpochLock {
 
 impl Drop for HeldEpochLock {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
             // The connection goes back to the pool only after its transaction ended.
-            tokio::spawn(async move {
-                if conn.client.batch_execute("ROLLBACK").await.is_err() {
-                    // Broken: dropping it closes the connection, which releases the lock.
-                    let mut conn = conn;
-                    conn.conn.take();
-                }
-            });
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                        // Broken: dropping it closes the connection, which releases the lock.
+                        conn.conn.take();
+                    }
+                });
+            }
+            // No runtime left to end the transaction: closing the connection releases the lock.
+            Err(_) => {
+                conn.conn.take();
+            }
         }
     }
 }
