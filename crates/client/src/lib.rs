@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod bench_support;
 mod error;
 mod mls;
 mod ops;
@@ -22,6 +23,7 @@ mod transport;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use bench_support::{BenchProvider, BenchRoute, BenchStore};
 pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
 pub use safety::SafetyNumber;

@@ -68,7 +68,7 @@ struct PreparedCommit {
 }
 
 impl Client {
-    fn load_profile(&self) -> Result<Profile> {
+    pub(crate) fn load_profile(&self) -> Result<Profile> {
         let s = &self.store;
         let (Some(username), Some(server), Some(suite), Some(sig_pub), Some(id_secret)) = (
             s.get_str("username")?,

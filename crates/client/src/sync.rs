@@ -121,7 +121,7 @@ impl Session<'_> {
     }
 }
 
-fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<()> {
+pub(crate) fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<()> {
     let hash = sha256(payload);
     let own_echo = s.take_echo(&hash)?;
     let msg = MlsMessageIn::tls_deserialize_exact(payload)
