@@ -99,6 +99,13 @@ pub async fn run(
         next_connection: std::sync::atomic::AtomicU64::new(1),
     });
     let mut serve_stop = stop_rx.clone();
+    // No Nagle: a response and the push after it are small writes; with Nagle the second waits
+    // for the peer's delayed ACK (~40 ms on Linux), which made every round trip that slow.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not disable Nagle's algorithm");
+        }
+    });
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(async move { stopped(&mut serve_stop).await })
         .await;
