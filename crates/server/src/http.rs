@@ -58,7 +58,7 @@ async fn upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Resp
     };
     ws.max_message_size(crate::ws::SOCKET_MAX_MESSAGE)
         .max_frame_size(crate::ws::SOCKET_MAX_MESSAGE)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let conn = app.next_connection.fetch_add(1, Ordering::Relaxed);
