@@ -195,11 +195,11 @@ fn run(mut args: Args) -> Result<()> {
     if args.pairs == 0 || args.group_size < 2 {
         bail!("--pairs must be at least 1 and --group-size at least 2");
     }
-    if args.pool == 0 || !(args.duration > 0.0) {
+    if args.pool == 0 || args.duration.is_nan() || args.duration <= 0.0 {
         bail!("--pool and --duration must be positive");
     }
     if let Some(r) = args.rate
-        && !(r > 0.0)
+        && (r.is_nan() || r <= 0.0)
     {
         bail!("--rate must be positive");
     }

@@ -465,7 +465,9 @@ async fn read_loop(
                     if let Some(sent) = shared.sent_at(c, k) {
                         latencies.record(now.saturating_duration_since(sent));
                     }
-                    if (k as usize) < shared.pool_len && k as usize % shared.sample_every == 0 {
+                    if (k as usize) < shared.pool_len
+                        && (k as usize).is_multiple_of(shared.sample_every)
+                    {
                         samples.push(qm.payload.clone());
                     }
                 }
