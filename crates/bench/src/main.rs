@@ -36,8 +36,9 @@ struct Args {
     /// Server URL (`ws://host:port`); repeat to spread devices over several nodes.
     #[arg(long, value_name = "URL", required_unless_present = "spawn_server")]
     server: Vec<String>,
-    /// Start this `blindpostd` binary on 127.0.0.1 with a fresh data directory, measure it
-    /// (start-to-ready, idle RSS, CPU, RSS) and stop it at the end, instead of --server.
+    /// Start this `blindpostd` binary on 127.0.0.1 with a fresh data directory and the
+    /// per-connection request rate limit lifted, measure it (start-to-ready, idle RSS, CPU,
+    /// RSS) and stop it at the end, instead of --server.
     #[arg(long, value_name = "PATH", conflicts_with = "server")]
     spawn_server: Option<PathBuf>,
     /// PID of a server process to measure (CPU, RSS from /proc); repeat for several nodes.
@@ -158,10 +159,19 @@ impl Drop for Spawned {
 
 fn spawn_server(bin: &PathBuf) -> Result<(Spawned, String)> {
     let data = tempfile::tempdir()?;
+    // The per-connection request rate limit guards against abusive clients; a load test's
+    // senders would hit it and measure the limit instead of the relay.
+    let config = data.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        "requests_per_second = 1000000\nrequest_burst = 1000000\n",
+    )?;
     let started = Instant::now();
     let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(data.path())
+        .arg(data.path().join("data"))
         .args(["--max-connections", "1000000", "--log", "warn"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
