@@ -112,7 +112,9 @@ async fn conversation(plan: &Plan, root: &Path, run_id: &str, c: usize) -> Resul
         let dir = root.join(name);
         let server = plan.servers[(c * k + m) % plan.servers.len()].clone();
         let client = Client::open(&dir)?;
-        client.setup(&server, name, Suite::PostQuantum).await?;
+        client
+            .setup(std::slice::from_ref(&server), name, Suite::PostQuantum)
+            .await?;
         clients.push((client, dir, server));
     }
     let group_name = format!("g{c}");
