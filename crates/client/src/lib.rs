@@ -11,6 +11,8 @@
 #![deny(missing_docs)]
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod mls;
 mod ops;
 mod payload;

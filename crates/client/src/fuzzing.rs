@@ -1,0 +1,312 @@
+//! Entry points for the fuzz targets (`fuzz/`) and the hostile-server tests: each runs the
+//! very code the client runs on bytes from outside (directory entries, key packages, padded
+//! application payloads, queued MLS messages), and [`LiveGroup`] is a real three-member group
+//! whose member "alice" processes whatever it is handed, as a receive would. Hidden from the
+//! documented API; not for front ends.
+
+use std::path::Path;
+
+use blindpost_wire::{QueueMessage, SignedDirectoryEntry};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use prost::Message as _;
+
+use crate::error::{Error, Result};
+use crate::mls::{self, Suite};
+use crate::payload::{AppMessage, Body};
+use crate::store::Store;
+
+/// Check a protobuf-encoded signed directory entry as a lookup of `username` does.
+pub fn directory_entry(username: &str, bytes: &[u8]) -> Result<()> {
+    let signed = SignedDirectoryEntry::decode(bytes)
+        .map_err(|_| Error::BadServerReply("malformed signed entry".into()))?;
+    crate::ops::verify_entry(username, &signed).map(|_| ())
+}
+
+/// Parse a decrypted, padded application payload.
+pub fn app_payload(bytes: &[u8]) -> Option<AppMessage> {
+    AppMessage::from_padded_bytes(bytes)
+}
+
+/// Check a key package as one claimed from the server for `username` is checked (against a
+/// fixed signature key, so only the parsing and verification paths run to completion).
+pub fn key_package(store: &Store, bytes: &[u8]) -> Result<()> {
+    mls::check_key_package(&store.provider(), bytes, Suite::Classic, "bob", &[0; 32]).map(|_| ())
+}
+
+/// Which sending member of a [`LiveGroup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// The group's creator.
+    Bob,
+    /// The third member.
+    Carol,
+}
+
+struct Member {
+    name: &'static str,
+    store: Store,
+    signer: SignatureKeyPair,
+    ctr: u64,
+}
+
+impl Member {
+    fn new(dir: &Path, name: &'static str) -> Result<Self> {
+        let store = Store::open(&dir.join(name))?;
+        let signer = SignatureKeyPair::new(Suite::Classic.ciphersuite().signature_algorithm())
+            .map_err(Error::mls)?;
+        signer
+            .store(store.provider().storage())
+            .map_err(Error::mls)?;
+        store.set("username", name.as_bytes())?;
+        Ok(Self {
+            name,
+            store,
+            signer,
+            ctr: 0,
+        })
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.name.as_bytes().to_vec()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+
+    fn key_package(&self, queue: u8) -> Result<KeyPackage> {
+        let provider = self.store.provider();
+        let bytes = mls::create_key_package(
+            &provider,
+            &self.signer,
+            self.credential(),
+            Suite::Classic,
+            &[queue; 16],
+            &[queue; 32],
+            false,
+        )?;
+        Ok(mls::check_key_package(
+            &provider,
+            &bytes,
+            Suite::Classic,
+            self.name,
+            self.signer.public(),
+        )?
+        .key_package)
+    }
+
+    fn group(&self, gid: &GroupId) -> Result<MlsGroup> {
+        MlsGroup::load(self.store.provider().storage(), gid)
+            .map_err(Error::mls)?
+            .ok_or_else(|| Error::Mls("no such group".into()))
+    }
+}
+
+/// A real group of alice, bob and carol on the classic suite with our configuration, each in
+/// its own store under a directory. Alice is the receiver under test.
+pub struct LiveGroup {
+    alice: Member,
+    bob: Member,
+    carol: Member,
+    gid: GroupId,
+    queue: Vec<u8>,
+    next_seq: u64,
+    welcome: Vec<u8>,
+}
+
+impl LiveGroup {
+    /// Bob creates the group and adds alice and carol, who join from the Welcome.
+    pub fn new(dir: &Path) -> Result<Self> {
+        let alice = Member::new(dir, "alice")?;
+        let bob = Member::new(dir, "bob")?;
+        let carol = Member::new(dir, "carol")?;
+        let queue = vec![1; 16];
+        alice.store.add_queue(&queue, &[0; 32], &[0; 32])?;
+        carol.store.add_queue(&queue, &[0; 32], &[0; 32])?;
+        let kps = vec![alice.key_package(1)?, carol.key_package(3)?];
+        let gid = GroupId::from_slice(&[7; 32]);
+        let provider = bob.store.provider();
+        let mut group = mls::create_group(
+            &provider,
+            &bob.signer,
+            bob.credential(),
+            Suite::Classic,
+            gid.as_slice(),
+            &[2; 16],
+        )?;
+        let (_, welcome, _) = group
+            .add_members(&provider, &bob.signer, &kps)
+            .map_err(Error::mls)?;
+        group.merge_pending_commit(&provider).map_err(Error::mls)?;
+        let welcome = welcome.tls_serialize_detached().map_err(Error::mls)?;
+        let mut live = Self {
+            alice,
+            bob,
+            carol,
+            gid,
+            queue,
+            next_seq: 0,
+            welcome: welcome.clone(),
+        };
+        live.deliver(&[welcome.clone()])?;
+        live.deliver_to_carol(&welcome)?;
+        Ok(live)
+    }
+
+    fn member(&mut self, who: Who) -> &mut Member {
+        match who {
+            Who::Bob => &mut self.bob,
+            Who::Carol => &mut self.carol,
+        }
+    }
+
+    /// Hand alice one batch of queued messages, with fresh sequence numbers in this order.
+    pub fn deliver(&mut self, payloads: &[Vec<u8>]) -> Result<()> {
+        let messages: Vec<QueueMessage> = payloads
+            .iter()
+            .map(|p| {
+                self.next_seq += 1;
+                QueueMessage {
+                    seq: self.next_seq,
+                    payload: p.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        crate::sync::process_messages(&self.alice.store, "alice", &self.queue, &messages)
+    }
+
+    /// Hand carol one message (she keeps up with the group as alice's peer).
+    pub fn deliver_to_carol(&mut self, payload: &[u8]) -> Result<()> {
+        let seq = self.carol.store.queue_last_seq(&self.queue)?.unwrap_or(0) + 1;
+        let m = QueueMessage {
+            seq,
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+        crate::sync::process_messages(&self.carol.store, "carol", &self.queue, &[m])
+    }
+
+    /// An application message from `who` carrying `text`, exactly as a client sends it.
+    pub fn send(&mut self, who: Who, text: &str) -> Result<Vec<u8>> {
+        let gid = self.gid.clone();
+        let m = self.member(who);
+        m.ctr += 1;
+        let mut app = AppMessage {
+            id: hex::encode(crate::random_bytes::<16>()),
+            sent_at: 0,
+            body: Body::Text {
+                text: text.to_string(),
+            },
+            view: None,
+            ctr: m.ctr,
+        };
+        let provider = m.store.provider();
+        let mut group = m.group(&gid)?;
+        let out = crate::ops::seal_app(&mut group, &provider, &m.signer, &mut app)?;
+        out.tls_serialize_detached().map_err(Error::mls)
+    }
+
+    /// An application message from `who` whose decrypted payload is `plaintext` verbatim.
+    pub fn send_raw(&mut self, who: Who, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let gid = self.gid.clone();
+        let m = self.member(who);
+        let provider = m.store.provider();
+        let mut group = m.group(&gid)?;
+        let out = group
+            .create_message(&provider, &m.signer, plaintext)
+            .map_err(Error::mls)?;
+        out.tls_serialize_detached().map_err(Error::mls)
+    }
+
+    /// A commit by `who` updating its own leaf, applied at once on its side (so a commit not
+    /// delivered to the others forks them off).
+    pub fn commit_update(&mut self, who: Who) -> Result<Vec<u8>> {
+        let gid = self.gid.clone();
+        let m = self.member(who);
+        let provider = m.store.provider();
+        let mut group = m.group(&gid)?;
+        let bundle = group
+            .self_update(&provider, &m.signer, LeafNodeParameters::default())
+            .map_err(Error::mls)?;
+        group.merge_pending_commit(&provider).map_err(Error::mls)?;
+        bundle
+            .into_commit()
+            .tls_serialize_detached()
+            .map_err(Error::mls)
+    }
+
+    /// The group's current GroupInfo with its ratchet tree, signed by bob: what an outsider
+    /// would need for an external commit, as if it had leaked.
+    pub fn leaked_group_info(&self) -> Result<Vec<u8>> {
+        let group = self.bob.group(&self.gid)?;
+        group
+            .export_group_info(self.bob.store.provider().crypto(), &self.bob.signer, true)
+            .map_err(Error::mls)?
+            .tls_serialize_detached()
+            .map_err(Error::mls)
+    }
+
+    /// The Welcome alice and carol joined from (for replaying it).
+    pub fn welcome(&self) -> Vec<u8> {
+        self.welcome.clone()
+    }
+
+    /// The group id.
+    pub fn group_id(&self) -> &[u8] {
+        self.gid.as_slice()
+    }
+
+    /// Alice's epoch of the group.
+    pub fn alice_epoch(&self) -> Result<u64> {
+        Ok(self.alice.group(&self.gid)?.epoch().as_u64())
+    }
+
+    /// The members in alice's view.
+    pub fn alice_members(&self) -> Result<Vec<String>> {
+        let group = self.alice.group(&self.gid)?;
+        let mut m: Vec<String> = group
+            .members()
+            .map(|m| mls::identity(&m.credential))
+            .collect();
+        m.sort();
+        Ok(m)
+    }
+
+    /// Everything alice has been shown, as (kind, sender, text).
+    pub fn alice_items(&self) -> Result<Vec<(String, String, Option<String>)>> {
+        Ok(self
+            .alice
+            .store
+            .history(self.gid.as_slice())?
+            .into_iter()
+            .map(|r| (r.kind, r.sender, r.text))
+            .collect())
+    }
+
+    /// The texts of alice's message items, in the order stored.
+    pub fn alice_texts(&self) -> Result<Vec<String>> {
+        Ok(self
+            .alice_items()?
+            .into_iter()
+            .filter(|(k, _, _)| k == "message")
+            .filter_map(|(_, _, t)| t)
+            .collect())
+    }
+
+    /// The kinds of alice's alarm items (`gap`, `fork`), in the order raised.
+    pub fn alice_alarms(&self) -> Result<Vec<String>> {
+        Ok(self
+            .alice_items()?
+            .into_iter()
+            .map(|(k, _, _)| k)
+            .filter(|k| k == "gap" || k == "fork")
+            .collect())
+    }
+
+    /// Parse bytes as an MLS message (for tests that rewrite one).
+    pub fn parses_as_mls(bytes: &[u8]) -> bool {
+        MlsMessageIn::tls_deserialize_exact(bytes).is_ok()
+    }
+}
