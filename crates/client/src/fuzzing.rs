@@ -29,10 +29,21 @@ pub fn app_payload(bytes: &[u8]) -> Option<AppMessage> {
     AppMessage::from_padded_bytes(bytes)
 }
 
-/// Check a key package as one claimed from the server for `username` is checked (against a
-/// fixed signature key, so only the parsing and verification paths run to completion).
-pub fn key_package(store: &Store, bytes: &[u8]) -> Result<()> {
-    mls::check_key_package(&store.provider(), bytes, Suite::Classic, "bob", &[0; 32]).map(|_| ())
+/// Checks key packages as ones claimed from the server are checked (against a fixed
+/// signature key, so the parsing and verification paths are what runs).
+pub struct KeyPackageChecker(Store);
+
+impl KeyPackageChecker {
+    /// A checker with its store in `dir`.
+    pub fn new(dir: &Path) -> Result<Self> {
+        Ok(Self(Store::open(dir)?))
+    }
+
+    /// Check `bytes` as a key package of "bob".
+    pub fn check(&self, bytes: &[u8]) -> Result<()> {
+        mls::check_key_package(&self.0.provider(), bytes, Suite::Classic, "bob", &[0; 32])
+            .map(|_| ())
+    }
 }
 
 /// Which sending member of a [`LiveGroup`].
