@@ -55,15 +55,21 @@ pub enum Who {
     Carol,
 }
 
-struct Member {
+/// One of our clients, reduced to its MLS state and store, on the classic suite with our
+/// configuration: what the interoperability test pits against another MLS implementation.
+pub struct Peer {
     name: &'static str,
     store: Store,
     signer: SignatureKeyPair,
     ctr: u64,
 }
 
-impl Member {
-    fn new(dir: &Path, name: &'static str) -> Result<Self> {
+/// The queue id every [`Peer`] reads (one per store).
+const PEER_QUEUE: [u8; 16] = [1; 16];
+
+impl Peer {
+    /// A new member named `name`, with its store under `dir`.
+    pub fn new(dir: &Path, name: &'static str) -> Result<Self> {
         let store = Store::open(&dir.join(name))?;
         let signer = SignatureKeyPair::new(Suite::Classic.ciphersuite().signature_algorithm())
             .map_err(Error::mls)?;
@@ -71,12 +77,145 @@ impl Member {
             .store(store.provider().storage())
             .map_err(Error::mls)?;
         store.set("username", name.as_bytes())?;
+        store.add_queue(&PEER_QUEUE, &[0; 32], &[0; 32])?;
         Ok(Self {
             name,
             store,
             signer,
             ctr: 0,
         })
+    }
+
+    /// The public signature key of this member's leaf.
+    pub fn signature_key(&self) -> Vec<u8> {
+        self.signer.public().to_vec()
+    }
+
+    /// A key package as we publish it (route and invite extensions), as bare TLS bytes.
+    pub fn key_package_bytes(&self, queue: u8) -> Result<Vec<u8>> {
+        mls::create_key_package(
+            &self.store.provider(),
+            &self.signer,
+            self.credential(),
+            Suite::Classic,
+            &[queue; 16],
+            &[queue; 32],
+            false,
+        )
+    }
+
+    /// Create a group with our group configuration.
+    pub fn create_group(&self, gid: &[u8]) -> Result<()> {
+        mls::create_group(
+            &self.store.provider(),
+            &self.signer,
+            self.credential(),
+            Suite::Classic,
+            gid,
+            &PEER_QUEUE,
+        )?;
+        self.store.ensure_chat(gid, None, 0)
+    }
+
+    /// Check `key_package` (bare TLS bytes) as a claimed one of `username` under
+    /// `signature_key`, add it, apply the commit; returns (commit, Welcome).
+    pub fn add(
+        &self,
+        gid: &[u8],
+        key_package: &[u8],
+        username: &str,
+        signature_key: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let provider = self.store.provider();
+        let checked = mls::check_key_package(
+            &provider,
+            key_package,
+            Suite::Classic,
+            username,
+            signature_key,
+        )?;
+        let mut group = self.group(&GroupId::from_slice(gid))?;
+        let (commit, welcome, _) = group
+            .add_members(&provider, &self.signer, &[checked.key_package])
+            .map_err(Error::mls)?;
+        group.merge_pending_commit(&provider).map_err(Error::mls)?;
+        Ok((
+            commit.tls_serialize_detached().map_err(Error::mls)?,
+            welcome.tls_serialize_detached().map_err(Error::mls)?,
+        ))
+    }
+
+    /// Process one queued message exactly as a receive does.
+    pub fn receive(&self, payload: &[u8]) -> Result<()> {
+        let seq = self.store.queue_last_seq(&PEER_QUEUE)?.unwrap_or(0) + 1;
+        let m = QueueMessage {
+            seq,
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+        crate::sync::process_messages(&self.store, self.name, &PEER_QUEUE, &[m])
+    }
+
+    /// An application message carrying `text`, exactly as a client sends it.
+    pub fn send(&mut self, gid: &[u8], text: &str) -> Result<Vec<u8>> {
+        self.ctr += 1;
+        let mut app = AppMessage {
+            id: hex::encode(crate::random_bytes::<16>()),
+            sent_at: 0,
+            body: Body::Text {
+                text: text.to_string(),
+            },
+            view: None,
+            ctr: self.ctr,
+        };
+        let provider = self.store.provider();
+        let mut group = self.group(&GroupId::from_slice(gid))?;
+        let out = crate::ops::seal_app(&mut group, &provider, &self.signer, &mut app)?;
+        out.tls_serialize_detached().map_err(Error::mls)
+    }
+
+    /// A commit updating our own leaf, applied at once.
+    pub fn commit_update(&self, gid: &[u8]) -> Result<Vec<u8>> {
+        let provider = self.store.provider();
+        let mut group = self.group(&GroupId::from_slice(gid))?;
+        let bundle = group
+            .self_update(&provider, &self.signer, LeafNodeParameters::default())
+            .map_err(Error::mls)?;
+        group.merge_pending_commit(&provider).map_err(Error::mls)?;
+        bundle
+            .into_commit()
+            .tls_serialize_detached()
+            .map_err(Error::mls)
+    }
+
+    /// The group's current epoch and epoch authenticator in our view.
+    pub fn epoch_authenticator(&self, gid: &[u8]) -> Result<(u64, Vec<u8>)> {
+        let group = self.group(&GroupId::from_slice(gid))?;
+        Ok((
+            group.epoch().as_u64(),
+            group.epoch_authenticator().as_slice().to_vec(),
+        ))
+    }
+
+    /// The members in our view, sorted.
+    pub fn members(&self, gid: &[u8]) -> Result<Vec<String>> {
+        let group = self.group(&GroupId::from_slice(gid))?;
+        let mut m: Vec<String> = group
+            .members()
+            .map(|m| mls::identity(&m.credential))
+            .collect();
+        m.sort();
+        Ok(m)
+    }
+
+    /// Every item shown to this member in a group, as (kind, sender, text).
+    pub fn items(&self, gid: &[u8]) -> Result<Vec<(String, String, Option<String>)>> {
+        Ok(self
+            .store
+            .history(gid)?
+            .into_iter()
+            .map(|r| (r.kind, r.sender, r.text))
+            .collect())
     }
 
     fn credential(&self) -> CredentialWithKey {
@@ -117,9 +256,9 @@ impl Member {
 /// A real group of alice, bob and carol on the classic suite with our configuration, each in
 /// its own store under a directory. Alice is the receiver under test.
 pub struct LiveGroup {
-    alice: Member,
-    bob: Member,
-    carol: Member,
+    alice: Peer,
+    bob: Peer,
+    carol: Peer,
     gid: GroupId,
     queue: Vec<u8>,
     next_seq: u64,
@@ -129,12 +268,10 @@ pub struct LiveGroup {
 impl LiveGroup {
     /// Bob creates the group and adds alice and carol, who join from the Welcome.
     pub fn new(dir: &Path) -> Result<Self> {
-        let alice = Member::new(dir, "alice")?;
-        let bob = Member::new(dir, "bob")?;
-        let carol = Member::new(dir, "carol")?;
-        let queue = vec![1; 16];
-        alice.store.add_queue(&queue, &[0; 32], &[0; 32])?;
-        carol.store.add_queue(&queue, &[0; 32], &[0; 32])?;
+        let alice = Peer::new(dir, "alice")?;
+        let bob = Peer::new(dir, "bob")?;
+        let carol = Peer::new(dir, "carol")?;
+        let queue = PEER_QUEUE.to_vec();
         let kps = vec![alice.key_package(1)?, carol.key_package(3)?];
         let gid = GroupId::from_slice(&[7; 32]);
         let provider = bob.store.provider();
@@ -165,7 +302,7 @@ impl LiveGroup {
         Ok(live)
     }
 
-    fn member(&mut self, who: Who) -> &mut Member {
+    fn member(&mut self, who: Who) -> &mut Peer {
         match who {
             Who::Bob => &mut self.bob,
             Who::Carol => &mut self.carol,
