@@ -6,11 +6,9 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
-use util::{Server, User, of_kind, parse_lines, texts};
+use util::{Server, User, of_kind, texts};
 
 #[test]
 fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
@@ -155,37 +153,15 @@ fn follow_and_send_on_one_profile_at_the_same_time() {
     let bob = User::setup(&server, "bob");
     alice.ok(&["send", "@bob", "first"]);
 
-    let mut follow = bob
-        .command(&["receive", "--follow", "--json", "--timeout", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follow = bob.follow();
 
     // While bob follows, bob also sends from another process, and alice sends more.
     bob.ok(&["send", "@alice", "bob while following"]);
     for i in 0..3 {
         alice.ok(&["send", "@bob", &format!("live {i}")]);
     }
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.len() < 4 && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.extend(texts(&parse_lines(&line)));
-        }
-    }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    let seen = follow.texts(4);
+    drop(follow);
     assert_eq!(seen, vec!["first", "live 0", "live 1", "live 2"]);
     assert_eq!(alice.receive_texts(), vec!["bob while following"]);
 }
@@ -263,39 +239,107 @@ fn follow_reconnects_after_the_server_restarts() {
     let alice = User::setup(&server, "alice");
     let bob = User::setup(&server, "bob");
     alice.ok(&["send", "@bob", "before"]);
-    let mut follow = bob
-        .command(&["receive", "--follow", "--json", "--timeout", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = follow.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follow = bob.follow();
     // The catch-up: the "joined" item, then the message.
-    let mut before = Vec::new();
-    while before.is_empty() {
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        before.extend(texts(&parse_lines(&line)));
-    }
-    assert_eq!(before, vec!["before"]);
+    assert_eq!(follow.texts(1), vec!["before"]);
     server.restart();
     alice.ok(&["send", "@bob", "after restart"]);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.is_empty() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.extend(texts(&parse_lines(&line)));
-        }
-    }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    let seen = follow.texts(1);
+    drop(follow);
     assert_eq!(seen, vec!["after restart"]);
+}
+
+/// Claims `n` key packages from a box over a raw connection (as a drainer would); returns
+/// whether each was the last-resort one.
+fn claim_raw(server: &Server, box_id: &[u8], n: usize) -> Vec<bool> {
+    use blindpost_wire::response::Body;
+    use blindpost_wire::server_frame::Kind;
+    use blindpost_wire::{ClaimKeyPackage, ClientFrame, Request, decode_server, encode};
+    use tokio_tungstenite::tungstenite::{Message, connect};
+    let (mut ws, _) = connect(format!("{}/v1/ws", server.url)).unwrap();
+    (0..n as u64)
+        .map(|id| {
+            let frame = ClientFrame {
+                id,
+                request: Some(Request::ClaimKeyPackage(ClaimKeyPackage {
+                    box_id: box_id.to_vec(),
+                })),
+            };
+            ws.send(Message::binary(encode(&frame))).unwrap();
+            loop {
+                if let Message::Binary(b) = ws.read().unwrap()
+                    && let Some(Kind::Response(r)) = decode_server(&b).unwrap().kind
+                {
+                    match r.body {
+                        Some(Body::KeyPackage(k)) => return k.last_resort,
+                        other => panic!("claim failed: {other:?}"),
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_drained_box_serves_the_last_resort_until_its_owner_tops_up() {
+    let server = Server::start();
+    let bob = User::setup(&server, "bob");
+    let box_id: Vec<u8> = rusqlite::Connection::open(bob.dir().join("blindpost.sqlite3"))
+        .unwrap()
+        .query_row(
+            "SELECT value FROM bp_profile WHERE key = 'box_id'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // Someone drains bob's one-time packages: then only the last resort is served, repeatedly.
+    let drained = claim_raw(&server, &box_id, 12);
+    let one_time = drained.iter().filter(|lr| !**lr).count();
+    assert!(
+        one_time > 0 && drained[one_time..].iter().all(|lr| *lr),
+        "{drained:?}"
+    );
+    assert!(drained.ends_with(&[true, true]), "{drained:?}");
+    // Bob's next sync tops the box up: one-time packages are served again.
+    bob.receive();
+    assert_eq!(claim_raw(&server, &box_id, 1), [false]);
+    // And a chat made through the drained-then-refilled box works.
+    let alice = User::setup(&server, "alice");
+    alice.ok(&["send", "@bob", "after the drain"]);
+    assert_eq!(bob.receive_texts(), ["after the drain"]);
+}
+#[test]
+fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
+    let server = Server::start();
+    let setup = |name: &str, suite: &str| {
+        let u = User::fresh(name);
+        u.ok(&[
+            "setup",
+            "--server",
+            &server.url,
+            "--username",
+            name,
+            "--ciphersuite",
+            suite,
+        ]);
+        u
+    };
+    let alice = setup("alice", "classic");
+    let bob = setup("bob", "classic");
+    let carol = setup("carol", "pq");
+    alice.ok(&["send", "@bob", "classic hello"]);
+    assert_eq!(bob.receive_texts(), vec!["classic hello"]);
+    let err = alice.fails(&["send", "@carol", "hi"]);
+    assert!(err.contains("ciphersuite"), "{err}");
+    let err = User::fresh("dave").fails(&[
+        "setup",
+        "--server",
+        &server.url,
+        "--username",
+        "dave",
+        "--ciphersuite",
+        "rot13",
+    ]);
+    assert!(err.contains("unknown ciphersuite"), "{err}");
+    drop(carol);
 }

@@ -669,13 +669,7 @@ impl Session<'_> {
     fn prepare_commit(&self, gid: &[u8], change: &Change) -> Result<PreparedCommit> {
         self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_group(&provider, gid)?;
-            if group.pending_commit().is_some() {
-                // We are caught up, so a commit still pending was never accepted.
-                group
-                    .clear_pending_commit(provider.storage())
-                    .map_err(Error::mls)?;
-            }
+            let mut group = load_caught_up_group(&provider, gid)?;
             let epoch = group.epoch().as_u64();
             let posting_token = mls::posting_token(&group, &provider)?;
             let signer = &self.profile.signer;
@@ -831,12 +825,7 @@ impl Session<'_> {
     ) -> Result<()> {
         let (epoch, posting_token, payload) = self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_group(&provider, gid)?;
-            if group.pending_commit().is_some() {
-                group
-                    .clear_pending_commit(provider.storage())
-                    .map_err(Error::mls)?;
-            }
+            let mut group = load_caught_up_group(&provider, gid)?;
             let out = build(&mut group, &provider, &self.profile.signer)?;
             let payload = out.tls_serialize_detached().map_err(Error::mls)?;
             s.add_echo(&sha256(&payload))?;
@@ -915,6 +904,18 @@ fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGr
     MlsGroup::load(provider.storage(), &GroupId::from_slice(gid))
         .map_err(Error::mls)?
         .ok_or_else(|| Error::NotAMember(format!("#{}", hex::encode(&gid[..4.min(gid.len())]))))
+}
+
+/// Load a group to change it, right after catching up: a commit of ours still pending then
+/// was never accepted (its echo would have merged it), so it is discarded.
+fn load_caught_up_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
+    let mut group = load_group(provider, gid)?;
+    if group.pending_commit().is_some() {
+        group
+            .clear_pending_commit(provider.storage())
+            .map_err(Error::mls)?;
+    }
+    Ok(group)
 }
 
 async fn new_queue(client: &Client, conn: &mut Connection) -> Result<(Vec<u8>, Vec<u8>)> {

@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use blindpost_wire::limits::{
+    MAX_GROUP_ROUTES, MAX_PAYLOAD_BYTES, MAX_SUBSCRIPTIONS_PER_CONNECTION,
+};
 use serde::Deserialize;
 
 /// Everything `blindpostd` can be configured with. Every field has a default, so an empty
@@ -26,6 +29,31 @@ pub struct Config {
     pub claims_per_minute: u32,
     /// Key-package claims one connection may make in a burst. Default 20.
     pub claim_burst: u32,
+    /// Claims one key-package box may serve per hour, whoever asks. Default 60.
+    pub box_claims_per_hour: u32,
+    /// Claims one key-package box may serve in a burst. Default 30.
+    pub box_claim_burst: u32,
+    /// Requests one connection may make per second, on average. Default 500.
+    pub requests_per_second: u32,
+    /// Requests one connection may make in a burst. Default 12 000: a device catching up on
+    /// 4096 queues (subscribe, fetch, acknowledge each) must fit in one burst.
+    pub request_burst: u32,
+    /// Queues one connection may subscribe to. Default and maximum 4096
+    /// (`MAX_SUBSCRIPTIONS_PER_CONNECTION`).
+    pub max_subscriptions: u32,
+    /// Most payload bytes a queue may hold unacknowledged; a post or commit that would pass it
+    /// is refused (`LimitExceeded`). Default 64 MiB.
+    pub max_queue_bytes: u64,
+    /// Most routes (member devices) a group may have. Default and maximum 10 000
+    /// (`MAX_GROUP_ROUTES`).
+    pub max_group_routes: u32,
+    /// Seconds a client has to complete the WebSocket handshake after connecting. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a frame may take to arrive once its first byte has. Default 30.
+    pub frame_timeout_secs: u64,
+    /// Seconds a frame to the client may take to be written before the connection is dropped.
+    /// Default 30.
+    pub send_timeout_secs: u64,
     /// Seconds to wait for connections to close at shutdown. Default 10.
     pub shutdown_grace_secs: u64,
     /// Log filter (`tracing` env-filter syntax). Default `info`.
@@ -42,6 +70,16 @@ impl Default for Config {
             max_connections: 10_000,
             claims_per_minute: 60,
             claim_burst: 20,
+            box_claims_per_hour: 60,
+            box_claim_burst: 30,
+            requests_per_second: 500,
+            request_burst: 12_000,
+            max_subscriptions: 4096,
+            max_queue_bytes: 64 * 1024 * 1024,
+            max_group_routes: 10_000,
+            handshake_timeout_secs: 10,
+            frame_timeout_secs: 30,
+            send_timeout_secs: 30,
             shutdown_grace_secs: 10,
             log: "info".to_owned(),
         }
@@ -169,8 +207,33 @@ impl Config {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid("max_connections must be at least 1"));
         }
-        if self.claim_burst == 0 {
-            return Err(ConfigError::Invalid("claim_burst must be at least 1"));
+        if self.claim_burst == 0 || self.box_claim_burst == 0 || self.request_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "claim_burst, box_claim_burst and request_burst must be at least 1",
+            ));
+        }
+        if self.max_subscriptions == 0
+            || self.max_subscriptions as usize > MAX_SUBSCRIPTIONS_PER_CONNECTION
+        {
+            return Err(ConfigError::Invalid(
+                "max_subscriptions must be between 1 and 4096",
+            ));
+        }
+        if self.max_group_routes == 0 || self.max_group_routes as usize > MAX_GROUP_ROUTES {
+            return Err(ConfigError::Invalid(
+                "max_group_routes must be between 1 and 10000",
+            ));
+        }
+        if self.max_queue_bytes < MAX_PAYLOAD_BYTES as u64 {
+            return Err(ConfigError::Invalid(
+                "max_queue_bytes must be at least the largest payload (4 MiB - 64 KiB)",
+            ));
+        }
+        if self.handshake_timeout_secs == 0
+            || self.frame_timeout_secs == 0
+            || self.send_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid("timeouts must be at least 1 second"));
         }
         Ok(())
     }

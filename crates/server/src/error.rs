@@ -178,6 +178,12 @@ pub enum Limit {
     GroupRoutes,
     /// Key-package claims per connection per minute.
     ClaimRate,
+    /// Key-package claims one box serves per hour.
+    BoxClaimRate,
+    /// Requests per connection per second.
+    RequestRate,
+    /// Unacknowledged bytes one queue may hold.
+    QueueBytes,
 }
 
 impl fmt::Display for Limit {
@@ -187,6 +193,13 @@ impl fmt::Display for Limit {
             Self::KeyPackages => "too many one-time key packages",
             Self::GroupRoutes => "too many group routes",
             Self::ClaimRate => "too many key-package claims; slow down",
+            Self::BoxClaimRate => {
+                "this user's key packages are being claimed too often; try again later"
+            }
+            Self::RequestRate => "too many requests on this connection; slow down",
+            Self::QueueBytes => {
+                "a recipient's queue is full (too much unread mail); try again later"
+            }
         })
     }
 }
@@ -198,6 +211,9 @@ pub enum ServerFault {
     /// The storage backend failed. The detail is for logs, never sent to clients.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The storage is full; nothing was stored. The detail is for logs.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     Unavailable,
@@ -208,6 +224,7 @@ impl From<StoreError> for ServiceError {
         match e {
             StoreError::Refused(r) => Self::Refused(r),
             StoreError::Backend(detail) => Self::Server(ServerFault::Storage(detail)),
+            StoreError::Full(detail) => Self::Server(ServerFault::StorageFull(detail)),
             StoreError::Closed => Self::Server(ServerFault::Unavailable),
         }
     }
@@ -230,12 +247,16 @@ pub fn to_wire(id: u64, err: &ServiceError) -> Response {
         },
         ServiceError::Server(s) => match s {
             ServerFault::Storage(_) => (ErrorCode::Internal, 0),
+            ServerFault::StorageFull(_) => (ErrorCode::Unavailable, 0),
             ServerFault::Unavailable => (ErrorCode::Unavailable, 0),
         },
     };
     let message = match err {
         // Backend details stay in the server's logs.
         ServiceError::Server(ServerFault::Storage(_)) => "internal storage error".to_owned(),
+        ServiceError::Server(ServerFault::StorageFull(_)) => {
+            "the server's storage is full; nothing was stored, retry later".to_owned()
+        }
         other => other.to_string(),
     };
     Response::error_with_epoch(id, code, message, epoch)
@@ -295,6 +316,10 @@ mod tests {
                 ErrorCode::Internal,
             ),
             (ServerFault::Unavailable.into(), ErrorCode::Unavailable),
+            (
+                ServerFault::StorageFull("disk".into()).into(),
+                ErrorCode::Unavailable,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(code_of(err).0, code);

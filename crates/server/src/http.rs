@@ -1,18 +1,26 @@
 //! The HTTP front: the axum router with the WebSocket endpoint (`/v1/ws`) and `/healthz`, the
-//! connection cap and the socket settings. Nothing else is served.
+//! connection cap, the socket settings, and the listener that drops slow clients (handshake
+//! and frame deadlines) and never hands out peer addresses. Nothing else is served.
 //! Not for: the connection loop (see `ws`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use blindpost_wire::WS_PATH;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::service::Service;
@@ -48,7 +56,11 @@ async fn healthz(State(app): State<Arc<AppState>>) -> (StatusCode, &'static str)
     }
 }
 
-async fn upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(ConnInfo(progress)): ConnectInfo<ConnInfo>,
+    ws: WebSocketUpgrade,
+) -> Response {
     if *app.shutdown.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
@@ -56,6 +68,7 @@ async fn upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Resp
         tracing::warn!("connection refused: connection limit reached");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
+    progress.upgraded();
     ws.max_message_size(crate::ws::SOCKET_MAX_MESSAGE)
         .max_frame_size(crate::ws::SOCKET_MAX_MESSAGE)
         .read_buffer_size(4 * 1024)
@@ -66,10 +79,198 @@ async fn upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Resp
             async move {
                 tracing::debug!("connection opened");
                 let (service, shutdown) = (Arc::clone(&app.service), app.shutdown.clone());
-                crate::ws::serve(socket, service, app.limits, shutdown).await;
+                crate::ws::serve(socket, service, app.limits, &progress, shutdown).await;
                 tracing::debug!("connection closed");
                 drop(permit);
             }
             .instrument(span)
         })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow clients
+
+/// The TCP listener, wrapped so every connection carries its [`Progress`] deadlines. It hands
+/// axum no peer address at all (`Addr = ()`): nothing past `accept` can log one.
+pub struct DeadlineListener {
+    inner: TcpListener,
+    handshake_timeout: Duration,
+    frame_timeout: Duration,
+}
+
+impl DeadlineListener {
+    /// Wraps `inner`: a connection must finish the WebSocket handshake within
+    /// `handshake_timeout` of being accepted, and once upgraded, a frame must arrive whole
+    /// within `frame_timeout` of its first byte.
+    pub fn new(inner: TcpListener, handshake_timeout: Duration, frame_timeout: Duration) -> Self {
+        Self {
+            inner,
+            handshake_timeout,
+            frame_timeout,
+        }
+    }
+}
+
+impl axum::serve::Listener for DeadlineListener {
+    type Io = DeadlineStream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((tcp, _peer)) => {
+                    let progress = Arc::new(Progress {
+                        frame_timeout: self.frame_timeout,
+                        deadline: Mutex::new(Some(Instant::now() + self.handshake_timeout)),
+                        upgraded: AtomicBool::new(false),
+                    });
+                    let stream = DeadlineStream {
+                        tcp,
+                        progress,
+                        sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                    };
+                    return (stream, ());
+                }
+                // Per-connection failures (reset before accept) are harmless; anything else
+                // (out of file descriptors) gets a pause so the loop does not spin.
+                Err(e) if is_connection_error(&e) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr().map(|_| ())
+    }
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// One connection's deadline: armed at accept for the handshake; disarmed by the upgrade;
+/// then armed by the first byte of each frame and disarmed when the frame is complete.
+#[derive(Debug)]
+pub struct Progress {
+    frame_timeout: Duration,
+    deadline: Mutex<Option<Instant>>,
+    upgraded: AtomicBool,
+}
+
+impl Progress {
+    /// The handshake is complete: no deadline until the first byte of a frame.
+    pub fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+        self.set(None);
+    }
+
+    /// A whole frame has arrived: no deadline until the first byte of the next.
+    pub fn frame_done(&self) {
+        self.set(None);
+    }
+
+    fn set(&self, deadline: Option<Instant>) {
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = deadline;
+        }
+    }
+
+    /// The armed deadline, arming the frame deadline if bytes just arrived on an upgraded
+    /// connection with none armed.
+    fn deadline(&self, bytes_arrived: bool) -> Option<Instant> {
+        let Ok(mut d) = self.deadline.lock() else {
+            return None;
+        };
+        if d.is_none() && bytes_arrived && self.upgraded.load(Ordering::Acquire) {
+            *d = Some(Instant::now() + self.frame_timeout);
+        }
+        *d
+    }
+}
+
+/// What handlers learn about their connection: its [`Progress`], never its address.
+#[derive(Debug, Clone)]
+pub struct ConnInfo(pub Arc<Progress>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, DeadlineListener>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, DeadlineListener>) -> Self {
+        Self(Arc::clone(&stream.io().progress))
+    }
+}
+
+/// A TCP stream whose reads fail with `TimedOut` once its [`Progress`] deadline passes.
+pub struct DeadlineStream {
+    tcp: TcpStream,
+    progress: Arc<Progress>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AsyncRead for DeadlineStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        let arrived = buf.filled().len() > before;
+        let Some(deadline) = this.progress.deadline(arrived) else {
+            return read;
+        };
+        if Instant::now() >= deadline {
+            tracing::debug!("slow client dropped");
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client was too slow",
+            )));
+        }
+        if read.is_pending() {
+            // Wake up at the deadline even if no byte ever comes.
+            this.sleep.as_mut().reset(deadline);
+            if this.sleep.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for DeadlineStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
 }

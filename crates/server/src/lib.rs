@@ -4,7 +4,8 @@
 //!
 //! Module map: `config` (settings), `types` (ids, hashes, days), `error` (faults and their wire
 //! codes), `store` (storage seam + SQLite), `service` (request rules), `hub` (wake-ups),
-//! `session` (per-connection state), `ws` (socket loop), `http` (router), `retention`.
+//! `session` (per-connection state), `ws` (socket loop), `http` (router, slow-client
+//! deadlines), `rate` (token buckets), `retention`.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod rate;
 pub mod retention;
 pub mod service;
 pub mod session;
@@ -72,6 +74,7 @@ pub async fn run(
         Arc::clone(&store) as Arc<dyn Store>,
         Arc::clone(&store) as Arc<dyn store::DirectoryStore>,
         Arc::new(Hub::new()),
+        service::ServiceLimits::from_config(&config),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -92,16 +95,21 @@ pub async fn run(
         service: Arc::clone(&service),
         connections: Arc::clone(&connections),
         shutdown: stop_rx.clone(),
-        limits: SessionLimits {
-            claims_per_minute: config.claims_per_minute,
-            claim_burst: config.claim_burst,
-        },
+        limits: SessionLimits::from_config(&config),
         next_connection: std::sync::atomic::AtomicU64::new(1),
     });
     let mut serve_stop = stop_rx.clone();
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(async move { stopped(&mut serve_stop).await })
-        .await;
+    let listener = http::DeadlineListener::new(
+        listener,
+        Duration::from_secs(config.handshake_timeout_secs),
+        Duration::from_secs(config.frame_timeout_secs),
+    );
+    let served = axum::serve(
+        listener,
+        http::router(state).into_make_service_with_connect_info::<http::ConnInfo>(),
+    )
+    .with_graceful_shutdown(async move { stopped(&mut serve_stop).await })
+    .await;
 
     // WebSocket tasks outlive hyper's graceful shutdown: wait until each has given its
     // connection permit back (they close on the shutdown signal), within the grace period.

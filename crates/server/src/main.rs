@@ -17,7 +17,10 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::resolve(Args::parse())?;
     let filter = EnvFilter::try_new(&config.log)
         .with_context(|| format!("invalid log filter {:?}", config.log))?;
+    // No timestamps: a log line must not say when anything happened finer than the day
+    // (SEIZURE.md). A collector that stamps lines (journald) is the operator's choice.
     tracing_subscriber::fmt()
+        .without_time()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .init();

@@ -16,9 +16,11 @@ use blindpost_wire::{
 };
 use ed25519_dalek::{Signature, VerifyingKey};
 use prost::Message as _;
+use tokio::time::Instant;
 
 use crate::error::{BadRequest, Credential, Entity, Limit, Refusal, ServiceError};
 use crate::hub::Hub;
+use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::store::{
     ClaimedKeyPackage, CommitOp, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
     KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, UserRecord,
@@ -35,11 +37,41 @@ pub const BATCH_BYTES: usize = MAX_PAYLOAD_BYTES;
 /// Longest device signature key accepted in a directory entry.
 const MAX_DEVICE_KEY_BYTES: usize = 1024;
 
+/// The service's share of the configured limits (see `Config` for each one's meaning).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceLimits {
+    /// `Config::max_queue_bytes`.
+    pub max_queue_bytes: u64,
+    /// `Config::max_group_routes`.
+    pub max_group_routes: usize,
+    /// `Config::box_claims_per_hour`.
+    pub box_claims_per_hour: u32,
+    /// `Config::box_claim_burst`.
+    pub box_claim_burst: u32,
+}
+
+impl ServiceLimits {
+    /// The limits of a configuration.
+    pub fn from_config(config: &crate::Config) -> Self {
+        Self {
+            max_queue_bytes: config.max_queue_bytes,
+            max_group_routes: config.max_group_routes as usize,
+            box_claims_per_hour: config.box_claims_per_hour,
+            box_claim_burst: config.box_claim_burst,
+        }
+    }
+}
+
+/// Most key-package boxes whose claim rate is tracked at once (~100 bytes each).
+const TRACKED_BOXES: usize = 100_000;
+
 /// The post office's rules over a store, a directory and the wake-up hub.
 pub struct Service {
     store: Arc<dyn Store>,
     directory: Arc<dyn DirectoryStore>,
     hub: Arc<Hub>,
+    limits: ServiceLimits,
+    box_claims: KeyedLimiter<BoxId>,
 }
 
 /// A directory entry whose signature has been verified; only [`verify_entry`] makes one, so
@@ -49,11 +81,22 @@ pub struct VerifiedEntry(UserRecord);
 
 impl Service {
     /// A service over these parts.
-    pub fn new(store: Arc<dyn Store>, directory: Arc<dyn DirectoryStore>, hub: Arc<Hub>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        directory: Arc<dyn DirectoryStore>,
+        hub: Arc<Hub>,
+        limits: ServiceLimits,
+    ) -> Self {
+        let per_sec = f64::from(limits.box_claims_per_hour) / 3600.0;
         Self {
             store,
             directory,
             hub,
+            limits,
+            box_claims: KeyedLimiter::new(
+                TokenBucket::new(limits.box_claim_burst, per_sec),
+                TRACKED_BOXES,
+            ),
         }
     }
 
@@ -154,12 +197,16 @@ impl Service {
         Ok(self.store.publish_key_packages(op).await?)
     }
 
-    /// `ClaimKeyPackage` (the per-connection rate limit is the session's).
+    /// `ClaimKeyPackage`, within the box's claim rate (the per-connection rate limit is the
+    /// session's).
     pub async fn claim_key_package(
         &self,
         req: &ClaimKeyPackage,
     ) -> ServiceResult<ClaimedKeyPackage> {
         let box_id = BoxId::parse(&req.box_id)?;
+        if !self.box_claims.try_take(box_id, Instant::now()) {
+            return Err(Refusal::LimitExceeded(Limit::BoxClaimRate).into());
+        }
         Ok(self.store.claim_key_package(box_id).await?)
     }
 
@@ -206,6 +253,9 @@ impl Service {
             posting_token_hash: SecretHash::parse("posting token hash", &req.posting_token_hash)?,
             routes: route_grants(&req.routes)?,
         };
+        if group.routes.len() > self.limits.max_group_routes {
+            return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
+        }
         Ok(self.store.create_group(group).await?)
     }
 
@@ -240,6 +290,8 @@ impl Service {
             add_routes,
             remove_routes,
             welcome,
+            max_routes: self.limits.max_group_routes,
+            max_queue_bytes: self.limits.max_queue_bytes,
         };
         let committed = self.store.commit(op).await?;
         self.hub.notify(&committed.appended);
@@ -257,6 +309,7 @@ impl Service {
                 check_payload("payload", &req.payload)?;
                 req.payload
             },
+            max_queue_bytes: self.limits.max_queue_bytes,
         };
         match self.store.post(op).await? {
             Posted::Stored { appended } => self.hub.notify(&appended),

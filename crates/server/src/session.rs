@@ -17,17 +17,41 @@ use tokio::time::Instant;
 
 use crate::error::{BadRequest, Credential, Limit, Refusal, ServerFault, ServiceError, to_wire};
 use crate::hub::Inbox;
+use crate::rate::TokenBucket;
 use crate::service::{Service, ServiceResult};
 use crate::store::{Fetched, KeyPackageCount};
 use crate::types::QueueId;
 
-/// Per-connection limits, from the configuration.
+/// Per-connection limits, from the configuration (see `Config` for each one's meaning).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     /// Key-package claims per minute, on average.
     pub claims_per_minute: u32,
     /// Key-package claims in a burst.
     pub claim_burst: u32,
+    /// Requests per second, on average.
+    pub requests_per_second: u32,
+    /// Requests in a burst.
+    pub request_burst: u32,
+    /// Queues one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// How long writing one frame to the client may take.
+    pub send_timeout: Duration,
+}
+
+impl SessionLimits {
+    /// The limits of a configuration.
+    pub fn from_config(config: &crate::Config) -> Self {
+        Self {
+            claims_per_minute: config.claims_per_minute,
+            claim_burst: config.claim_burst,
+            requests_per_second: config.requests_per_second,
+            request_burst: config.request_burst,
+            max_subscriptions: (config.max_subscriptions as usize)
+                .min(MAX_SUBSCRIPTIONS_PER_CONNECTION),
+            send_timeout: Duration::from_secs(config.send_timeout_secs),
+        }
+    }
 }
 
 /// What this connection may do with one queue it authenticated.
@@ -43,6 +67,8 @@ pub struct Session {
     inbox: Arc<Inbox>,
     queues: HashMap<QueueId, QueueAccess>,
     claims: TokenBucket,
+    requests: TokenBucket,
+    max_subscriptions: usize,
 }
 
 impl Session {
@@ -53,8 +79,15 @@ impl Session {
             service,
             inbox,
             queues: HashMap::new(),
-            claims: TokenBucket::new(limits.claim_burst, limits.claims_per_minute),
+            claims: TokenBucket::per_minute(limits.claim_burst, limits.claims_per_minute),
+            requests: TokenBucket::new(limits.request_burst, f64::from(limits.requests_per_second)),
+            max_subscriptions: limits.max_subscriptions,
         }
+    }
+
+    /// Takes one request from the connection's rate budget; `false` when it is spent.
+    pub fn admit(&mut self) -> bool {
+        self.requests.try_take(Instant::now())
     }
 
     /// This connection's wake-up inbox.
@@ -72,6 +105,9 @@ impl Session {
             );
         };
         let kind = request_kind(&request);
+        if !self.admit() {
+            return to_wire(id, &Refusal::LimitExceeded(Limit::RequestRate).into());
+        }
         match self.dispatch(request).await {
             Ok(body) => Response {
                 id,
@@ -79,7 +115,9 @@ impl Session {
             },
             Err(err) => {
                 match &err {
-                    ServiceError::Server(ServerFault::Storage(detail)) => {
+                    ServiceError::Server(
+                        ServerFault::Storage(detail) | ServerFault::StorageFull(detail),
+                    ) => {
                         tracing::error!(request = kind, error = %detail, "request failed");
                     }
                     other => tracing::debug!(request = kind, error = %other, "request refused"),
@@ -140,9 +178,7 @@ impl Session {
 
     async fn subscribe(&mut self, r: Subscribe) -> ServiceResult<Body> {
         let queue = QueueId::parse(&r.queue_id)?;
-        if !self.queues.contains_key(&queue)
-            && self.queues.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION
-        {
+        if !self.queues.contains_key(&queue) && self.queues.len() >= self.max_subscriptions {
             return Err(Refusal::LimitExceeded(Limit::Subscriptions).into());
         }
         let (queue, head_seq) = self
@@ -271,65 +307,5 @@ fn request_kind(r: &Request) -> &'static str {
         Request::Post(_) => "Post",
         Request::Ping(_) => "Ping",
         Request::Unsubscribe(_) => "Unsubscribe",
-    }
-}
-
-/// A token bucket: `burst` tokens, refilled at `per_minute` per minute.
-#[derive(Debug)]
-struct TokenBucket {
-    capacity: f64,
-    tokens: f64,
-    per_sec: f64,
-    last: Option<Instant>,
-}
-
-impl TokenBucket {
-    fn new(burst: u32, per_minute: u32) -> Self {
-        Self {
-            capacity: f64::from(burst),
-            tokens: f64::from(burst),
-            per_sec: f64::from(per_minute) / 60.0,
-            last: None,
-        }
-    }
-
-    fn try_take(&mut self, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            let elapsed = now
-                .saturating_duration_since(last)
-                .min(Duration::from_secs(3600));
-            self.tokens = (self.tokens + elapsed.as_secs_f64() * self.per_sec).min(self.capacity);
-        }
-        self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bucket_allows_a_burst_then_refills_at_the_rate() {
-        let mut b = TokenBucket::new(3, 60);
-        let t0 = Instant::now();
-        assert!(b.try_take(t0));
-        assert!(b.try_take(t0));
-        assert!(b.try_take(t0));
-        assert!(!b.try_take(t0));
-        assert!(
-            b.try_take(t0 + Duration::from_secs(1)),
-            "one token per second at 60/min"
-        );
-        assert!(!b.try_take(t0 + Duration::from_secs(1)));
-        // Refill never exceeds the burst.
-        let later = t0 + Duration::from_secs(600);
-        assert!((0..3).all(|_| b.try_take(later)));
-        assert!(!b.try_take(later));
     }
 }

@@ -3,13 +3,15 @@
 //! Not for: protocol rules (see `session` and `service`). Never logs peer addresses or bytes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use blindpost_wire::limits::MAX_FRAME_BYTES;
 use blindpost_wire::{DecodeError, ErrorCode, Response, ServerFrame, decode_client, encode};
 use tokio::sync::watch;
 
-use crate::error::{BadRequest, to_wire};
+use crate::error::{BadRequest, Limit, Refusal, to_wire};
+use crate::http::Progress;
 use crate::service::Service;
 use crate::session::{Session, SessionLimits};
 
@@ -26,8 +28,10 @@ pub async fn serve(
     mut socket: WebSocket,
     service: Arc<Service>,
     limits: SessionLimits,
+    progress: &Progress,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let send_timeout = limits.send_timeout;
     let mut session = Session::new(service, limits);
     let inbox = Arc::clone(session.inbox());
     loop {
@@ -40,13 +44,15 @@ pub async fn serve(
                 break;
             }
             incoming = socket.recv() => {
+                progress.frame_done();
                 let reply = match incoming {
                     Some(Ok(Message::Binary(bytes))) => handle_binary(&mut session, &bytes).await,
-                    Some(Ok(Message::Text(_))) => Response::error(
+                    Some(Ok(Message::Text(_))) if session.admit() => Response::error(
                         0,
                         ErrorCode::Malformed,
                         "text frames are not part of the protocol; send binary frames",
                     ),
+                    Some(Ok(Message::Text(_))) => rate_limited(),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
@@ -54,7 +60,7 @@ pub async fn serve(
                         break;
                     }
                 };
-                if send(&mut socket, reply.into()).await.is_err() {
+                if send(&mut socket, reply.into(), send_timeout).await.is_err() {
                     break;
                 }
             }
@@ -62,7 +68,7 @@ pub async fn serve(
             () = std::future::ready(()), if news => {
                 match session.next_push().await {
                     Ok(Some(push)) => {
-                        if send(&mut socket, push.into()).await.is_err() {
+                        if send(&mut socket, push.into(), send_timeout).await.is_err() {
                             break;
                         }
                     }
@@ -76,7 +82,9 @@ pub async fn serve(
 
 async fn handle_binary(session: &mut Session, bytes: &[u8]) -> Response {
     match decode_client(bytes) {
+        // The session takes the rate budget itself, to answer under the frame's id.
         Ok(frame) => session.handle(frame).await,
+        Err(_) if !session.admit() => rate_limited(),
         Err(DecodeError::TooLarge { len }) => to_wire(
             0,
             &BadRequest::TooLarge {
@@ -90,6 +98,18 @@ async fn handle_binary(session: &mut Session, bytes: &[u8]) -> Response {
     }
 }
 
-async fn send(socket: &mut WebSocket, frame: ServerFrame) -> Result<(), axum::Error> {
-    socket.send(Message::Binary(encode(&frame).into())).await
+fn rate_limited() -> Response {
+    to_wire(0, &Refusal::LimitExceeded(Limit::RequestRate).into())
+}
+
+/// Sends one frame; a client that does not read it within `timeout` is dropped (`Err`).
+async fn send(socket: &mut WebSocket, frame: ServerFrame, timeout: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(timeout, socket.send(Message::Binary(encode(&frame).into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(()),
+        Err(_) => {
+            tracing::debug!("client too slow to read; dropped");
+            Err(())
+        }
+    }
 }

@@ -93,7 +93,47 @@ backend_suite!(Sqlite:
     directory_register_update_and_conflicts,
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
+    a_full_queue_refuses_posts_whole_until_acknowledged,
+    group_route_limit_is_enforced_by_commit,
 );
+
+/// The property test runs synchronously (proptest drives cases), one fresh backend per case.
+macro_rules! backend_properties {
+    ($backend:ident) => {
+        mod sqlite_properties {
+            use super::*;
+            use proptest::test_runner::{Config, TestRunner};
+
+            #[test]
+            fn queue_invariants_hold_under_random_interleavings() {
+                let cases = std::env::var("BLINDPOST_PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(48);
+                let mut runner = TestRunner::new(Config {
+                    cases,
+                    failure_persistence: None,
+                    ..Config::default()
+                });
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runner
+                    .run(&super::queue_ops(), |ops| {
+                        rt.block_on(async {
+                            let mut backend = $backend::new();
+                            super::queue_invariants(&mut backend, &ops).await
+                        })
+                    })
+                    .unwrap();
+            }
+        }
+    };
+}
+
+backend_properties!(Sqlite);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -166,6 +206,7 @@ fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
         posting_token_hash: posting(token),
         message_id: mid(id),
         payload: payload.to_vec(),
+        max_queue_bytes: u64::MAX,
     }
 }
 
@@ -179,6 +220,8 @@ fn commit(g: u8, epoch: u64, token: u8, next: u8) -> CommitOp {
         add_routes: vec![],
         remove_routes: vec![],
         welcome: None,
+        max_routes: usize::MAX,
+        max_queue_bytes: u64::MAX,
     }
 }
 
@@ -779,4 +822,214 @@ async fn everything_acknowledged_survives_reopen(b: &mut impl Backend) {
         b.directory().lookup_user("carol".into()).await.unwrap(),
         Some(user("carol", 3, 1))
     );
+}
+
+async fn a_full_queue_refuses_posts_whole_until_acknowledged(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    queue(&*s, 2).await;
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    let limited = |id: u32, len: usize| PostOp {
+        max_queue_bytes: 100,
+        ..post(1, 0, 1, id, &vec![id as u8; len])
+    };
+    s.post(limited(1, 60)).await.unwrap();
+    s.post(limited(2, 40)).await.unwrap();
+    assert_eq!(
+        refusal(s.post(limited(3, 1)).await),
+        Refusal::LimitExceeded(Limit::QueueBytes)
+    );
+    // Refused whole: neither route got it, and the id is not burnt.
+    assert_eq!(payloads(&*s, qid(1)).await.len(), 2);
+    assert_eq!(payloads(&*s, qid(2)).await.len(), 2);
+    // Queue 1's reader catches up; queue 2's still blocks the post.
+    s.ack(qid(1), 2).await.unwrap();
+    assert_eq!(
+        refusal(s.post(limited(3, 1)).await),
+        Refusal::LimitExceeded(Limit::QueueBytes)
+    );
+    s.ack(qid(2), 1).await.unwrap();
+    assert!(matches!(
+        s.post(limited(3, 50)).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    assert_eq!(payloads(&*s, qid(2)).await.len(), 2);
+    // A commit removing the full queue still reaches it (and is not blocked by it).
+    let mut c = commit(1, 0, 1, 2);
+    c.max_queue_bytes = 90;
+    c.remove_routes = vec![qid(2)];
+    s.commit(c).await.unwrap();
+    assert_eq!(payloads(&*s, qid(2)).await.last().unwrap(), b"commit");
+}
+
+async fn group_route_limit_is_enforced_by_commit(b: &mut impl Backend) {
+    let s = b.store();
+    for n in 1..=4 {
+        queue(&*s, n).await;
+    }
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    let mut c = commit(1, 0, 1, 2);
+    c.max_routes = 3;
+    c.add_routes = vec![grant(3), grant(4)];
+    assert_eq!(
+        refusal(s.commit(c.clone()).await),
+        Refusal::LimitExceeded(Limit::GroupRoutes)
+    );
+    assert_eq!(payloads(&*s, qid(1)).await.len(), 0, "refused whole");
+    c.add_routes = vec![grant(3)];
+    assert_eq!(s.commit(c).await.unwrap().epoch, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The property: random interleavings of post / retried post / deliver / ack / restart keep the
+// queue invariants.
+
+#[derive(Debug, Clone)]
+enum QueueOp {
+    /// A new post of `len` bytes to the group (routes: queues 1 and 2).
+    Post(usize),
+    /// The post with this index (modulo those made) is retried with its message id.
+    Retry(usize),
+    /// Queue `q` fetches at most `limit` messages above its `cursor`-th pending message.
+    Deliver { q: u8, limit: u32, cursor: usize },
+    /// Queue `q` acknowledges up to its `k`-th pending message (past the end: all).
+    Ack { q: u8, k: usize },
+    /// The store is closed and opened again.
+    Restart,
+}
+
+fn queue_ops() -> impl proptest::strategy::Strategy<Value = Vec<QueueOp>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        4 => (1usize..300).prop_map(QueueOp::Post),
+        1 => any::<usize>().prop_map(QueueOp::Retry),
+        3 => (1u8..=2, 1u32..5, 0usize..8)
+            .prop_map(|(q, limit, cursor)| QueueOp::Deliver { q, limit, cursor }),
+        2 => (1u8..=2, 0usize..6).prop_map(|(q, k)| QueueOp::Ack { q, k }),
+        1 => Just(QueueOp::Restart),
+    ];
+    proptest::collection::vec(op, 1..40)
+}
+
+async fn queue_invariants(
+    b: &mut impl Backend,
+    ops: &[QueueOp],
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prop_assert_eq;
+    use std::collections::BTreeMap;
+
+    let s = b.store();
+    queue(&*s, 1).await;
+    queue(&*s, 2).await;
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    // The model: each queue's pending messages by sequence number, and the next number.
+    let mut pending: [BTreeMap<u64, Vec<u8>>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    let mut next_seq = [1u64, 1u64];
+    let mut posts: Vec<Vec<u8>> = Vec::new();
+    let mut acked_up_to = [0u64, 0u64];
+    for op in ops {
+        let s = b.store();
+        match op {
+            QueueOp::Post(len) => {
+                let n = posts.len() as u32;
+                let mut payload = n.to_be_bytes().to_vec();
+                payload.resize(*len + 4, 0xAB);
+                s.post(post(1, 0, 1, n, &payload)).await.unwrap();
+                for q in 0..2 {
+                    pending[q].insert(next_seq[q], payload.clone());
+                    next_seq[q] += 1;
+                }
+                posts.push(payload);
+            }
+            QueueOp::Retry(i) => {
+                if !posts.is_empty() {
+                    let i = i % posts.len();
+                    let again = s.post(post(1, 0, 1, i as u32, &posts[i])).await.unwrap();
+                    prop_assert_eq!(again, Posted::Duplicate);
+                }
+            }
+            QueueOp::Deliver { q, limit, cursor } => {
+                let idx = usize::from(*q - 1);
+                let after = pending[idx]
+                    .keys()
+                    .nth(cursor.saturating_sub(1))
+                    .copied()
+                    .filter(|_| *cursor > 0)
+                    .unwrap_or(acked_up_to[idx]);
+                let got = s
+                    .fetch(
+                        qid(*q),
+                        after,
+                        FetchLimit {
+                            max_messages: *limit,
+                            max_bytes: usize::MAX,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let expected: Vec<(u64, Vec<u8>)> = pending[idx]
+                    .range(after + 1..)
+                    .take(*limit as usize)
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect();
+                let more = pending[idx].range(after + 1..).count() > expected.len();
+                let got_pairs: Vec<(u64, Vec<u8>)> = got
+                    .messages
+                    .into_iter()
+                    .map(|m| (m.seq, m.payload))
+                    .collect();
+                prop_assert_eq!(got_pairs, expected, "delivery after {}", after);
+                prop_assert_eq!(got.more, more);
+            }
+            QueueOp::Ack { q, k } => {
+                let idx = usize::from(*q - 1);
+                let up_to = pending[idx]
+                    .keys()
+                    .nth(*k)
+                    .copied()
+                    .unwrap_or(next_seq[idx] - 1);
+                s.ack(qid(*q), up_to).await.unwrap();
+                pending[idx].retain(|seq, _| *seq > up_to);
+                acked_up_to[idx] = acked_up_to[idx].max(up_to);
+            }
+            QueueOp::Restart => b.reopen().await,
+        }
+        // After every step: each queue holds exactly the model's pending messages, in strictly
+        // increasing order: nothing acknowledged reappears, nothing unacknowledged is lost.
+        let s = b.store();
+        for q in 1..=2u8 {
+            let all = s
+                .fetch(
+                    qid(q),
+                    0,
+                    FetchLimit {
+                        max_messages: 256,
+                        max_bytes: usize::MAX,
+                    },
+                )
+                .await
+                .unwrap();
+            let got: Vec<(u64, Vec<u8>)> = all
+                .messages
+                .into_iter()
+                .map(|m| (m.seq, m.payload))
+                .collect();
+            let want: Vec<(u64, Vec<u8>)> = pending[usize::from(q - 1)]
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            prop_assert_eq!(got, want, "queue {} after {:?}", q, op);
+            let head = s
+                .authenticate_queue(qid(q), receive_secret(q))
+                .await
+                .unwrap();
+            prop_assert_eq!(
+                head,
+                next_seq[usize::from(q - 1)] - 1,
+                "head of queue {}",
+                q
+            );
+        }
+    }
+    Ok(())
 }

@@ -41,24 +41,53 @@ pub struct Server {
     data: TempDir,
     pub url: String,
     pub addr: String,
+    /// Where its stderr (the log) goes, if captured: outside the data directory.
+    log: Option<(TempDir, PathBuf)>,
 }
 
 impl Server {
     pub fn start() -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0");
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", None);
         Self {
             child,
             url: format!("ws://{addr}"),
             addr,
             data,
+            log: None,
         }
+    }
+
+    /// Starts on `ip` (port 0) logging at `level` to a file, for tests that read the log.
+    pub fn start_logged(ip: &str, level: &str) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = log_dir.path().join("blindpostd.log");
+        let (child, addr) = spawn_server(
+            data.path(),
+            &format!("{ip}:0"),
+            Some((log.as_path(), level)),
+        );
+        Self {
+            child,
+            url: format!("ws://{addr}"),
+            addr,
+            data,
+            log: Some((log_dir, log)),
+        }
+    }
+
+    /// The captured log so far.
+    pub fn log(&self) -> Vec<u8> {
+        let (_, path) = self.log.as_ref().expect("started with start_logged");
+        std::fs::read(path).unwrap()
     }
 
     /// Stop (SIGTERM, wait) and start again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, addr) = spawn_server(self.data.path(), &self.addr);
+        assert!(self.log.is_none(), "restart of a logged server");
+        let (child, addr) = spawn_server(self.data.path(), &self.addr, None);
         assert_eq!(addr, self.addr);
         self.child = child;
     }
@@ -86,16 +115,25 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(data: &Path, listen: &str) -> (Child, String) {
+fn spawn_server(data: &Path, listen: &str, log: Option<(&Path, &str)>) -> (Child, String) {
     // The port of a just-stopped server may linger briefly; retry binding a few times.
     for attempt in 0..50 {
-        let mut child = Command::new(bin("blindpostd"))
+        let mut command = Command::new(bin("blindpostd"));
+        command
             .args(["--listen", listen, "--data"])
             .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("blindpostd starts");
+            .stdout(Stdio::piped());
+        match log {
+            Some((file, level)) => {
+                command
+                    .args(["--log", level])
+                    .stderr(std::fs::File::create(file).unwrap());
+            }
+            None => {
+                command.stderr(Stdio::null());
+            }
+        }
+        let mut child = command.spawn().expect("blindpostd starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -177,6 +215,27 @@ impl User {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// Start `receive --follow --json --timeout 60`; its output lines arrive on the receiver.
+    pub fn follow(&self) -> Follower {
+        let mut child = self
+            .command(&["receive", "--follow", "--json", "--timeout", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
     /// Run with `--json`; one value per line.
     pub fn json(&self, args: &[&str]) -> Vec<Value> {
         let mut a = args.to_vec();
@@ -192,6 +251,36 @@ impl User {
     /// Texts of received messages.
     pub fn receive_texts(&self) -> Vec<String> {
         texts(&self.receive())
+    }
+}
+
+/// A running `receive --follow`.
+pub struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    /// Collect message texts until `n` arrived or 30 s passed.
+    pub fn texts(&self, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while seen.len() < n && std::time::Instant::now() < deadline {
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                seen.extend(texts(&parse_lines(&line)));
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -31,6 +31,10 @@ pub enum StoreError {
     /// The backend failed (I/O, corruption, …); nothing was acknowledged.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The backend's disk (or its configured size) is full; nothing was acknowledged. Writes
+    /// succeed again once space is freed.
+    #[error("storage full: {0}")]
+    Full(String),
     /// The store is closed or its writer has stopped.
     #[error("the store is closed")]
     Closed,
@@ -122,6 +126,12 @@ pub struct CommitOp {
     pub remove_routes: Vec<QueueId>,
     /// The Welcome, appended to each added route; `None` appends nothing.
     pub welcome: Option<Vec<u8>>,
+    /// Most routes the group may have afterwards (`LimitExceeded(GroupRoutes)` beyond).
+    pub max_routes: usize,
+    /// Most pending payload bytes a queue may hold after an append (`LimitExceeded(QueueBytes)`
+    /// beyond). Routes this commit removes are exempt, so a full queue cannot block its own
+    /// removal.
+    pub max_queue_bytes: u64,
 }
 
 /// What a commit did.
@@ -146,6 +156,9 @@ pub struct PostOp {
     pub message_id: MessageId,
     /// The payload.
     pub payload: Vec<u8>,
+    /// Most pending payload bytes a queue may hold after the append; a post that would pass it
+    /// on any route is refused whole (`LimitExceeded(QueueBytes)`).
+    pub max_queue_bytes: u64,
 }
 
 /// What a post did.
@@ -263,11 +276,11 @@ pub trait Store: Send + Sync + 'static {
     fn create_group(&self, group: NewGroup) -> StoreFuture<'_, ()>;
 
     /// Applies the one commit of an epoch, atomically (see [`CommitOp`]). Refused with
-    /// `NotFound`, `StaleEpoch`, `Forbidden`, `LimitExceeded` (routes).
+    /// `NotFound`, `StaleEpoch`, `Forbidden`, `LimitExceeded` (routes, or a queue is full).
     fn commit(&self, commit: CommitOp) -> StoreFuture<'_, Committed>;
 
     /// Fans a post out to every route, idempotently by message id. Refused with `NotFound`,
-    /// `StaleEpoch`, `Forbidden`.
+    /// `StaleEpoch`, `Forbidden`, `LimitExceeded` (a route's queue is full).
     fn post(&self, post: PostOp) -> StoreFuture<'_, Posted>;
 
     /// Creates or tops up a key-package box. Refused with `Forbidden` (another secret) or

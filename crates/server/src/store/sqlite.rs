@@ -105,7 +105,10 @@ const MIGRATIONS: &[&str] = &[
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        }
     }
 }
 
@@ -131,6 +134,9 @@ impl SqliteStore {
         // An acknowledgement means durable, even on power loss.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        // Deleted rows (acknowledged messages, claimed key packages) are overwritten, not left
+        // readable in free pages of the file.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
 
@@ -163,6 +169,25 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
     {
+        self.write_op(work, false).await
+    }
+
+    /// Like [`Self::write`], for an operation that deletes something linkable (a claimed key
+    /// package names its owner and a queue): after its batch commits, the WAL is checkpointed
+    /// and truncated, so the deleted row's old page is left in neither file.
+    async fn write_then_scrub<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
+    {
+        self.write_op(work, true).await
+    }
+
+    async fn write_op<T, F>(&self, work: F, scrub: bool) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
+    {
         let sender = {
             let guard = self.writer.read().map_err(|_| StoreError::Closed)?;
             guard.clone().ok_or(StoreError::Closed)?
@@ -172,6 +197,7 @@ impl SqliteStore {
             work: Some(work),
             result: None,
             reply,
+            scrub,
         });
         sender.send(job).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -216,6 +242,10 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 trait WriteJob: Send {
     /// Runs the operation inside the open savepoint; `true` if it succeeded.
     fn run(&mut self, conn: &Connection, day: Day) -> bool;
+    /// The error the operation failed with, if it ran and failed.
+    fn error(&self) -> Option<StoreError>;
+    /// Whether the WAL must be scrubbed (checkpointed and truncated) once this commits.
+    fn scrubs(&self) -> bool;
     /// Answers the caller once the batch's fate (`outcome`) is known.
     fn finish(self: Box<Self>, outcome: StoreResult<()>);
 }
@@ -224,6 +254,7 @@ struct Op<T, F> {
     work: Option<F>,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
+    scrub: bool,
 }
 
 impl<T, F> WriteJob for Op<T, F>
@@ -239,6 +270,14 @@ where
         let ok = result.is_ok();
         self.result = Some(result);
         ok
+    }
+
+    fn error(&self) -> Option<StoreError> {
+        self.result.as_ref().and_then(|r| r.as_ref().err().cloned())
+    }
+
+    fn scrubs(&self) -> bool {
+        self.scrub && matches!(self.result, Some(Ok(_)))
     }
 
     fn finish(self: Box<Self>, outcome: StoreResult<()>) {
@@ -263,8 +302,18 @@ fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, c
             }
         }
         let outcome = run_batch(conn, &mut batch, clock());
+        if outcome.is_ok() && batch.iter().any(|job| job.scrubs()) {
+            // Before answering: once a claim is acknowledged, its package is in no file.
+            // Readers hold snapshots for milliseconds; the busy timeout waits them out.
+            let scrubbed = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+            if !matches!(scrubbed, Ok(0)) {
+                tracing::warn!("WAL checkpoint after a key-package claim did not complete");
+            }
+        }
         if let Err(e) = &outcome {
-            tracing::error!(error = %e, ops = batch.len(), "group commit failed");
+            tracing::error!(error = %e, ops = batch.len(), "group commit failed; nothing of it acknowledged");
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
@@ -279,16 +328,18 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
     conn.execute_batch("BEGIN IMMEDIATE")?;
     for job in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT op")?;
-        if job.run(conn, day) {
+        let ok = job.run(conn, day);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O error, …): nothing of
+            // the batch is stored, and every operation in it fails with the cause.
+            return Err(job.error().unwrap_or_else(|| {
+                StoreError::Backend("the database aborted the transaction".into())
+            }));
+        }
+        if ok {
             conn.execute_batch("RELEASE op")?;
         } else {
             conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
-        }
-        if conn.is_autocommit() {
-            // SQLite rolled the whole transaction back (I/O error, disk full, …).
-            return Err(StoreError::Backend(
-                "the database aborted the transaction".into(),
-            ));
         }
     }
     conn.execute_batch("COMMIT")?;
@@ -358,12 +409,29 @@ fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
 }
 
 /// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
+/// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
+/// `max_queue_bytes` (`None`: no limit).
 fn append(
     conn: &Connection,
     day: Day,
     queue: &QueueId,
     payload: &[u8],
+    max_queue_bytes: Option<u64>,
 ) -> StoreResult<Option<u64>> {
+    if let Some(max) = max_queue_bytes {
+        // O(pending messages of this queue); bounded by the limit itself.
+        let pending: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(length(payload)), 0) FROM messages WHERE queue_id = ?1",
+            )?
+            .query_row([queue.as_bytes()], |r| r.get(0))?;
+        let after = u64::try_from(pending)
+            .unwrap_or(u64::MAX)
+            .saturating_add(payload.len() as u64);
+        if after > max {
+            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
+        }
+    }
     let seq: Option<i64> = conn
         .prepare_cached(
             "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2 WHERE id = ?1
@@ -524,9 +592,11 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
     }
     let gid = c.group_id.as_bytes();
     let mut appended: Vec<QueueId> = Vec::new();
-    // The commit reaches every current route, removed ones included.
+    // The commit reaches every current route, removed ones included (exempt from the queue
+    // size limit, so a full queue cannot block its own removal).
     for queue in routes_of(conn, &c.group_id)? {
-        if append(conn, day, &queue, &c.commit)?.is_some() {
+        let limit = (!c.remove_routes.contains(&queue)).then_some(c.max_queue_bytes);
+        if append(conn, day, &queue, &c.commit, limit)?.is_some() {
             appended.push(queue);
         }
     }
@@ -541,12 +611,12 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
     let routes: i64 = conn
         .prepare_cached("SELECT COUNT(*) FROM routes WHERE group_id = ?1")?
         .query_row([gid], |r| r.get(0))?;
-    if usize::try_from(routes).unwrap_or(usize::MAX) > MAX_GROUP_ROUTES {
+    if usize::try_from(routes).unwrap_or(usize::MAX) > c.max_routes.min(MAX_GROUP_ROUTES) {
         return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
     }
     if let Some(welcome) = &c.welcome {
         for grant in &c.add_routes {
-            if append(conn, day, &grant.queue_id, welcome)?.is_some() {
+            if append(conn, day, &grant.queue_id, welcome, Some(c.max_queue_bytes))?.is_some() {
                 appended.push(grant.queue_id);
             }
         }
@@ -586,7 +656,7 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     }
     let mut appended = Vec::new();
     for queue in routes_of(conn, &p.group_id)? {
-        if append(conn, day, &queue, &p.payload)?.is_some() {
+        if append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))?.is_some() {
             appended.push(queue);
         }
     }
@@ -880,7 +950,7 @@ impl Store for SqliteStore {
     }
 
     fn claim_key_package(&self, box_id: BoxId) -> StoreFuture<'_, ClaimedKeyPackage> {
-        Box::pin(self.write(move |c, day| op_claim(c, day, &box_id)))
+        Box::pin(self.write_then_scrub(move |c, day| op_claim(c, day, &box_id)))
     }
 
     fn key_package_status(
@@ -971,5 +1041,129 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+}
+
+/// The disk filling up, provoked with SQLite's own limit on the database size
+/// (`PRAGMA max_page_count`, set on the writer's connection from inside the test), so SQLite
+/// fails exactly as on a full disk (`SQLITE_FULL`). Test-only: nothing in a build of the server
+/// can set it.
+#[cfg(test)]
+mod disk_full {
+    use super::*;
+    use crate::types::MessageId;
+
+    fn ids(n: u8) -> (QueueId, GroupId, SecretHash) {
+        (
+            QueueId::new([n; 16]),
+            GroupId::new([n; 32]),
+            SecretHash::of_secret("p", &[n; 32]).unwrap(),
+        )
+    }
+
+    fn post(n: u32, payload: Vec<u8>) -> PostOp {
+        let (_, group, token) = ids(1);
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        PostOp {
+            group_id: group,
+            epoch: 0,
+            posting_token_hash: token,
+            message_id: MessageId::new(id),
+            payload,
+            max_queue_bytes: u64::MAX,
+        }
+    }
+
+    async fn set_max_pages(store: &SqliteStore, extra: i64) {
+        store
+            .write(move |c, _| {
+                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                c.query_row(
+                    &format!("PRAGMA max_page_count = {}", pages + extra),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn pending(store: &SqliteStore) -> Vec<Vec<u8>> {
+        let (queue, _, _) = ids(1);
+        let limit = FetchLimit {
+            max_messages: 256,
+            max_bytes: usize::MAX,
+        };
+        let fetched = store.fetch(queue, 0, limit).await.unwrap();
+        fetched.messages.into_iter().map(|m| m.payload).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let (queue, group, token) = ids(1);
+        store
+            .create_queue(NewQueue {
+                id: queue,
+                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
+                send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
+            })
+            .await
+            .unwrap();
+        store
+            .create_group(NewGroup {
+                id: group,
+                epoch: 0,
+                posting_token_hash: token,
+                routes: vec![RouteGrant {
+                    queue_id: queue,
+                    send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
+                }],
+            })
+            .await
+            .unwrap();
+
+        // Room for a few pages only: posts succeed, then fail as on a full disk.
+        set_max_pages(&store, 40).await;
+        let mut acked = Vec::new();
+        let mut refused = Vec::new();
+        for n in 0..40u32 {
+            let payload = vec![n as u8; 16 * 1024];
+            match store.post(post(n, payload.clone())).await {
+                Ok(_) => acked.push(payload),
+                Err(StoreError::Full(detail)) => {
+                    assert!(detail.contains("full"), "{detail}");
+                    refused.push((n, payload));
+                }
+                Err(other) => panic!("expected a storage-full error, got {other:?}"),
+            }
+        }
+        assert!(
+            !acked.is_empty() && !refused.is_empty(),
+            "the disk never filled"
+        );
+        assert_eq!(
+            pending(&store).await,
+            acked,
+            "stored = acknowledged, no more"
+        );
+
+        // Space comes back: the refused posts go through on retry (same message ids).
+        set_max_pages(&store, 1_000_000).await;
+        for (n, payload) in &refused {
+            assert!(matches!(
+                store.post(post(*n, payload.clone())).await.unwrap(),
+                Posted::Stored { .. }
+            ));
+            acked.push(payload.clone());
+        }
+        store.close().await.unwrap();
+
+        // Everything acknowledged is durable, exactly once.
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        assert_eq!(pending(&store).await, acked);
     }
 }
