@@ -182,7 +182,6 @@ impl State {
         QueueMessage {
             seq: self.map(queue).injected(),
             payload,
-            ..Default::default()
         }
     }
 }

@@ -151,7 +151,6 @@ impl Peer {
         let m = QueueMessage {
             seq,
             payload: payload.to_vec(),
-            ..Default::default()
         };
         crate::sync::process_messages(&self.store, self.name, &PEER_QUEUE, &[m])
     }
@@ -297,7 +296,7 @@ impl LiveGroup {
             next_seq: 0,
             welcome: welcome.clone(),
         };
-        live.deliver(&[welcome.clone()])?;
+        live.deliver(std::slice::from_ref(&welcome))?;
         live.deliver_to_carol(&welcome)?;
         Ok(live)
     }
@@ -318,7 +317,6 @@ impl LiveGroup {
                 QueueMessage {
                     seq: self.next_seq,
                     payload: p.clone(),
-                    ..Default::default()
                 }
             })
             .collect();
@@ -331,7 +329,6 @@ impl LiveGroup {
         let m = QueueMessage {
             seq,
             payload: payload.to_vec(),
-            ..Default::default()
         };
         crate::sync::process_messages(&self.carol.store, "carol", &self.queue, &[m])
     }
