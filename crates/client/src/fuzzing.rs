@@ -164,7 +164,7 @@ impl Peer {
             body: Body::Text {
                 text: text.to_string(),
             },
-            view: None,
+            auth: None,
             ctr: self.ctr,
         };
         let provider = self.store.provider();
@@ -344,7 +344,7 @@ impl LiveGroup {
             body: Body::Text {
                 text: text.to_string(),
             },
-            view: None,
+            auth: None,
             ctr: m.ctr,
         };
         let provider = m.store.provider();

@@ -18,7 +18,7 @@ use prost::Message as _;
 
 use crate::error::{Error, Result};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
-use crate::payload::{AppMessage, Body, View, epoch_digest};
+use crate::payload::{AppMessage, Body, epoch_digest};
 use crate::safety::SafetyNumber;
 use crate::store::{ItemRow, ProfileLock};
 use crate::sync::{be_u64, merge_own_commit};
@@ -754,7 +754,7 @@ impl Session<'_> {
                 id: hex::encode(message_id),
                 sent_at: now_secs(),
                 body: body.clone(),
-                view: None,
+                auth: None,
                 ctr,
             };
             let result = self
@@ -891,10 +891,7 @@ pub(crate) fn seal_app(
     signer: &SignatureKeyPair,
     app: &mut AppMessage,
 ) -> Result<MlsMessageOut> {
-    app.view = Some(View {
-        epoch: group.epoch().as_u64(),
-        auth: epoch_digest(group.epoch_authenticator().as_slice()),
-    });
+    app.auth = Some(epoch_digest(group.epoch_authenticator().as_slice()));
     group
         .create_message(provider, signer, &app.to_padded_bytes())
         .map_err(Error::mls)

@@ -336,21 +336,19 @@ fn handle_protocol(
             if !chat_active {
                 return Ok(None);
             }
-            if let Some(view) = &app.view {
-                let ours = epoch_digest(group.epoch_authenticator().as_slice());
-                if view.epoch != msg_epoch || (msg_epoch == our_epoch && view.auth != ours) {
-                    alarm(
-                        s,
-                        &gid,
-                        "fork",
-                        &format!("e{msg_epoch}-{sender}"),
-                        &sender,
-                        &format!(
-                            "{sender}'s view of the group differs from ours at epoch \
-                             {msg_epoch}: the group has forked"
-                        ),
-                    )?;
-                }
+            let ours = epoch_digest(group.epoch_authenticator().as_slice());
+            if msg_epoch == our_epoch && app.auth.as_ref().is_some_and(|a| *a != ours) {
+                alarm(
+                    s,
+                    &gid,
+                    "fork",
+                    &format!("e{msg_epoch}-{sender}"),
+                    &sender,
+                    &format!(
+                        "{sender}'s view of the group differs from ours at epoch \
+                         {msg_epoch}: the group has forked"
+                    ),
+                )?;
             }
             let counted = (app.ctr > 0).then(|| Counted {
                 group_id: gid.clone(),
