@@ -3,6 +3,7 @@
 //! prepared and persisted in one local transaction *before* they are sent (so a crash can
 //! never reuse a ratchet secret or forget a commit the server accepted), then confirmed.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blindpost_wire::{
@@ -31,7 +32,8 @@ const MAX_ATTEMPTS: usize = 8;
 /// What a profile knows about itself.
 pub(crate) struct Profile {
     pub(crate) username: String,
-    pub(crate) server: String,
+    /// Server URLs, tried in turn (see [`Client::connect`]).
+    pub(crate) servers: Vec<String>,
     pub(crate) suite: Suite,
     pub(crate) signer: SignatureKeyPair,
     pub(crate) identity: SigningKey,
@@ -92,9 +94,13 @@ impl Client {
             .as_slice()
             .try_into()
             .map_err(|_| Error::Mls("corrupt identity key in profile".into()))?;
+        let servers = crate::parse_servers(Some(&server));
+        if servers.is_empty() {
+            return Err(Error::NotSetUp);
+        }
         Ok(Profile {
             username,
-            server,
+            servers,
             suite,
             signer,
             identity: SigningKey::from_bytes(&id_bytes),
@@ -105,7 +111,7 @@ impl Client {
     async fn session(&self) -> Result<Session<'_>> {
         let lock = ProfileLock::acquire(&self.dir)?;
         let profile = self.load_profile()?;
-        let conn = Connection::connect(&profile.server).await?;
+        let conn = self.connect(&profile.servers).await?;
         let mut session = Session {
             client: self,
             conn,
@@ -116,8 +122,36 @@ impl Client {
         Ok(session)
     }
 
+    /// Connects to the first server of `servers` that answers, starting with the preferred
+    /// one and going round the list once; the one that answered becomes preferred.
+    pub(crate) async fn connect(&self, servers: &[String]) -> Result<Connection> {
+        let start = self.preferred_server.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..servers.len() {
+            let index = (start + i) % servers.len();
+            match Connection::connect(&servers[index]).await {
+                Ok(conn) => {
+                    self.preferred_server.store(index, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(Error::Unreachable(reason)) => {
+                    tracing::info!(%reason, "server unreachable; trying the next");
+                    failures.push(reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unreachable(failures.join("; ")))
+    }
+
+    /// Makes the server after the preferred one preferred (its connection dropped).
+    pub(crate) fn rotate_server(&self) {
+        self.preferred_server.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Create the profile: identity and device keys, a key-package box, and the username.
-    pub async fn setup(&self, server: &str, username: &str, suite: Suite) -> Result<()> {
+    /// `servers` are nodes of one deployment, tried in turn whenever one does not answer.
+    pub async fn setup(&self, servers: &[String], username: &str, suite: Suite) -> Result<()> {
         let _lock = ProfileLock::acquire(&self.dir)?;
         if let Some(name) = self.store.get_str("username")? {
             return Err(Error::AlreadySetUp(name));
@@ -125,8 +159,18 @@ impl Client {
         if !limits::valid_username(username) {
             return Err(Error::InvalidUsername(username.to_string()));
         }
-        crate::transport::ws_url(server)?;
-        let mut conn = Connection::connect(server).await?;
+        if servers.is_empty() {
+            return Err(Error::Invalid("name at least one server".into()));
+        }
+        for (i, server) in servers.iter().enumerate() {
+            crate::transport::ws_url(server)?;
+            if server.contains(char::is_whitespace) || servers[..i].contains(server) {
+                return Err(Error::Invalid(format!(
+                    "server URL {server:?} is malformed or listed twice"
+                )));
+            }
+        }
+        let mut conn = self.connect(servers).await?;
         let signer =
             SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).map_err(Error::mls)?;
         let identity = SigningKey::from_bytes(&random_bytes::<32>());
@@ -139,11 +183,11 @@ impl Client {
             s.set("box_id", &box_id)?;
             s.set("box_secret", &box_secret)?;
             s.set("suite", suite.name().as_bytes())?;
-            s.set("server", server.as_bytes())
+            s.set("server", servers.join("\n").as_bytes())
         })?;
         let profile = Profile {
             username: username.to_string(),
-            server: server.to_string(),
+            servers: servers.to_vec(),
             suite,
             signer,
             identity,
@@ -327,6 +371,8 @@ impl Client {
             {
                 Err(Error::Unreachable(reason)) if connected_once => {
                     tracing::info!(%reason, "connection lost; reconnecting");
+                    // The node may be gone: try the next one first.
+                    self.rotate_server();
                     let pause = match deadline {
                         Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
                         None => backoff,
@@ -349,7 +395,7 @@ impl Client {
         connected_once: &mut bool,
     ) -> Result<()> {
         let profile = self.load_profile()?;
-        let conn = Connection::connect(&profile.server).await?;
+        let conn = self.connect(&profile.servers).await?;
         *connected_once = true;
         let mut session = Session {
             client: self,

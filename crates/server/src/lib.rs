@@ -3,9 +3,9 @@
 //! Entry point: [`run`]. Not for: anything that needs plaintext, identities or addresses.
 //!
 //! Module map: `config` (settings), `types` (ids, hashes, days), `error` (faults and their wire
-//! codes), `store` (storage seam + SQLite), `service` (request rules), `hub` (wake-ups),
-//! `session` (per-connection state), `ws` (socket loop), `http` (router, slow-client
-//! deadlines), `rate` (token buckets), `retention`.
+//! codes), `store` (storage seam, SQLite, PostgreSQL), `service` (request rules), `hub`
+//! (wake-ups), `session` (per-connection state), `ws` (socket loop), `http` (router,
+//! slow-client deadlines), `rate` (token buckets), `retention`.
 
 #![forbid(unsafe_code)]
 
@@ -31,10 +31,11 @@ use tokio::sync::{Semaphore, watch};
 
 pub use config::Config;
 
+use crate::config::Backend;
 use crate::hub::Hub;
 use crate::service::Service;
 use crate::session::SessionLimits;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{DirectoryStore, PgStore, SqliteStore, Store, StoreError};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,33 +52,50 @@ pub enum RunError {
     /// The store failed to open or close.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The configuration names no usable backend.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     /// Serving failed.
     #[error("serving failed: {0}")]
     Serve(std::io::Error),
 }
 
-/// Opens the store in `config.data_dir` (running migrations), serves HTTP/WebSocket on
-/// `listener` until `shutdown` completes, then closes connections and flushes the store.
+/// Opens the store (SQLite in `config.data_dir`, or PostgreSQL), running migrations; serves
+/// HTTP/WebSocket on `listener` until `shutdown` completes, then closes connections and
+/// flushes the store. On PostgreSQL a listener task relays other nodes' wake-ups to the hub.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    create_data_dir(&config.data_dir)?;
-    let data_dir = config.data_dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, Arc::new(types::today)))
-            .await
-            .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
-    let store = Arc::new(store);
+    let hub = Arc::new(Hub::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (store, directory, listen): (Arc<dyn Store>, Arc<dyn DirectoryStore>, _) =
+        match config.backend()? {
+            Backend::Sqlite(dir) => {
+                create_data_dir(dir)?;
+                let dir = dir.to_owned();
+                let store = tokio::task::spawn_blocking(move || {
+                    SqliteStore::open(&dir, Arc::new(types::today))
+                })
+                .await
+                .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
+                let store = Arc::new(store);
+                (store.clone(), store, None)
+            }
+            Backend::Postgres(url) => {
+                let store = Arc::new(PgStore::open(url, Arc::new(types::today)).await?);
+                let listen = store.listen(Arc::clone(&hub) as _, stop_rx.clone());
+                (store.clone(), store, Some(listen))
+            }
+        };
     let service = Arc::new(Service::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Arc::clone(&store) as Arc<dyn store::DirectoryStore>,
-        Arc::new(Hub::new()),
+        Arc::clone(&store),
+        directory,
+        hub,
         service::ServiceLimits::from_config(&config),
     ));
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let signal = tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -122,6 +140,9 @@ pub async fn run(
     }
     retention.abort();
     let _ = retention.await;
+    if let Some(listen) = listen {
+        let _ = listen.await;
+    }
     signal.abort();
     store.close().await?;
     tracing::info!("stopped");

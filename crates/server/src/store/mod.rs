@@ -10,7 +10,10 @@
 //!   a commit or post, one-time key-package claims) happen inside the method and fail with
 //!   [`StoreError::Refused`];
 //! - writes record the current [`Day`] of the backend's clock, never a finer time.
+//!
+//! Backends: [`sqlite`] (embedded, the default) and [`postgres`] (shared by many nodes).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -19,6 +22,7 @@ use std::pin::Pin;
 use crate::error::Refusal;
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed.
