@@ -74,16 +74,18 @@ impl Client {
                 .ok_or_else(|| Error::NotAMember(target.to_string()))?;
             let mut out = Vec::with_capacity(n);
             for _ in 0..n {
-                let app = AppMessage {
+                // Sealed as a real send is (with the epoch view); not counted (ctr 0), since
+                // the bench posts outside the client's own send counter.
+                let mut app = AppMessage {
                     id: hex::encode(random_bytes::<16>()),
                     sent_at: now_secs(),
                     body: Body::Text {
                         text: "x".repeat(text_len),
                     },
+                    auth: None,
+                    ctr: 0,
                 };
-                let msg = group
-                    .create_message(&provider, &profile.signer, &app.to_padded_bytes())
-                    .map_err(Error::mls)?;
+                let msg = crate::ops::seal_app(&mut group, &provider, &profile.signer, &mut app)?;
                 out.push(msg.tls_serialize_detached().map_err(Error::mls)?);
             }
             Ok(out)

@@ -12,6 +12,8 @@
 
 mod bench_support;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod mls;
 mod ops;
 mod payload;
