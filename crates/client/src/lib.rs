@@ -10,7 +10,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod bench_support;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kt;
 mod mls;
 mod ops;
@@ -23,6 +26,7 @@ mod transport;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use bench_support::{BenchProvider, BenchRoute, BenchStore};
 pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};

@@ -21,10 +21,10 @@ use prost::Message as _;
 use crate::error::{Error, Result};
 use crate::kt::{self, VerifiedRoot};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
-use crate::payload::{AppMessage, Body};
+use crate::payload::{AppMessage, Body, epoch_digest};
 use crate::safety::SafetyNumber;
 use crate::store::{ItemRow, ProfileLock};
-use crate::sync::merge_own_commit;
+use crate::sync::{be_u64, merge_own_commit};
 use crate::transport::Connection;
 use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, random_bytes};
 
@@ -72,7 +72,7 @@ struct PreparedCommit {
 }
 
 impl Client {
-    fn load_profile(&self) -> Result<Profile> {
+    pub(crate) fn load_profile(&self) -> Result<Profile> {
         let s = &self.store;
         let (Some(username), Some(server), Some(suite), Some(sig_pub), Some(id_secret)) = (
             s.get_str("username")?,
@@ -1009,37 +1009,44 @@ impl Session<'_> {
     /// moved on.
     async fn post_app(&mut self, gid: &[u8], body: Body) -> Result<AppMessage> {
         let message_id = random_bytes::<16>();
+        // Our counter in this group; consumed only once a post succeeds (a post whose outcome
+        // is unknown may reuse it, which receivers take as a late message, not a gap).
+        let ctr_key = format!("send_ctr/{}", hex::encode(gid));
+        let ctr = self.client.store.get(&ctr_key)?.map_or(0, |v| be_u64(&v)) + 1;
         for _ in 0..MAX_ATTEMPTS {
-            let app = AppMessage {
+            let mut app = AppMessage {
                 id: hex::encode(message_id),
                 sent_at: now_secs(),
                 body: body.clone(),
                 root: newest_seen_root(&self.client.store)?,
+                auth: None,
+                ctr,
             };
-            let bytes = app.to_padded_bytes();
             let result = self
                 .post_mls(gid, &message_id, |group, provider, signer| {
-                    group
-                        .create_message(provider, signer, &bytes)
-                        .map_err(Error::mls)
+                    seal_app(group, provider, signer, &mut app)
                 })
                 .await;
             match result {
                 Ok(()) => {
-                    if let Body::Text { text } = &app.body {
-                        self.client.store.add_item(
-                            &ItemRow {
-                                id: app.id.clone(),
-                                group_id: gid.to_vec(),
-                                sender: self.profile.username.clone(),
-                                kind: "message".into(),
-                                text: Some(text.clone()),
-                                subject: None,
-                                sent_at: app.sent_at,
-                            },
-                            true,
-                        )?;
-                    }
+                    self.client.store.tx(|s| {
+                        s.set(&ctr_key, &ctr.to_be_bytes())?;
+                        if let Body::Text { text } = &app.body {
+                            s.add_item(
+                                &ItemRow {
+                                    id: app.id.clone(),
+                                    group_id: gid.to_vec(),
+                                    sender: self.profile.username.clone(),
+                                    kind: "message".into(),
+                                    text: Some(text.clone()),
+                                    subject: None,
+                                    sent_at: app.sent_at,
+                                },
+                                true,
+                            )?;
+                        }
+                        Ok(())
+                    })?;
                     return Ok(app);
                 }
                 Err(e) if e.is_stale_epoch() => self.sync_queues().await?,
@@ -1140,6 +1147,19 @@ impl Client {
         members.sort_by(|a, b| a.username.cmp(&b.username));
         Ok(members)
     }
+}
+
+/// Stamp `app` with our view of the group (epoch and authenticator digest) and encrypt it.
+pub(crate) fn seal_app(
+    group: &mut MlsGroup,
+    provider: &crate::store::Provider<'_>,
+    signer: &SignatureKeyPair,
+    app: &mut AppMessage,
+) -> Result<MlsMessageOut> {
+    app.auth = Some(epoch_digest(group.epoch_authenticator().as_slice()));
+    group
+        .create_message(provider, signer, &app.to_padded_bytes())
+        .map_err(Error::mls)
 }
 
 fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
@@ -1283,7 +1303,10 @@ pub(crate) fn gossip_conflict(
 
 /// Decode a signed directory entry and check it names `username` and verifies under its
 /// identity key.
-fn verify_entry(username: &str, signed: &SignedDirectoryEntry) -> Result<DirectoryEntry> {
+pub(crate) fn verify_entry(
+    username: &str,
+    signed: &SignedDirectoryEntry,
+) -> Result<DirectoryEntry> {
     let bad = |why: &str| Error::BadServerReply(format!("directory entry of @{username}: {why}"));
     if signed.entry.len() > limits::MAX_DIRECTORY_ENTRY_BYTES {
         return Err(bad("too large"));

@@ -270,8 +270,13 @@ impl User {
 
     /// A new profile, set up on `server` with username `name`.
     pub fn setup(server: &Server, name: &str) -> Self {
+        Self::setup_at(&server.url, name)
+    }
+
+    /// A new profile, set up with username `name` on the server at `url` (e.g. a relay).
+    pub fn setup_at(url: &str, name: &str) -> Self {
         let u = Self::fresh(name);
-        u.ok(&["setup", "--server", &server.url, "--username", name]);
+        u.ok(&["setup", "--server", url, "--username", name]);
         u
     }
 
