@@ -33,9 +33,10 @@ struct Cli {
 enum Command {
     /// Create this profile's keys and claim a username on a server.
     Setup {
-        /// Server URL, e.g. ws://127.0.0.1:7480.
-        #[arg(long)]
-        server: String,
+        /// Server URL, e.g. ws://127.0.0.1:7480. Repeat for several nodes of one deployment:
+        /// they are tried in turn whenever one does not answer.
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
         /// Username to claim (2-32 lowercase letters, digits, '_', '-', '.').
         #[arg(long)]
         username: String,
@@ -113,6 +114,31 @@ enum Command {
         /// Print a JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Show or change the server URLs this profile connects to.
+    Servers {
+        #[command(subcommand)]
+        command: ServersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServersCommand {
+    /// List the server URLs, in the order they are tried.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a server URL (another node of the same deployment).
+    Add {
+        /// The URL, e.g. ws://node2.example:7480.
+        url: String,
+    },
+    /// Remove a server URL (the last one cannot be removed).
+    Remove {
+        /// The URL, as listed.
+        url: String,
     },
 }
 
@@ -197,16 +223,29 @@ async fn run(cli: Cli) -> Result<()> {
         Client::open(&dir).with_context(|| format!("cannot open profile {}", dir.display()))?;
     match cli.command {
         Command::Setup {
-            server,
+            servers,
             username,
             ciphersuite,
         } => {
             let Some(suite) = Suite::from_name(&ciphersuite) else {
                 bail!("unknown ciphersuite {ciphersuite:?}: use `pq` or `classic`");
             };
-            client.setup(&server, &username, suite).await?;
-            println!("set up as @{username} on {server}");
+            client.setup(&servers, &username, suite).await?;
+            println!("set up as @{username} on {}", servers.join(", "));
         }
+        Command::Servers { command } => match command {
+            ServersCommand::List { json } => {
+                for url in client.servers()? {
+                    if json {
+                        println!("{}", json!({ "url": url }));
+                    } else {
+                        println!("{url}");
+                    }
+                }
+            }
+            ServersCommand::Add { url } => client.add_server(&url)?,
+            ServersCommand::Remove { url } => client.remove_server(&url)?,
+        },
         Command::Send {
             target,
             text,

@@ -1,12 +1,14 @@
 //! End-to-end: the real `blindpostd` and the real `blindpost` binary, driven through the
 //! README's walk-through — 1:1 both ways, groups (create/add/remove/leave), offline delivery
-//! across a restart, concurrent follow + send, epoch races, and errors users see.
+//! across a restart, concurrent follow + send, epoch races, and errors users see; and three
+//! nodes on one PostgreSQL database, one killed mid-traffic (skipped without PostgreSQL).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod util;
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use util::{Server, User, of_kind, texts};
 
@@ -342,4 +344,141 @@ fn the_classic_suite_is_selectable_and_mixing_suites_is_a_clear_error() {
     ]);
     assert!(err.contains("unknown ciphersuite"), "{err}");
     drop(carol);
+}
+
+/// Each text of `acked` exactly once in `delivered`, and no text delivered twice.
+fn assert_exactly_once(who: &str, acked: &[String], delivered: &[String]) {
+    for text in acked {
+        let n = delivered.iter().filter(|d| *d == text).count();
+        assert_eq!(
+            n, 1,
+            "{who} got {text:?} {n} times; delivered: {delivered:?}"
+        );
+    }
+    let mut unique = delivered.to_vec();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        delivered.len(),
+        "{who}: duplicates in {delivered:?}"
+    );
+}
+
+#[test]
+fn three_nodes_on_postgres_lose_nothing_when_one_is_killed() {
+    let Some(db) =
+        util::PgDatabase::create("e2e::three_nodes_on_postgres_lose_nothing_when_one_is_killed")
+    else {
+        return;
+    };
+    let a = Server::start_on(&db);
+    let b = Server::start_on(&db);
+    let mut c = Server::start_on(&db);
+    // Each user tries a different node first: alice uses a, bob c, carol b.
+    let alice = User::setup_on(&[&a, &b, &c], "alice");
+    let bob = User::setup_on(&[&c, &a, &b], "bob");
+    let carol = User::setup_on(&[&b, &c, &a], "carol");
+    assert_eq!(
+        bob.ok(&["servers", "list"]),
+        format!("{}\n{}\n{}\n", c.url, a.url, b.url)
+    );
+
+    alice.ok(&["send", "@bob", "hello"]);
+    alice.ok(&["group", "create", "team", "@bob", "@carol"]);
+    let mut bob_follow = bob.follow();
+    let mut carol_follow = carol.follow();
+    assert!(
+        bob_follow.wait_for(&["hello".to_string()], Duration::from_secs(30)),
+        "bob's follower (node c) did not catch up: {:?}",
+        bob_follow.items
+    );
+
+    // A post accepted on node a is pushed to bob's connection on node c.
+    alice.ok(&["send", "@bob", "pushed across nodes"]);
+    assert!(
+        bob_follow.wait_for(
+            &["pushed across nodes".to_string()],
+            Duration::from_secs(10)
+        ),
+        "no cross-node push: {:?}",
+        bob_follow.items
+    );
+
+    // Traffic through all three nodes at once: bob sends through node c from one thread while
+    // alice sends through node a; node c (bob's sends and bob's follower) dies by SIGKILL
+    // while bob's sends are in flight. Only acknowledged sends (exit 0) count; a send cut off
+    // by the kill may or may not have been stored, and may show up — but never twice.
+    let mut to_bob = vec!["hello".to_string(), "pushed across nodes".to_string()];
+    let mut from_alice_team = Vec::new();
+    let from_bob_team = std::thread::scope(|scope| {
+        let (acked_tx, acked_rx) = std::sync::mpsc::channel();
+        let bob = &bob;
+        let bob_sends = scope.spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0..10 {
+                let t = format!("team {i} from bob");
+                if bob.run(&["send", "team", &t]).status.success() {
+                    acked.push(t);
+                    let _ = acked_tx.send(());
+                }
+            }
+            acked
+        });
+        for i in 0..8 {
+            if i == 2 {
+                // Kill node c once bob has sent a few messages through it.
+                for _ in 0..3 {
+                    acked_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+                }
+                c.kill();
+            }
+            let dm = format!("dm {i}");
+            if alice.run(&["send", "@bob", &dm]).status.success() {
+                to_bob.push(dm);
+            }
+            let t = format!("team {i} from alice");
+            if alice.run(&["send", "team", &t]).status.success() {
+                from_alice_team.push(t);
+            }
+        }
+        bob_sends.join().unwrap()
+    });
+    // Node a never went down: all of alice's sends went through. Bob's moved on to node a.
+    assert_eq!(to_bob.len(), 10);
+    assert_eq!(from_alice_team.len(), 8);
+    assert!(
+        from_bob_team.len() >= 9,
+        "bob's sends did not fail over: {from_bob_team:?}"
+    );
+
+    // The followers reconnect to a live node and get everything by push or catch-up.
+    let bob_wants: Vec<String> = to_bob.iter().chain(&from_alice_team).cloned().collect();
+    let carol_wants: Vec<String> = from_alice_team
+        .iter()
+        .chain(&from_bob_team)
+        .cloned()
+        .collect();
+    assert!(
+        bob_follow.wait_for(&bob_wants, Duration::from_secs(60)),
+        "bob's follower lost messages after node c died: {:?}",
+        texts(&bob_follow.items)
+    );
+    assert!(
+        carol_follow.wait_for(&carol_wants, Duration::from_secs(60)),
+        "carol's follower lost messages after node c died: {:?}",
+        texts(&carol_follow.items)
+    );
+
+    // Exactly once: what the followers printed plus anything a later receive shows.
+    for (user, follower, wants) in [
+        (&bob, bob_follow, bob_wants),
+        (&carol, carol_follow, carol_wants),
+    ] {
+        let mut delivered = texts(&follower.stop());
+        delivered.extend(user.receive_texts());
+        assert_exactly_once(&user.name, &wants, &delivered);
+    }
+    let alice_got = alice.receive_texts();
+    assert_exactly_once("alice", &from_bob_team, &alice_got);
 }

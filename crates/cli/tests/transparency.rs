@@ -328,3 +328,57 @@ fn hostile_server_whose_directory_does_not_list_a_members_key_makes_it_unverifie
         ]
     );
 }
+
+#[test]
+fn nodes_on_one_postgres_database_serve_one_directory_and_one_auditable_history() {
+    let Some(db) = util::PgDatabase::create(
+        "transparency::nodes_on_one_postgres_database_serve_one_directory",
+    ) else {
+        return;
+    };
+    let mut one = Server::start_on(&db);
+    let two = Server::start_on(&db);
+
+    // Registered through node 1; once `setup` returned, node 2 proves it.
+    let alice = User::setup_on(&[&one, &two], "alice");
+    let bob = User::setup(&two, "bob");
+    let seen_by_bob = &bob.json(&["verify", "@alice"])[0];
+    assert_eq!(seen_by_bob["directory_verified"], true);
+
+    // Registrations on both nodes at once each land in an epoch both nodes prove.
+    let urls = [one.url.clone(), two.url.clone()];
+    let users: Vec<User> = std::thread::scope(|s| {
+        let setups: Vec<_> = (0..6)
+            .map(|i| {
+                let url = &urls[i % 2];
+                s.spawn(move || {
+                    let name = format!("user{i}");
+                    let u = User::fresh(&name);
+                    u.ok(&["setup", "--server", url, "--username", &name]);
+                    u
+                })
+            })
+            .collect();
+        setups.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, u) in users.iter().enumerate() {
+        let v = &u.json(&["verify", "@alice"])[0];
+        assert_eq!(v["directory_verified"], true, "user{i}");
+        assert_eq!(v["identity_key"], seen_by_bob["identity_key"], "user{i}");
+        let v = &bob.json(&["verify", &format!("@user{i}")])[0];
+        assert_eq!(v["directory_verified"], true, "bob verifies user{i}");
+    }
+
+    // Alice pinned the server key through node 1; with node 1 gone she verifies through node 2
+    // against that pin: both nodes sign with the one key in the database.
+    one.kill();
+    let v = &alice.json(&["verify", "@bob"])[0];
+    assert_eq!(v["directory_verified"], true);
+    assert_eq!(v["identity_key"].as_str().map(str::len), Some(64));
+
+    // The whole history, published by whichever node won each epoch, audits as one.
+    let auditor = User::fresh("auditor");
+    let report = &auditor.json(&["audit", "--server", &two.url])[0];
+    assert_eq!(report["consistent"], true, "{report}");
+    assert!(report["latest_epoch"].as_u64().unwrap() >= 2, "{report}");
+}

@@ -10,7 +10,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod bench_support;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kt;
 mod mls;
 mod ops;
@@ -23,6 +26,7 @@ mod transport;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use bench_support::{BenchProvider, BenchRoute, BenchStore};
 pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};
@@ -30,6 +34,18 @@ pub use safety::SafetyNumber;
 pub use transport::ws_url;
 
 use store::{ChatRow, ItemRow, Store};
+
+/// The server list as stored under the profile key `server`: one URL per line (a profile
+/// from before several servers were supported holds exactly one).
+pub(crate) fn parse_servers(stored: Option<&str>) -> Vec<String> {
+    stored
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
 
 /// Number of one-time key packages a device keeps on the server.
 pub const KEY_PACKAGE_TARGET: usize = 10;
@@ -40,6 +56,9 @@ pub const KEY_PACKAGE_LOW_WATER: u32 = 5;
 pub struct Client {
     dir: PathBuf,
     store: Store,
+    /// Index (into the profile's server list) of the server to try first: the last one that
+    /// answered, moved on when a connection drops.
+    preferred_server: std::sync::atomic::AtomicUsize,
 }
 
 /// Something to show the user: a message or a membership change.
@@ -96,7 +115,11 @@ impl Client {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         let store = Store::open(&dir)?;
-        Ok(Self { dir, store })
+        Ok(Self {
+            dir,
+            store,
+            preferred_server: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// The profile directory.
@@ -109,9 +132,41 @@ impl Client {
         self.store.get_str("username")
     }
 
-    /// The server URL, once set up.
-    pub fn server(&self) -> Result<Option<String>> {
-        self.store.get_str("server")
+    /// The server URLs, in the order they are tried (empty before setup). Every URL names a
+    /// node of the same deployment (one shared database).
+    pub fn servers(&self) -> Result<Vec<String>> {
+        Ok(parse_servers(self.store.get_str("server")?.as_deref()))
+    }
+
+    /// Adds a server URL to the end of the list (after checking its form). Adding one that
+    /// is already listed is an error.
+    pub fn add_server(&self, url: &str) -> Result<()> {
+        crate::transport::ws_url(url)?;
+        let mut servers = self.servers()?;
+        if servers.is_empty() {
+            return Err(Error::NotSetUp);
+        }
+        if servers.iter().any(|s| s == url) {
+            return Err(Error::Invalid(format!("{url} is already listed")));
+        }
+        servers.push(url.to_string());
+        self.store.set("server", servers.join("\n").as_bytes())
+    }
+
+    /// Removes a server URL; the last one cannot be removed.
+    pub fn remove_server(&self, url: &str) -> Result<()> {
+        let mut servers = self.servers()?;
+        let before = servers.len();
+        servers.retain(|s| s != url);
+        if servers.len() == before {
+            return Err(Error::Invalid(format!("{url} is not listed")));
+        }
+        if servers.is_empty() {
+            return Err(Error::Invalid(
+                "cannot remove the only server; add another first".into(),
+            ));
+        }
+        self.store.set("server", servers.join("\n").as_bytes())
     }
 
     /// Items not handed out before, oldest first; each is handed out once.
@@ -254,4 +309,73 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     #[allow(clippy::expect_used)]
     getrandom::fill(&mut b).expect("OS random source");
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[test]
+    fn an_old_single_url_profile_is_a_list_of_one_and_the_list_can_be_edited() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::open(dir.path()).unwrap();
+        assert!(client.servers().unwrap().is_empty());
+        assert!(matches!(
+            client.add_server("ws://a:1"),
+            Err(Error::NotSetUp)
+        ));
+        // What a profile written before several servers were supported holds.
+        client.store.set("server", b"ws://a:1").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1"]);
+
+        client.add_server("ws://b:2").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "ws://b:2"]);
+        assert!(client.add_server("ws://b:2").is_err(), "listed twice");
+        assert!(client.add_server("http://c:3").is_err(), "not a ws:// URL");
+        assert!(client.remove_server("ws://nope:9").is_err());
+        client.remove_server("ws://a:1").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert!(
+            client.remove_server("ws://b:2").is_err(),
+            "the last server stays"
+        );
+        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+    }
+
+    #[tokio::test]
+    async fn connecting_skips_a_dead_server_and_prefers_the_one_that_answered() {
+        // A port nothing listens on (bound, then closed), and a live WebSocket server.
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("ws://{}", l.local_addr().unwrap())
+        };
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_url = format!("ws://{}", live.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = live.accept().await {
+                tokio::spawn(async move {
+                    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                    while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::open(dir.path()).unwrap();
+        let servers = vec![dead.clone(), live_url];
+        client.connect(&servers).await.unwrap().close().await;
+        assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
+        // After a drop the client tries the next one first (here: round to the dead one,
+        // then on to the live one again).
+        client.rotate_server();
+        client.connect(&servers).await.unwrap().close().await;
+        assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
+        // With every server dead, the error names each failure.
+        let err = client.connect(&[dead.clone(), dead]).await.err().unwrap();
+        assert!(
+            matches!(err, Error::Unreachable(ref m) if m.contains(';')),
+            "{err}"
+        );
+    }
 }

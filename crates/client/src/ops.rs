@@ -3,6 +3,7 @@
 //! prepared and persisted in one local transaction *before* they are sent (so a crash can
 //! never reuse a ratchet secret or forget a commit the server accepted), then confirmed.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blindpost_wire::{
@@ -20,10 +21,10 @@ use prost::Message as _;
 use crate::error::{Error, Result};
 use crate::kt::{self, VerifiedRoot};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
-use crate::payload::{AppMessage, Body};
+use crate::payload::{AppMessage, Body, epoch_digest};
 use crate::safety::SafetyNumber;
 use crate::store::{ItemRow, MemberCheck, MemberState, ProfileLock};
-use crate::sync::merge_own_commit;
+use crate::sync::{be_u64, merge_own_commit};
 use crate::transport::Connection;
 use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, random_bytes};
 
@@ -33,7 +34,8 @@ const MAX_ATTEMPTS: usize = 8;
 /// What a profile knows about itself.
 pub(crate) struct Profile {
     pub(crate) username: String,
-    pub(crate) server: String,
+    /// Server URLs, tried in turn (see [`Client::connect`]).
+    pub(crate) servers: Vec<String>,
     pub(crate) suite: Suite,
     pub(crate) signer: SignatureKeyPair,
     pub(crate) identity: SigningKey,
@@ -70,7 +72,7 @@ struct PreparedCommit {
 }
 
 impl Client {
-    fn load_profile(&self) -> Result<Profile> {
+    pub(crate) fn load_profile(&self) -> Result<Profile> {
         let s = &self.store;
         let (Some(username), Some(server), Some(suite), Some(sig_pub), Some(id_secret)) = (
             s.get_str("username")?,
@@ -94,9 +96,13 @@ impl Client {
             .as_slice()
             .try_into()
             .map_err(|_| Error::Mls("corrupt identity key in profile".into()))?;
+        let servers = crate::parse_servers(Some(&server));
+        if servers.is_empty() {
+            return Err(Error::NotSetUp);
+        }
         Ok(Profile {
             username,
-            server,
+            servers,
             suite,
             signer,
             identity: SigningKey::from_bytes(&id_bytes),
@@ -107,7 +113,7 @@ impl Client {
     async fn session(&self) -> Result<Session<'_>> {
         let lock = ProfileLock::acquire(&self.dir)?;
         let profile = self.load_profile()?;
-        let conn = Connection::connect(&profile.server).await?;
+        let conn = self.connect(&profile.servers).await?;
         let mut session = Session {
             client: self,
             conn,
@@ -118,8 +124,36 @@ impl Client {
         Ok(session)
     }
 
+    /// Connects to the first server of `servers` that answers, starting with the preferred
+    /// one and going round the list once; the one that answered becomes preferred.
+    pub(crate) async fn connect(&self, servers: &[String]) -> Result<Connection> {
+        let start = self.preferred_server.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..servers.len() {
+            let index = (start + i) % servers.len();
+            match Connection::connect(&servers[index]).await {
+                Ok(conn) => {
+                    self.preferred_server.store(index, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(Error::Unreachable(reason)) => {
+                    tracing::info!(%reason, "server unreachable; trying the next");
+                    failures.push(reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unreachable(failures.join("; ")))
+    }
+
+    /// Makes the server after the preferred one preferred (its connection dropped).
+    pub(crate) fn rotate_server(&self) {
+        self.preferred_server.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Create the profile: identity and device keys, a key-package box, and the username.
-    pub async fn setup(&self, server: &str, username: &str, suite: Suite) -> Result<()> {
+    /// `servers` are nodes of one deployment, tried in turn whenever one does not answer.
+    pub async fn setup(&self, servers: &[String], username: &str, suite: Suite) -> Result<()> {
         let _lock = ProfileLock::acquire(&self.dir)?;
         if let Some(name) = self.store.get_str("username")? {
             return Err(Error::AlreadySetUp(name));
@@ -127,8 +161,18 @@ impl Client {
         if !limits::valid_username(username) {
             return Err(Error::InvalidUsername(username.to_string()));
         }
-        crate::transport::ws_url(server)?;
-        let mut conn = Connection::connect(server).await?;
+        if servers.is_empty() {
+            return Err(Error::Invalid("name at least one server".into()));
+        }
+        for (i, server) in servers.iter().enumerate() {
+            crate::transport::ws_url(server)?;
+            if server.contains(char::is_whitespace) || servers[..i].contains(server) {
+                return Err(Error::Invalid(format!(
+                    "server URL {server:?} is malformed or listed twice"
+                )));
+            }
+        }
+        let mut conn = self.connect(servers).await?;
         let signer =
             SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).map_err(Error::mls)?;
         let identity = SigningKey::from_bytes(&random_bytes::<32>());
@@ -141,11 +185,11 @@ impl Client {
             s.set("box_id", &box_id)?;
             s.set("box_secret", &box_secret)?;
             s.set("suite", suite.name().as_bytes())?;
-            s.set("server", server.as_bytes())
+            s.set("server", servers.join("\n").as_bytes())
         })?;
         let profile = Profile {
             username: username.to_string(),
-            server: server.to_string(),
+            servers: servers.to_vec(),
             suite,
             signer,
             identity,
@@ -347,6 +391,8 @@ impl Client {
             {
                 Err(Error::Unreachable(reason)) if connected_once => {
                     tracing::info!(%reason, "connection lost; reconnecting");
+                    // The node may be gone: try the next one first.
+                    self.rotate_server();
                     let pause = match deadline {
                         Some(d) => backoff.min(d.saturating_duration_since(Instant::now())),
                         None => backoff,
@@ -369,7 +415,7 @@ impl Client {
         connected_once: &mut bool,
     ) -> Result<()> {
         let profile = self.load_profile()?;
-        let conn = Connection::connect(&profile.server).await?;
+        let conn = self.connect(&profile.servers).await?;
         *connected_once = true;
         let mut session = Session {
             client: self,
@@ -1039,37 +1085,44 @@ impl Session<'_> {
     /// moved on.
     async fn post_app(&mut self, gid: &[u8], body: Body) -> Result<AppMessage> {
         let message_id = random_bytes::<16>();
+        // Our counter in this group; consumed only once a post succeeds (a post whose outcome
+        // is unknown may reuse it, which receivers take as a late message, not a gap).
+        let ctr_key = format!("send_ctr/{}", hex::encode(gid));
+        let ctr = self.client.store.get(&ctr_key)?.map_or(0, |v| be_u64(&v)) + 1;
         for _ in 0..MAX_ATTEMPTS {
-            let app = AppMessage {
+            let mut app = AppMessage {
                 id: hex::encode(message_id),
                 sent_at: now_secs(),
                 body: body.clone(),
                 root: newest_seen_root(&self.client.store)?,
+                auth: None,
+                ctr,
             };
-            let bytes = app.to_padded_bytes();
             let result = self
                 .post_mls(gid, &message_id, |group, provider, signer| {
-                    group
-                        .create_message(provider, signer, &bytes)
-                        .map_err(Error::mls)
+                    seal_app(group, provider, signer, &mut app)
                 })
                 .await;
             match result {
                 Ok(()) => {
-                    if let Body::Text { text } = &app.body {
-                        self.client.store.add_item(
-                            &ItemRow {
-                                id: app.id.clone(),
-                                group_id: gid.to_vec(),
-                                sender: self.profile.username.clone(),
-                                kind: "message".into(),
-                                text: Some(text.clone()),
-                                subject: None,
-                                sent_at: app.sent_at,
-                            },
-                            true,
-                        )?;
-                    }
+                    self.client.store.tx(|s| {
+                        s.set(&ctr_key, &ctr.to_be_bytes())?;
+                        if let Body::Text { text } = &app.body {
+                            s.add_item(
+                                &ItemRow {
+                                    id: app.id.clone(),
+                                    group_id: gid.to_vec(),
+                                    sender: self.profile.username.clone(),
+                                    kind: "message".into(),
+                                    text: Some(text.clone()),
+                                    subject: None,
+                                    sent_at: app.sent_at,
+                                },
+                                true,
+                            )?;
+                        }
+                        Ok(())
+                    })?;
                     return Ok(app);
                 }
                 Err(e) if e.is_stale_epoch() => self.sync_queues().await?,
@@ -1177,6 +1230,19 @@ impl Client {
         members.sort_by(|a, b| a.username.cmp(&b.username));
         Ok(members)
     }
+}
+
+/// Stamp `app` with our view of the group (epoch and authenticator digest) and encrypt it.
+pub(crate) fn seal_app(
+    group: &mut MlsGroup,
+    provider: &crate::store::Provider<'_>,
+    signer: &SignatureKeyPair,
+    app: &mut AppMessage,
+) -> Result<MlsMessageOut> {
+    app.auth = Some(epoch_digest(group.epoch_authenticator().as_slice()));
+    group
+        .create_message(provider, signer, &app.to_padded_bytes())
+        .map_err(Error::mls)
 }
 
 fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
@@ -1320,7 +1386,10 @@ pub(crate) fn gossip_conflict(
 
 /// Decode a signed directory entry and check it names `username` and verifies under its
 /// identity key.
-fn verify_entry(username: &str, signed: &SignedDirectoryEntry) -> Result<DirectoryEntry> {
+pub(crate) fn verify_entry(
+    username: &str,
+    signed: &SignedDirectoryEntry,
+) -> Result<DirectoryEntry> {
     let bad = |why: &str| Error::BadServerReply(format!("directory entry of @{username}: {why}"));
     if signed.entry.len() > limits::MAX_DIRECTORY_ENTRY_BYTES {
         return Err(bad("too large"));

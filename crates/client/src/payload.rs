@@ -17,6 +17,16 @@ pub struct AppMessage {
     /// What the message carries.
     #[serde(flatten)]
     pub body: Body,
+    /// The sender's view of the group: [`epoch_digest`] of the MLS epoch authenticator of the
+    /// epoch the message is encrypted in. A receiver in that epoch compares it with its own
+    /// and alarms on a mismatch (a fork). Absent in messages from older clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    /// The sender's counter of application messages in this group (1, 2, ...): a receiver
+    /// that sees a counter jump alarms about the messages missing in between (a gap). 0 (and
+    /// absent) means the sender does not count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ctr: u64,
     /// Root gossip: the newest key-directory root the sender has seen, so members compare
     /// what the server showed each of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,6 +40,18 @@ pub struct SeenRoot {
     pub epoch: u64,
     /// The root hash, hex.
     pub hash: String,
+}
+
+/// The digest of an MLS epoch authenticator carried in [`AppMessage::auth`]: the first 6
+/// bytes of its SHA-256, hex. Enough to detect a fork (the server cannot compute
+/// authenticators, so it cannot search for a collision), and small enough that the seizure
+/// drill's 135-character text still fits the smallest padding bucket.
+pub fn epoch_digest(epoch_authenticator: &[u8]) -> String {
+    hex::encode(&crate::mls::sha256(epoch_authenticator)[..6])
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The kinds of application message.
@@ -96,6 +118,8 @@ mod tests {
             sent_at: 1,
             body: Body::Text { text: "hi".into() },
             root: None,
+            auth: None,
+            ctr: 0,
         };
         let b = m.to_padded_bytes();
         assert_eq!(b.len(), MIN_BUCKET);
@@ -107,8 +131,25 @@ mod tests {
                 text: "x".repeat(300),
             },
             root: None,
+            auth: None,
+            ctr: 0,
         };
         assert_eq!(long.to_padded_bytes().len(), 512);
+    }
+
+    #[test]
+    fn the_view_and_counter_are_optional_both_ways() {
+        // A message from a client that predates them parses, with neither.
+        let old = br#"{"id":"00","sent_at":1,"type":"text","text":"hi"}"#;
+        let m = AppMessage::from_padded_bytes(old).unwrap();
+        assert_eq!((m.auth.as_deref(), m.ctr), (None, 0));
+        // A message carrying them round-trips them.
+        let m = AppMessage {
+            auth: Some(epoch_digest(b"x")),
+            ctr: 7,
+            ..m
+        };
+        assert_eq!(AppMessage::from_padded_bytes(&m.to_padded_bytes()), Some(m));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::mls::{self, identity, sha256};
 use crate::now_secs;
 use crate::ops::Session;
-use crate::payload::{AppMessage, Body};
+use crate::payload::{AppMessage, Body, epoch_digest};
 use crate::store::{ItemRow, MemberCheck, MemberState, QueueRow, Store};
 
 impl Session<'_> {
@@ -98,38 +98,135 @@ impl Session<'_> {
 
     /// Process messages of one queue in one transaction: after it commits, they may be
     /// acknowledged. Messages at or below the queue's processed sequence number are
-    /// duplicates (another process, or a redelivery) and are skipped.
+    /// duplicates (another process, or a redelivery) and are skipped. Counter gaps are judged
+    /// per batch, so messages merely reordered within a batch raise no alarm.
     pub(crate) fn process_batch(&self, queue_id: &[u8], messages: &[QueueMessage]) -> Result<()> {
-        let me = self.profile.username.clone();
-        self.client.store.tx(|s| {
-            let mut last = s.queue_last_seq(queue_id)?.unwrap_or(0);
-            let mut sorted: Vec<&QueueMessage> = messages.iter().collect();
-            sorted.sort_by_key(|m| m.seq);
-            for m in sorted {
-                if m.seq <= last {
-                    continue;
-                }
-                match s.savepoint(|s| process_one(s, &me, &m.payload)) {
-                    Ok(()) => {}
-                    Err(e @ (Error::Store(_) | Error::Io(_))) => return Err(e),
-                    Err(e) => tracing::warn!(error = %e, "skipped a message that did not process"),
-                }
-                s.set_queue_last_seq(queue_id, m.seq)?;
-                last = m.seq;
-            }
-            Ok(())
-        })
+        process_messages(
+            &self.client.store,
+            &self.profile.username,
+            queue_id,
+            messages,
+        )
     }
 }
 
-fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<()> {
+/// [`Session::process_batch`] on a store, for `me`.
+pub(crate) fn process_messages(
+    store: &Store,
+    me: &str,
+    queue_id: &[u8],
+    messages: &[QueueMessage],
+) -> Result<()> {
+    store.tx(|s| {
+        let mut last = s.queue_last_seq(queue_id)?.unwrap_or(0);
+        let mut sorted: Vec<&QueueMessage> = messages.iter().collect();
+        sorted.sort_by_key(|m| m.seq);
+        let mut counted = Vec::new();
+        for m in sorted {
+            if m.seq <= last {
+                continue;
+            }
+            match s.savepoint(|s| process_one(s, me, &m.payload)) {
+                Ok(c) => counted.extend(c),
+                Err(e @ (Error::Store(_) | Error::Io(_))) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "skipped a message that did not process"),
+            }
+            s.set_queue_last_seq(queue_id, m.seq)?;
+            last = m.seq;
+        }
+        check_counters(s, counted)
+    })
+}
+
+/// An application message's sender counter, for gap detection after the batch.
+pub(crate) struct Counted {
+    group_id: Vec<u8>,
+    sender: String,
+    ctr: u64,
+}
+
+/// Compare the counters seen in a batch with the highest seen before, per group and sender,
+/// and alarm about every number skipped. The first message seen from a sender (since we
+/// joined) only sets the baseline.
+fn check_counters(s: &Store, counted: Vec<Counted>) -> Result<()> {
+    let mut by_sender: std::collections::BTreeMap<(Vec<u8>, String), Vec<u64>> =
+        std::collections::BTreeMap::new();
+    for c in counted {
+        by_sender
+            .entry((c.group_id, c.sender))
+            .or_default()
+            .push(c.ctr);
+    }
+    for ((gid, sender), mut ctrs) in by_sender {
+        let joined = s.get(&joined_key(&gid))?.map_or(0, |v| be_u64(&v));
+        let key = format!("recv_ctr/{}/{joined}/{sender}", hex::encode(&gid));
+        ctrs.sort_unstable();
+        ctrs.dedup();
+        let high = match s.get(&key)? {
+            Some(v) => be_u64(&v),
+            None => ctrs[0].saturating_sub(1),
+        };
+        let new: Vec<u64> = ctrs.into_iter().filter(|c| *c > high).collect();
+        let Some(&max) = new.last() else {
+            // Only late arrivals: the gap they filled was already reported.
+            continue;
+        };
+        let missing = (max - high).saturating_sub(new.len() as u64);
+        if missing > 0 {
+            alarm(
+                s,
+                &gid,
+                "gap",
+                &format!("{sender}-{}-{max}", high + 1),
+                &sender,
+                &format!(
+                    "{missing} message(s) from {sender} did not arrive: the server dropped or \
+                     withheld them"
+                ),
+            )?;
+        }
+        s.set(&key, &max.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Profile key of the epoch at which we joined a group (absent: we created it).
+fn joined_key(gid: &[u8]) -> String {
+    format!("joined/{}", hex::encode(gid))
+}
+
+/// A big-endian u64 stored in the profile (0 if malformed).
+pub(crate) fn be_u64(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Record an alarm for the user: an item of `kind` (`gap` or `fork`) whose `text` says what
+/// happened. `key` makes its id, so the same event alarms once however often it recurs.
+fn alarm(s: &Store, gid: &[u8], kind: &str, key: &str, from: &str, text: &str) -> Result<()> {
+    tracing::warn!(kind, "alarm: {text}");
+    s.add_item(
+        &ItemRow {
+            id: format!("{}-{kind}-{key}", hex::encode(&gid[..gid.len().min(12)])),
+            group_id: gid.to_vec(),
+            sender: from.to_string(),
+            kind: kind.into(),
+            text: Some(text.to_string()),
+            subject: None,
+            sent_at: now_secs(),
+        },
+        false,
+    )?;
+    Ok(())
+}
+
+pub(crate) fn process_one(s: &Store, me: &str, payload: &[u8]) -> Result<Option<Counted>> {
     let hash = sha256(payload);
     let own_echo = s.take_echo(&hash)?;
     let msg = MlsMessageIn::tls_deserialize_exact(payload)
         .map_err(|_| Error::BadServerReply("a queued message is not an MLS message".into()))?;
     match msg.extract() {
-        MlsMessageBodyIn::Welcome(w) if !own_echo => join(s, me, w),
-        MlsMessageBodyIn::Welcome(_) => Ok(()),
+        MlsMessageBodyIn::Welcome(w) if !own_echo => join(s, me, w).map(|()| None),
+        MlsMessageBodyIn::Welcome(_) => Ok(None),
         MlsMessageBodyIn::PrivateMessage(pm) => handle_protocol(s, me, pm.into(), &hash, own_echo),
         MlsMessageBodyIn::PublicMessage(pm) => handle_protocol(s, me, pm.into(), &hash, own_echo),
         _ => Err(Error::BadServerReply(
@@ -142,6 +239,17 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
     let provider = s.provider();
     let staged = StagedWelcome::new_from_welcome(&provider, &mls::join_config(), welcome, None)
         .map_err(Error::mls)?;
+    let ctx = staged.group_context();
+    if let Some(existing) =
+        MlsGroup::load(provider.storage(), ctx.group_id()).map_err(Error::mls)?
+        && existing.is_active()
+        && existing.epoch() >= ctx.epoch()
+    {
+        // A replayed (or stale) Welcome to a group we are in: it must not reset our state.
+        return Err(Error::BadServerReply(
+            "a Welcome to a group we are already in".into(),
+        ));
+    }
     let inviter = staged
         .welcome_sender()
         .map(|l| identity(l.credential()))
@@ -149,6 +257,7 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
     let group = staged.into_group(&provider).map_err(Error::mls)?;
     let gid = group.group_id().as_slice().to_vec();
     let now = now_secs();
+    s.set(&joined_key(&gid), &group.epoch().as_u64().to_be_bytes())?;
     s.ensure_chat(&gid, None, now)?;
     let others: Vec<String> = group
         .members()
@@ -186,15 +295,23 @@ fn handle_protocol(
     pm: ProtocolMessage,
     hash: &[u8],
     own_echo: bool,
-) -> Result<()> {
+) -> Result<Option<Counted>> {
     let provider = s.provider();
     let gid = pm.group_id().clone();
     let Some(mut group) = MlsGroup::load(provider.storage(), &gid).map_err(Error::mls)? else {
         // A group we never joined or already deleted.
-        return Ok(());
+        return Ok(None);
     };
     if !group.is_active() {
-        return Ok(());
+        return Ok(None);
+    }
+    if pm.is_external() {
+        // Nobody outside the group changes it: no external senders are listed, external
+        // joins are refused. (openmls exempts external messages from the ciphertext-only
+        // policy and would apply a valid external commit, so the refusal is ours.)
+        return Err(Error::BadServerReply(
+            "a proposal or commit from outside the group".into(),
+        ));
     }
     let is_commit = pm.content_type() == ContentType::Commit;
     if own_echo {
@@ -202,7 +319,7 @@ fn handle_protocol(
             // Our commit was accepted but we never heard the answer: apply it now.
             merge_own_commit(s, &mut group, me, hash, false)?;
         }
-        return Ok(());
+        return Ok(None);
     }
     if is_commit && group.pending_commit().is_some() {
         // Someone else's commit won this epoch: ours is void.
@@ -210,16 +327,21 @@ fn handle_protocol(
             .clear_pending_commit(provider.storage())
             .map_err(Error::mls)?;
     }
-    let processed = group.process_message(&provider, pm).map_err(Error::mls)?;
-    let sender = identity(processed.credential());
     let gid = gid.as_slice().to_vec();
+    let msg_epoch = pm.epoch().as_u64();
+    let our_epoch = group.epoch().as_u64();
+    let processed = match group.process_message(&provider, pm) {
+        Ok(p) => p,
+        Err(e) => return judge_failure(s, &gid, msg_epoch, our_epoch, e),
+    };
+    let sender = identity(processed.credential());
     let chat_active = s.chat(&gid)?.is_some_and(|c| c.active);
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(am) => {
             let app = AppMessage::from_padded_bytes(&am.into_bytes())
                 .ok_or_else(|| Error::Mls("an application message did not parse".into()))?;
             if !chat_active {
-                return Ok(());
+                return Ok(None);
             }
             if let Some(root) = &app.root
                 && crate::ops::gossip_conflict(s, root)?
@@ -242,6 +364,25 @@ fn handle_protocol(
                     false,
                 )?;
             }
+            let ours = epoch_digest(group.epoch_authenticator().as_slice());
+            if msg_epoch == our_epoch && app.auth.as_ref().is_some_and(|a| *a != ours) {
+                alarm(
+                    s,
+                    &gid,
+                    "fork",
+                    &format!("e{msg_epoch}-{sender}"),
+                    &sender,
+                    &format!(
+                        "{sender}'s view of the group differs from ours at epoch \
+                         {msg_epoch}: the group has forked"
+                    ),
+                )?;
+            }
+            let counted = (app.ctr > 0).then(|| Counted {
+                group_id: gid.clone(),
+                sender: sender.clone(),
+                ctr: app.ctr,
+            });
             match app.body {
                 Body::Text { text } => {
                     s.add_item(
@@ -264,6 +405,7 @@ fn handle_protocol(
                     }
                 }
             }
+            return Ok(counted);
         }
         ProcessedMessageContent::ProposalMessage(p) => {
             // We accept one kind of standalone proposal: a member asking to leave.
@@ -306,10 +448,58 @@ fn handle_protocol(
             merge_own_commit(s, &mut group, me, hash, false)?;
         }
         ProcessedMessageContent::OwnPrivateMessage => {}
-        // External senders are never accepted: nobody outside the group changes it.
+        // Unreachable after the `is_external` refusal above; never accepted either way.
         ProcessedMessageContent::ExternalJoinProposalMessage(_) => {}
     }
-    Ok(())
+    Ok(None)
+}
+
+/// A message of a group we are in did not process. From a later epoch: a commit was withheld
+/// from us (a gap). From our own epoch yet undecryptable: it was made in an epoch we do not
+/// share (a fork), or forged. Both are told to the user, once per epoch; anything else
+/// (a replay, a message from an old epoch) is skipped silently.
+fn judge_failure<E: std::fmt::Debug + std::fmt::Display>(
+    s: &Store,
+    gid: &[u8],
+    msg_epoch: u64,
+    our_epoch: u64,
+    e: ProcessMessageError<E>,
+) -> Result<Option<Counted>> {
+    if msg_epoch > our_epoch {
+        alarm(
+            s,
+            gid,
+            "gap",
+            &format!("e{msg_epoch}"),
+            "",
+            &format!(
+                "a message from epoch {msg_epoch} arrived while we are at epoch {our_epoch}: \
+                 a change to the group was withheld from us, and its messages are unreadable"
+            ),
+        )?;
+        return Ok(None);
+    }
+    let undecryptable = matches!(
+        e,
+        ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
+            openmls::framing::errors::MessageDecryptionError::AeadError
+        ))
+    );
+    if msg_epoch == our_epoch && undecryptable {
+        alarm(
+            s,
+            gid,
+            "fork",
+            &format!("e{msg_epoch}"),
+            "",
+            &format!(
+                "a message for epoch {msg_epoch}, our current one, does not decrypt: the \
+                 group has forked (or the server forged it)"
+            ),
+        )?;
+        return Ok(None);
+    }
+    Err(Error::mls(e))
 }
 
 /// Apply our own pending commit to the group and record what it changed.

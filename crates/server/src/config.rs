@@ -17,8 +17,12 @@ use serde::Deserialize;
 pub struct Config {
     /// Address of the plain HTTP/WebSocket listener. Default `127.0.0.1:7480`.
     pub listen: SocketAddr,
-    /// Directory holding the database. Default `./blindpost-data`.
+    /// Directory holding the SQLite database. Default `./blindpost-data`.
     pub data_dir: PathBuf,
+    /// The database: `sqlite` (the file in `data_dir`) or a PostgreSQL URL
+    /// (`postgres://user[:password]@host[:port]/database`) shared by every node. Default
+    /// `sqlite`. Never logged (a URL may carry a password).
+    pub database: String,
     /// Days an unacknowledged message is kept before deletion. Default 30.
     pub retention_days: u32,
     /// Days a post's message id is remembered for idempotent retries. Default 7.
@@ -68,6 +72,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             data_dir: PathBuf::from("./blindpost-data"),
+            database: "sqlite".to_owned(),
             retention_days: 30,
             posted_id_retention_days: 7,
             max_connections: 10_000,
@@ -90,6 +95,15 @@ impl Default for Config {
     }
 }
 
+/// The storage backend a configuration selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend<'a> {
+    /// SQLite in this data directory.
+    Sqlite(&'a Path),
+    /// PostgreSQL at this URL.
+    Postgres(&'a str),
+}
+
 /// Command-line flags; each also reads its environment variable (a flag wins over it).
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(
@@ -107,6 +121,9 @@ pub struct Args {
     /// Data directory.
     #[arg(long = "data", value_name = "DIR", env = "BLINDPOSTD_DATA")]
     pub data_dir: Option<PathBuf>,
+    /// Database: `sqlite` or `postgres://user@host:port/database`.
+    #[arg(long, value_name = "URL", env = "BLINDPOSTD_DATABASE")]
+    pub database: Option<String>,
     /// Days to keep unacknowledged messages.
     #[arg(long, value_name = "DAYS", env = "BLINDPOSTD_RETENTION_DAYS")]
     pub retention_days: Option<u32>,
@@ -178,6 +195,7 @@ impl Config {
             config: _,
             listen,
             data_dir,
+            database,
             retention_days,
             max_connections,
             claims_per_minute,
@@ -188,6 +206,9 @@ impl Config {
         }
         if let Some(v) = data_dir {
             self.data_dir = v;
+        }
+        if let Some(v) = database {
+            self.database = v;
         }
         if let Some(v) = retention_days {
             self.retention_days = v;
@@ -203,8 +224,23 @@ impl Config {
         }
     }
 
+    /// Which backend `database` names.
+    pub fn backend(&self) -> Result<Backend<'_>, ConfigError> {
+        let db = self.database.as_str();
+        if db == "sqlite" {
+            Ok(Backend::Sqlite(&self.data_dir))
+        } else if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            Ok(Backend::Postgres(db))
+        } else {
+            Err(ConfigError::Invalid(
+                "database must be `sqlite` or a postgres:// URL",
+            ))
+        }
+    }
+
     /// Checks value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.backend()?;
         if self.retention_days == 0 {
             return Err(ConfigError::Invalid("retention_days must be at least 1"));
         }
@@ -300,6 +336,42 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:0");
         assert_eq!(config.retention_days, 5);
         assert_eq!(config.data_dir, PathBuf::from("/srv/bp"));
+    }
+
+    #[test]
+    fn the_database_comes_from_file_env_or_flag_and_must_name_a_backend() {
+        let sqlite = Config::from_toml("", Path::new("x")).unwrap();
+        assert_eq!(
+            sqlite.backend().unwrap(),
+            Backend::Sqlite(Path::new("./blindpost-data"))
+        );
+        let pg = Config::from_toml(
+            "database = \"postgres://bp@db.internal/blindpost\"",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            pg.backend().unwrap(),
+            Backend::Postgres("postgres://bp@db.internal/blindpost")
+        );
+        let args = Args::try_parse_from([
+            "blindpostd",
+            "--database",
+            "postgresql://postgres@127.0.0.1/test",
+        ])
+        .unwrap();
+        assert_eq!(
+            Config::resolve(args).unwrap().database,
+            "postgresql://postgres@127.0.0.1/test"
+        );
+        let args = Args {
+            database: Some("mysql://x".into()),
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::resolve(args),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -71,7 +71,7 @@ async fn upgrade(
     progress.upgraded();
     ws.max_message_size(crate::ws::SOCKET_MAX_MESSAGE)
         .max_frame_size(crate::ws::SOCKET_MAX_MESSAGE)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let conn = app.next_connection.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +119,11 @@ impl axum::serve::Listener for DeadlineListener {
         loop {
             match self.inner.accept().await {
                 Ok((tcp, _peer)) => {
+                    // No Nagle: a response and the push after it are two small writes; with
+                    // Nagle the second waited for the peer's delayed ACK (~40 ms on Linux).
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "could not disable Nagle's algorithm");
+                    }
                     let progress = Arc::new(Progress {
                         frame_timeout: self.frame_timeout,
                         deadline: Mutex::new(Some(Instant::now() + self.handshake_timeout)),

@@ -9,8 +9,9 @@
 //! level-triggered: a connection clears a mark *before* it reads the store, so a message
 //! committed after the read sets the mark again and is never missed.
 //!
-//! Anything that learns of appends can feed [`Hub::notify`]: today the service after each
-//! committed transaction; later a PostgreSQL `LISTEN` task relaying other nodes' `NOTIFY`s.
+//! Anything that learns of appends can feed [`Hub::notify`]: the service after each committed
+//! transaction, and on PostgreSQL the `LISTEN` task relaying other nodes' `NOTIFY`s (through
+//! the [`Wakeups`] impl; after a gap in listening it calls [`Hub::notify_all`]).
 //!
 //! Lock order: the hub's registry lock, then an inbox's dirty-set lock; never the reverse.
 
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use crate::store::postgres::Wakeups;
 use crate::types::QueueId;
 
 /// The registry of which connections push from which queues.
@@ -90,9 +92,30 @@ impl Hub {
         }
     }
 
+    /// Signals every registered queue, as if each had news: after wake-ups may have been
+    /// missed, every connection re-reads its subscriptions (a read finding nothing is cheap).
+    pub fn notify_all(&self) {
+        let registry = lock(&self.registry);
+        for (queue, inboxes) in registry.iter() {
+            for inbox in inboxes {
+                inbox.mark(*queue);
+            }
+        }
+    }
+
     /// How many queues have at least one registered connection (for tests and metrics).
     pub fn registered_queues(&self) -> usize {
         lock(&self.registry).len()
+    }
+}
+
+impl Wakeups for Hub {
+    fn appended(&self, queues: &[QueueId]) {
+        self.notify(queues);
+    }
+
+    fn resync(&self) {
+        self.notify_all();
     }
 }
 
@@ -162,6 +185,22 @@ mod tests {
         assert_eq!(hub.registered_queues(), 0);
         hub.notify(&[q(1)]);
         assert!(!a.has_news());
+    }
+
+    #[test]
+    fn notify_all_marks_every_registered_queue_of_every_inbox() {
+        let hub = Hub::new();
+        let a = hub.inbox();
+        let b = hub.inbox();
+        hub.register(q(1), &a);
+        hub.register(q(2), &a);
+        hub.register(q(2), &b);
+        hub.notify_all();
+        let mut marked = vec![a.take(), a.take()];
+        marked.sort();
+        assert_eq!(marked, vec![Some(q(1)), Some(q(2))]);
+        assert_eq!(a.take(), None);
+        assert_eq!(b.take(), Some(q(2)));
     }
 
     #[tokio::test]

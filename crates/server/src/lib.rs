@@ -3,10 +3,10 @@
 //! Entry point: [`run`]. Not for: anything that needs plaintext, identities or addresses.
 //!
 //! Module map: `config` (settings), `types` (ids, hashes, days), `error` (faults and their wire
-//! codes), `store` (storage seam + SQLite), `kt` (key transparency: akd directory, keys,
-//! epochs), `service` (request rules), `hub` (wake-ups),
-//! `session` (per-connection state), `ws` (socket loop), `http` (router, slow-client
-//! deadlines), `rate` (token buckets), `retention`.
+//! codes), `store` (storage seam, SQLite, PostgreSQL), `kt` (key transparency: akd
+//! directory, keys, epochs), `service` (request rules), `hub` (wake-ups), `session`
+//! (per-connection state), `ws` (socket loop), `http` (router, slow-client deadlines), `rate`
+//! (token buckets), `retention`.
 
 #![forbid(unsafe_code)]
 
@@ -33,10 +33,11 @@ use tokio::sync::{Semaphore, watch};
 
 pub use config::Config;
 
+use crate::config::Backend;
 use crate::hub::Hub;
 use crate::service::Service;
 use crate::session::SessionLimits;
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{DirectoryStore, PgStore, SqliteStore, Store, StoreError, TransparencyStore};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,45 +57,65 @@ pub enum RunError {
     /// The key-transparency directory failed to open.
     #[error("key directory: {0}")]
     Directory(#[from] kt::KtError),
+    /// The configuration names no usable backend.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
     /// Serving failed.
     #[error("serving failed: {0}")]
     Serve(std::io::Error),
 }
 
-/// Opens the store in `config.data_dir` (running migrations), serves HTTP/WebSocket on
-/// `listener` until `shutdown` completes, then closes connections and flushes the store.
+/// An opened backend behind each of its traits, and (PostgreSQL) its `LISTEN` task.
+type Opened = (
+    Arc<dyn Store>,
+    Arc<dyn DirectoryStore>,
+    Arc<dyn TransparencyStore>,
+    Option<tokio::task::JoinHandle<()>>,
+);
+
+/// Opens the store (SQLite in `config.data_dir`, or PostgreSQL), running migrations; serves
+/// HTTP/WebSocket on `listener` until `shutdown` completes, then closes connections and
+/// flushes the store. On PostgreSQL a listener task relays other nodes' wake-ups to the hub.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    create_data_dir(&config.data_dir)?;
-    let data_dir = config.data_dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || SqliteStore::open(&data_dir, Arc::new(types::today)))
+    let hub = Arc::new(Hub::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (store, directory, transparency_store, listen): Opened = match config.backend()? {
+        Backend::Sqlite(dir) => {
+            create_data_dir(dir)?;
+            let dir = dir.to_owned();
+            let store = tokio::task::spawn_blocking(move || {
+                SqliteStore::open(&dir, Arc::new(types::today))
+            })
             .await
             .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
-    let store = Arc::new(store);
-    let transparency = Arc::new(
-        kt::Transparency::open(
-            Arc::clone(&store) as Arc<dyn store::TransparencyStore>,
-            &config.data_dir,
-        )
-        .await?,
-    );
+            let store = Arc::new(store);
+            (store.clone(), store.clone(), store, None)
+        }
+        Backend::Postgres(url) => {
+            let store = Arc::new(PgStore::open(url, Arc::new(types::today)).await?);
+            let listen = store.listen(Arc::clone(&hub) as _, stop_rx.clone());
+            (store.clone(), store.clone(), store, Some(listen))
+        }
+    };
+    // On PostgreSQL the keys live in the database; the data directory is not used for them.
+    let transparency =
+        Arc::new(kt::Transparency::open(transparency_store, &config.data_dir).await?);
     let service = Arc::new(Service::new(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Arc::clone(&store) as Arc<dyn store::DirectoryStore>,
+        Arc::clone(&store),
+        directory,
         Arc::clone(&transparency),
-        Arc::new(Hub::new()),
+        hub,
         service::ServiceLimits::from_config(&config),
     ));
-
-    let (stop_tx, stop_rx) = watch::channel(false);
     let publisher = tokio::spawn(Arc::clone(&transparency).run_publisher(
         Duration::from_secs(config.directory_publish_interval_secs),
         stop_rx.clone(),
     ));
+
     let signal = tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -141,6 +162,9 @@ pub async fn run(
     let _ = retention.await;
     publisher.abort();
     let _ = publisher.await;
+    if let Some(listen) = listen {
+        let _ = listen.await;
+    }
     signal.abort();
     store.close().await?;
     tracing::info!("stopped");

@@ -37,7 +37,12 @@ async fn main() -> anyhow::Result<()> {
         writeln!(out, "blindpostd listening on {addr}")?;
         out.flush()?;
     }
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "blindpostd started");
+    // The database URL may carry a password: log only which backend runs.
+    let backend = match config.backend()? {
+        blindpost_server::config::Backend::Sqlite(_) => "sqlite",
+        blindpost_server::config::Backend::Postgres(_) => "postgres",
+    };
+    tracing::info!(%addr, backend, "blindpostd started");
 
     blindpost_server::run(listener, config, shutdown_signal()).await?;
     Ok(())

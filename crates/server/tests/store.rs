@@ -1,23 +1,31 @@
 //! The storage behaviour suite: every test is a function over a [`Backend`] (a store, its
-//! directory, a settable clock, and a way to reopen), instantiated below for SQLite. A new
-//! backend plugs in by implementing `Backend` and adding one `backend_suite!` line.
+//! directory, a settable clock, and a way to reopen), instantiated below for SQLite and
+//! PostgreSQL. A new backend plugs in by implementing `Backend` and adding one line to the
+//! `backend_suite!` call.
+//!
+//! PostgreSQL: each test creates a fresh database on `127.0.0.1:5432` (trust auth, user
+//! `postgres` or `root`; `BLINDPOST_TEST_POSTGRES` overrides the admin URL) and drops it
+//! afterwards. If no server answers, each PostgreSQL test prints why it was skipped to stderr
+//! and passes — unless `BLINDPOST_REQUIRE_POSTGRES` is set (CI sets it), when it fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use blindpost_server::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use blindpost_server::kt::{AkdStorage, KtConfig, KtError, Transparency};
+use blindpost_server::store::postgres::{self, Wakeups};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
-    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PostOp, Posted,
-    PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore, UserRecord,
+    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore, PostOp,
+    Posted, PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
-use blindpost_wire::{SignedDirectoryEntry, root_signature_message};
+use blindpost_wire::{SignedDirectoryEntry, SignedRoot, root_signature_message};
 use prost::Message as _;
 
 // ---------------------------------------------------------------------------------------------
@@ -25,6 +33,9 @@ use prost::Message as _;
 
 trait Backend: Sized {
     fn store(&self) -> Arc<dyn Store>;
+    /// Every node's store on this database: one for SQLite, two for PostgreSQL (two pools,
+    /// as two `blindpostd` processes would have). Concurrency tests spread over them.
+    fn nodes(&self) -> Vec<Arc<dyn Store>>;
     fn directory(&self) -> Arc<dyn DirectoryStore>;
     fn transparency(&self) -> Arc<dyn TransparencyStore>;
     /// A directory for key files that survives `reopen`.
@@ -41,11 +52,11 @@ struct Sqlite {
 }
 
 impl Sqlite {
-    fn new() -> Self {
+    async fn new(_test: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let day = Arc::new(AtomicI64::new(20_000));
         let store = Arc::new(SqliteStore::open(dir.path(), clock(&day)).unwrap());
-        Self { dir, day, store }
+        Some(Self { dir, day, store })
     }
 }
 
@@ -57,6 +68,9 @@ fn clock(day: &Arc<AtomicI64>) -> Clock {
 impl Backend for Sqlite {
     fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
+    }
+    fn nodes(&self) -> Vec<Arc<dyn Store>> {
+        vec![self.store.clone()]
     }
     fn directory(&self) -> Arc<dyn DirectoryStore> {
         self.store.clone()
@@ -76,22 +90,168 @@ impl Backend for Sqlite {
     }
 }
 
+/// A fresh PostgreSQL database for one test, dropped when the test ends (even by a panic).
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+/// The PostgreSQL backend: a fresh database and two nodes' stores on it.
+struct Postgres {
+    db: TestDb,
+    /// The nodes' data directory (unused for keys on PostgreSQL, which keeps them in the
+    /// database).
+    dir: tempfile::TempDir,
+    day: Arc<AtomicI64>,
+    store: Arc<PgStore>,
+    other_node: Arc<PgStore>,
+}
+
+/// Admin URLs tried in turn (trust auth on the local server).
+fn postgres_admin_urls() -> Vec<String> {
+    match std::env::var("BLINDPOST_TEST_POSTGRES") {
+        Ok(url) => vec![url],
+        Err(_) => ["postgres", "root"]
+            .iter()
+            .map(|u| format!("postgres://{u}@127.0.0.1:5432/test"))
+            .collect(),
+    }
+}
+
+async fn admin_client(admin: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl TestDb {
+    /// Creates one, or says on stderr why `test` is skipped and returns `None`.
+    async fn create(test: &str) -> Option<Self> {
+        let mut reasons = Vec::new();
+        for admin in postgres_admin_urls() {
+            let client = match admin_client(&admin).await {
+                Ok(client) => client,
+                Err(e) => {
+                    reasons.push(format!("{admin}: {e}"));
+                    continue;
+                }
+            };
+            let mut rnd = [0u8; 6];
+            getrandom::fill(&mut rnd).unwrap();
+            let name = format!("bp_test_{}_{}", std::process::id(), hex::encode(rnd));
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            let (base, _) = admin.rsplit_once('/').unwrap();
+            let url = format!("{base}/{name}");
+            return Some(Self { admin, name, url });
+        }
+        let why = format!(
+            "SKIPPED postgres test {test}: no PostgreSQL server answered ({})",
+            reasons.join("; ")
+        );
+        assert!(
+            std::env::var_os("BLINDPOST_REQUIRE_POSTGRES").is_none(),
+            "{why}, and BLINDPOST_REQUIRE_POSTGRES is set"
+        );
+        // Past the test harness's capture, so the skip shows in `cargo test` output.
+        let _ = writeln!(std::io::stderr(), "{why}");
+        None
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                admin_client(&admin)
+                    .await
+                    .unwrap()
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .unwrap();
+            });
+        })
+        .join();
+        if dropped.is_err() {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+impl Postgres {
+    async fn new(test: &str) -> Option<Self> {
+        let db = TestDb::create(test).await?;
+        let day = Arc::new(AtomicI64::new(20_000));
+        let store = Arc::new(PgStore::open(&db.url, clock(&day)).await.unwrap());
+        let other_node = Arc::new(PgStore::open(&db.url, clock(&day)).await.unwrap());
+        Some(Self {
+            db,
+            dir: tempfile::tempdir().unwrap(),
+            day,
+            store,
+            other_node,
+        })
+    }
+}
+
+impl Backend for Postgres {
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+    fn nodes(&self) -> Vec<Arc<dyn Store>> {
+        vec![self.store.clone(), self.other_node.clone()]
+    }
+    fn directory(&self) -> Arc<dyn DirectoryStore> {
+        self.store.clone()
+    }
+    fn transparency(&self) -> Arc<dyn TransparencyStore> {
+        self.store.clone()
+    }
+    fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+    fn set_day(&self, day: Day) {
+        self.day.store(day, Ordering::SeqCst);
+    }
+    async fn reopen(&mut self) {
+        self.store.close().await.unwrap();
+        self.store = Arc::new(PgStore::open(&self.db.url, clock(&self.day)).await.unwrap());
+    }
+}
+
 macro_rules! backend_suite {
-    ($backend:ident: $($test:ident),* $(,)?) => {
-        mod sqlite_backend {
+    ($($module:ident: $backend:ident),+ ; $tests:tt) => {
+        $( backend_suite!(@one $module $backend $tests); )+
+    };
+    (@one $module:ident $backend:ident [$($test:ident),* $(,)?]) => {
+        mod $module {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    let mut backend = $backend::new();
+                    let Some(mut backend) = $backend::new(stringify!($test)).await else {
+                        return;
+                    };
                     super::$test(&mut backend).await;
+                    for node in backend.nodes() {
+                        node.close().await.unwrap();
+                    }
                 }
             )*
         }
     };
 }
 
-backend_suite!(Sqlite:
+backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     queue_create_append_fetch_ack_delete,
     sequence_numbers_strictly_increase_under_concurrent_posts,
     fetch_respects_message_and_byte_limits,
@@ -109,7 +269,169 @@ backend_suite!(Sqlite:
     group_route_limit_is_enforced_by_commit,
     akd_storage_passes_akds_own_storage_suite,
     directory_epochs_publish_prove_and_survive_reopen,
-);
+]);
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only: wake-ups between nodes
+
+/// Records what the listener relays.
+#[derive(Default)]
+struct Wakes {
+    queues: std::sync::Mutex<Vec<QueueId>>,
+    resyncs: std::sync::atomic::AtomicUsize,
+}
+
+impl Wakeups for Wakes {
+    fn appended(&self, queues: &[QueueId]) {
+        self.queues.lock().unwrap().extend_from_slice(queues);
+    }
+    fn resync(&self) {
+        self.resyncs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    async fn until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done(self) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    fn relayed(&self) -> Vec<QueueId> {
+        self.queues.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_its_connection() {
+    let Some(pg) = Postgres::new("postgres_listener_relays_other_nodes_appends").await else {
+        return;
+    };
+    let wakes = Arc::new(Wakes::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let listener = pg.store.listen(wakes.clone(), stopped);
+    wakes
+        .until("first LISTEN", |w| w.resyncs.load(Ordering::SeqCst) == 1)
+        .await;
+
+    // Node 2 stores; node 1's listener hears which queues, and only those.
+    let other = pg.other_node.clone();
+    queue(&*other, 1).await;
+    queue(&*other, 2).await;
+    group(&*other, 1, 0, 1, &[1, 2]).await;
+    other.post(post(1, 0, 1, 1, b"x")).await.unwrap();
+    wakes
+        .until("a wake-up for node 2's post", |w| w.relayed().len() == 2)
+        .await;
+    let mut relayed = wakes.relayed();
+    relayed.sort();
+    assert_eq!(relayed, vec![qid(1), qid(2)]);
+
+    // Node 1's own appends are not relayed back (its service woke its connections already);
+    // notifications arrive in commit order, so once node 2's next post is heard, an echo of
+    // node 1's would have been too.
+    pg.store.post(post(1, 0, 1, 2, b"own")).await.unwrap();
+    other.post(post(1, 0, 1, 3, b"y")).await.unwrap();
+    wakes
+        .until("node 2's second post", |w| w.relayed().len() >= 4)
+        .await;
+    assert_eq!(wakes.relayed().len(), 4, "node 1 heard its own post");
+
+    // Cut the listener's connection: it reconnects, re-checks every subscription, and hears
+    // node 2 again.
+    let admin = admin_client(&pg.db.admin).await.unwrap();
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'blindpostd-listen' AND datname = $1",
+            &[&pg.db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 1, "one listener connection");
+    wakes
+        .until("a resync after reconnecting", |w| {
+            w.resyncs.load(Ordering::SeqCst) == 2
+        })
+        .await;
+    other.post(post(1, 0, 1, 4, b"z")).await.unwrap();
+    wakes
+        .until("a wake-up after reconnecting", |w| w.relayed().len() == 6)
+        .await;
+
+    stop.send(true).unwrap();
+    listener.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_operations_survive_the_pools_connections_being_cut() {
+    let Some(pg) = Postgres::new("postgres_operations_survive_cut_connections").await else {
+        return;
+    };
+    let s = pg.store();
+    // Fill the pool with several connections.
+    let mut warm = tokio::task::JoinSet::new();
+    for n in 1..=8u8 {
+        let s = Arc::clone(&s);
+        warm.spawn(async move { queue(&*s, n).await });
+    }
+    while let Some(r) = warm.join_next().await {
+        r.unwrap();
+    }
+    let admin = admin_client(&pg.db.admin).await.unwrap();
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'blindpostd' AND datname = $1",
+            &[&pg.db.name],
+        )
+        .await
+        .unwrap();
+    assert!(!cut.is_empty());
+    // Every operation still succeeds: dead connections are replaced, and an operation that
+    // met one before committing runs again on a fresh one.
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    for i in 0..8u32 {
+        s.post(post(1, 0, 1, i, b"after the cut")).await.unwrap();
+    }
+    assert_eq!(payloads(&*s, qid(2)).await.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_nodes_starting_at_once_migrate_once_and_refuse_a_newer_schema() {
+    let Some(db) = TestDb::create("postgres_nodes_starting_at_once_migrate_once").await else {
+        return;
+    };
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let url = db.url.clone();
+        starts.spawn(async move { PgStore::open(&url, Arc::new(|| 1)).await });
+    }
+    while let Some(started) = starts.join_next().await {
+        started.unwrap().unwrap().close().await.unwrap();
+    }
+    let client = admin_client(&db.url).await.unwrap();
+    let rows = client
+        .query("SELECT version FROM blindpost_schema", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one version row");
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        postgres::SCHEMA_VERSION as i64,
+        "every migration applied once"
+    );
+    client
+        .batch_execute("UPDATE blindpost_schema SET version = 99")
+        .await
+        .unwrap();
+    let newer = PgStore::open(&db.url, Arc::new(|| 1)).await;
+    assert!(
+        matches!(newer, Err(StoreError::Backend(ref m)) if m.contains("newer")),
+        "a schema from a newer server is refused"
+    );
+}
 
 /// The property test runs synchronously (proptest drives cases), one fresh backend per case.
 macro_rules! backend_properties {
@@ -137,7 +459,9 @@ macro_rules! backend_properties {
                 runner
                     .run(&super::queue_ops(), |ops| {
                         rt.block_on(async {
-                            let mut backend = $backend::new();
+                            let Some(mut backend) = $backend::new("queue_invariants").await else {
+                                return Ok(());
+                            };
                             super::queue_invariants(&mut backend, &ops).await
                         })
                     })
@@ -326,9 +650,10 @@ async fn sequence_numbers_strictly_increase_under_concurrent_posts(b: &mut impl 
     let s = b.store();
     let q = queue(&*s, 1).await;
     group(&*s, 1, 0, 1, &[1]).await;
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100u32 {
-        let s = Arc::clone(&s);
+        let s = Arc::clone(&nodes[i as usize % nodes.len()]);
         tasks.spawn(async move { s.post(post(1, 0, 1, i, &i.to_be_bytes())).await.unwrap() });
     }
     while let Some(r) = tasks.join_next().await {
@@ -511,9 +836,10 @@ async fn concurrent_commits_at_one_epoch_have_one_winner(b: &mut impl Backend) {
     let s = b.store();
     queue(&*s, 1).await;
     group(&*s, 1, 10, 1, &[1]).await;
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16u8 {
-        let s = Arc::clone(&s);
+        let s = Arc::clone(&nodes[usize::from(i) % nodes.len()]);
         tasks.spawn(async move {
             let mut c = commit(1, 10, 1, 100 + i);
             c.commit = vec![i];
@@ -665,9 +991,10 @@ async fn concurrent_claims_never_hand_out_a_package_twice(b: &mut impl Backend) 
         .await
         .unwrap();
     let bx = BoxId::new([1; 16]);
+    let nodes = b.nodes();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..30 {
-        let s = Arc::clone(&s);
+    for i in 0..30 {
+        let s = Arc::clone(&nodes[i % nodes.len()]);
         tasks.spawn(async move { s.claim_key_package(bx).await.unwrap() });
     }
     let mut one_time = HashSet::new();
@@ -1056,8 +1383,65 @@ async fn akd_storage_passes_akds_own_storage_suite(b: &mut impl Backend) {
     akd::storage::tests::run_test_cases_for_storage_impl(AkdStorage::new(b.transparency())).await;
 }
 
+/// Looks `name` up through `kt`, verifies akd's proof against the returned root (as a client
+/// does, panicking on any failure) and returns the root and the proven value.
+async fn verified_lookup(kt: &Transparency, name: &str) -> (SignedRoot, SignedDirectoryEntry) {
+    let (root, proof) = kt.lookup(name).await.unwrap();
+    let proof = akd::LookupProof::try_from(
+        &<akd::proto::specs::types::LookupProof as protobuf::Message>::parse_from_bytes(&proof)
+            .unwrap(),
+    )
+    .unwrap();
+    let hash: akd::Digest = root.root_hash.as_slice().try_into().unwrap();
+    let verified = akd::verify::lookup_verify::<KtConfig>(
+        &root.vrf_public_key,
+        hash,
+        root.epoch,
+        akd::AkdLabel(name.as_bytes().to_vec()),
+        proof,
+    )
+    .unwrap();
+    let value = SignedDirectoryEntry::decode(verified.value.0.as_slice()).unwrap();
+    (root, value)
+}
+
+/// Panics unless `root` carries a valid signature by its server key.
+fn verify_root_signature(root: &SignedRoot) {
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&root.server_key.as_slice().try_into().unwrap())
+            .unwrap();
+    let sig = ed25519_dalek::Signature::from_slice(&root.signature).unwrap();
+    key.verify_strict(
+        &root_signature_message(root.epoch, &root.root_hash, &root.vrf_public_key),
+        &sig,
+    )
+    .unwrap();
+}
+
+/// Panics unless `kt` proves that `epoch` extends `epoch - 1` (both roots signed).
+async fn verify_audit_step(kt: &Transparency, epoch: u64) {
+    let (start, end, audit) = kt.audit(epoch).await.unwrap();
+    assert_eq!((start.epoch, end.epoch), (epoch - 1, epoch));
+    verify_root_signature(&start);
+    verify_root_signature(&end);
+    let single = akd::SingleAppendOnlyProof::try_from(
+        &<akd::proto::specs::types::SingleAppendOnlyProof as protobuf::Message>::parse_from_bytes(
+            &audit,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    akd::auditor::verify_consecutive_append_only::<KtConfig>(
+        &single,
+        start.root_hash.as_slice().try_into().unwrap(),
+        end.root_hash.as_slice().try_into().unwrap(),
+        epoch,
+    )
+    .await
+    .unwrap();
+}
+
 async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend) {
-    use akd::{AkdLabel, Digest};
     let kt = Transparency::open(b.transparency(), b.data_dir())
         .await
         .unwrap();
@@ -1080,58 +1464,17 @@ async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend)
         "the queue was emptied"
     );
 
-    let (root, proof) = kt.lookup("bob").await.unwrap();
+    let (root, value) = verified_lookup(&kt, "bob").await;
     assert_eq!(root.epoch, 1);
-    let proof = akd::LookupProof::try_from(
-        &<akd::proto::specs::types::LookupProof as protobuf::Message>::parse_from_bytes(&proof)
-            .unwrap(),
-    )
-    .unwrap();
-    let hash: Digest = root.root_hash.as_slice().try_into().unwrap();
-    let verified = akd::verify::lookup_verify::<KtConfig>(
-        &root.vrf_public_key,
-        hash,
-        root.epoch,
-        AkdLabel(b"bob".to_vec()),
-        proof,
-    )
-    .unwrap();
-    let value = SignedDirectoryEntry::decode(verified.value.0.as_slice()).unwrap();
     assert_eq!(
         value.entry,
         vec![2, 2],
         "the highest queued version was published"
     );
-
     // The root is signed by the server key.
-    let key =
-        ed25519_dalek::VerifyingKey::from_bytes(&root.server_key.as_slice().try_into().unwrap())
-            .unwrap();
-    let sig = ed25519_dalek::Signature::from_slice(&root.signature).unwrap();
-    key.verify_strict(
-        &root_signature_message(root.epoch, &root.root_hash, &root.vrf_public_key),
-        &sig,
-    )
-    .unwrap();
-
+    verify_root_signature(&root);
     // Epoch 1 provably extends epoch 0.
-    let (start, end, audit) = kt.audit(1).await.unwrap();
-    assert_eq!((start.epoch, end.epoch), (0, 1));
-    let single = akd::SingleAppendOnlyProof::try_from(
-        &<akd::proto::specs::types::SingleAppendOnlyProof as protobuf::Message>::parse_from_bytes(
-            &audit,
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    akd::auditor::verify_consecutive_append_only::<KtConfig>(
-        &single,
-        start.root_hash.as_slice().try_into().unwrap(),
-        end.root_hash.as_slice().try_into().unwrap(),
-        1,
-    )
-    .await
-    .unwrap();
+    verify_audit_step(&kt, 1).await;
     assert!(matches!(kt.lookup("carol").await, Err(KtError::NotFound)));
 
     // Republishing an unchanged value (as after a crash between publication and clearing
@@ -1162,4 +1505,95 @@ async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend)
 async fn d_after_reopen_lookup(kt: &Transparency) {
     let (root, _) = kt.lookup("alice").await.unwrap();
     assert_eq!(root.epoch, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only: one key directory across nodes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_nodes_share_one_key_directory_and_publish_consistent_epochs() {
+    let Some(pg) = Postgres::new("postgres_nodes_share_one_key_directory").await else {
+        return;
+    };
+    // Two nodes open their directories at once on a fresh database: one creates it, both
+    // sign with the same key from the database, and neither writes key files.
+    let (dir_1, dir_2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (kt_1, kt_2) = tokio::join!(
+        Transparency::open(pg.store.clone(), dir_1.path()),
+        Transparency::open(pg.other_node.clone(), dir_2.path()),
+    );
+    let (kt_1, kt_2) = (Arc::new(kt_1.unwrap()), Arc::new(kt_2.unwrap()));
+    assert_eq!(kt_1.server_key(), kt_2.server_key(), "one signing key");
+    assert_eq!(kt_1.latest_root().await.unwrap().epoch, 0, "one epoch 0");
+    for dir in [&dir_1, &dir_2] {
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no key file on a node"
+        );
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let interval = std::time::Duration::from_secs(3600);
+    let publishers = [
+        tokio::spawn(Arc::clone(&kt_1).run_publisher(interval, stopped.clone())),
+        tokio::spawn(Arc::clone(&kt_2).run_publisher(interval, stopped)),
+    ];
+
+    // Registered as `RegisterUser` does on node 1 (store, then wait for the epoch); node 2,
+    // which cached nothing, proves it at once.
+    pg.store.register_user(user("alice", 1, 1)).await.unwrap();
+    kt_1.publish_soon().await.unwrap();
+    let (root, value) = verified_lookup(&kt_2, "alice").await;
+    assert_eq!(value.entry, vec![1, 1]);
+    assert_eq!(root.epoch, 1);
+    assert_eq!(root.server_key, kt_1.server_key().to_vec());
+
+    // Registrations on both nodes at once: each answers only once published; every one is
+    // proven by both nodes; the epochs form one history.
+    let mut registrations = tokio::task::JoinSet::new();
+    for i in 0..12u8 {
+        let (store, kt): (Arc<PgStore>, _) = if i % 2 == 0 {
+            (pg.store.clone(), Arc::clone(&kt_1))
+        } else {
+            (pg.other_node.clone(), Arc::clone(&kt_2))
+        };
+        registrations.spawn(async move {
+            store
+                .register_user(user(&format!("user{i}"), 10 + i, 1))
+                .await
+                .unwrap();
+            kt.publish_soon().await.unwrap();
+        });
+    }
+    while let Some(done) = registrations.join_next().await {
+        done.unwrap();
+    }
+    for i in 0..12u8 {
+        let name = format!("user{i}");
+        let (root_1, value_1) = verified_lookup(&kt_1, &name).await;
+        let (root_2, value_2) = verified_lookup(&kt_2, &name).await;
+        assert_eq!(value_1.entry, vec![10 + i, 1], "{name} via node 1");
+        assert_eq!(value_2.entry, vec![10 + i, 1], "{name} via node 2");
+        assert_eq!(root_1, root_2, "both nodes prove from the same epoch");
+    }
+    let latest = kt_1.latest_root().await.unwrap();
+    assert_eq!(latest, kt_2.latest_root().await.unwrap());
+    assert!(
+        (2..=13).contains(&latest.epoch),
+        "12 registrations in 1 to 12 epochs after epoch 1, got {}",
+        latest.epoch
+    );
+    assert!(pg.store.pending_entries(100).await.unwrap().is_empty());
+    // The whole history audits, whichever node is asked.
+    for epoch in 1..=latest.epoch {
+        let kt = if epoch % 2 == 0 { &kt_1 } else { &kt_2 };
+        verify_audit_step(kt, epoch).await;
+    }
+
+    stop.send(true).unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    pg.store.close().await.unwrap();
+    pg.other_node.close().await.unwrap();
 }

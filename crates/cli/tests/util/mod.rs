@@ -1,5 +1,11 @@
 //! Test harness for end-to-end tests: runs the real `blindpostd` on a free port with a temp
-//! data dir, and the real `blindpost` binary against it, one profile directory per user.
+//! data dir (SQLite) or on a shared PostgreSQL database (several nodes), and the real
+//! `blindpost` binary against it, one profile directory per user.
+//!
+//! PostgreSQL: [`PgDatabase::create`] makes a fresh database on `127.0.0.1:5432` with `psql`
+//! (trust auth, user `postgres` or `root`) and drops it afterwards. Without a reachable server
+//! it prints why the test is skipped to stderr and returns `None` — unless
+//! `BLINDPOST_REQUIRE_POSTGRES` is set (CI sets it), when it fails.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,8 +53,17 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A node on a shared PostgreSQL database.
+    pub fn start_on(db: &PgDatabase) -> Self {
+        Self::start_with(Some(&db.url))
+    }
+
+    fn start_with(database: Option<&str>) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", None);
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database, None);
         Self {
             child,
             url: format!("ws://{addr}"),
@@ -66,6 +81,7 @@ impl Server {
         let (child, addr) = spawn_server(
             data.path(),
             &format!("{ip}:0"),
+            None,
             Some((log.as_path(), level)),
         );
         Self {
@@ -93,7 +109,7 @@ impl Server {
         self.stop();
         assert!(self.log.is_none(), "restart of a logged server");
         tamper(self.data.path());
-        let (child, addr) = spawn_server(self.data.path(), &self.addr, None);
+        let (child, addr) = spawn_server(self.data.path(), &self.addr, None, None);
         assert_eq!(addr, self.addr);
         self.child = child;
     }
@@ -109,6 +125,12 @@ impl Server {
         );
     }
 
+    /// Kill with SIGKILL: no shutdown, no flush, connections cut.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        let _ = self.child.wait();
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.data.path()
     }
@@ -121,7 +143,12 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(data: &Path, listen: &str, log: Option<(&Path, &str)>) -> (Child, String) {
+fn spawn_server(
+    data: &Path,
+    listen: &str,
+    database: Option<&str>,
+    log: Option<(&Path, &str)>,
+) -> (Child, String) {
     // The port of a just-stopped server may linger briefly; retry binding a few times.
     for attempt in 0..50 {
         let mut command = Command::new(bin("blindpostd"));
@@ -129,6 +156,9 @@ fn spawn_server(data: &Path, listen: &str, log: Option<(&Path, &str)>) -> (Child
             .args(["--listen", listen, "--data"])
             .arg(data)
             .stdout(Stdio::piped());
+        if let Some(url) = database {
+            command.args(["--database", url]);
+        }
         match log {
             Some((file, level)) => {
                 command
@@ -154,6 +184,75 @@ fn spawn_server(data: &Path, listen: &str, log: Option<(&Path, &str)>) -> (Child
     unreachable!()
 }
 
+/// A fresh PostgreSQL database, dropped on drop.
+pub struct PgDatabase {
+    user: String,
+    name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// Creates one, or says on stderr why the calling test is skipped and returns `None`.
+    pub fn create(test: &str) -> Option<Self> {
+        let name = format!(
+            "bp_e2e_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let mut reasons = Vec::new();
+        for user in ["postgres", "root"] {
+            match psql(user, &format!("CREATE DATABASE {name}")) {
+                Ok(()) => {
+                    return Some(Self {
+                        url: format!("postgres://{user}@127.0.0.1:5432/{name}"),
+                        user: user.to_string(),
+                        name,
+                    });
+                }
+                Err(e) => reasons.push(format!("as {user}: {e}")),
+            }
+        }
+        let why = format!(
+            "SKIPPED {test}: no PostgreSQL server on 127.0.0.1:5432 ({})",
+            reasons.join("; ")
+        );
+        assert!(
+            std::env::var_os("BLINDPOST_REQUIRE_POSTGRES").is_none(),
+            "{why}, and BLINDPOST_REQUIRE_POSTGRES is set"
+        );
+        // Past the test harness's capture, so the skip shows in `cargo test` output.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{why}");
+        None
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.user,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(user: &str, sql: &str) -> Result<(), String> {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", "5432", "-U", user, "-d", "test"])
+        .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
 /// One user: a profile directory.
 pub struct User {
     pub name: String,
@@ -171,8 +270,24 @@ impl User {
 
     /// A new profile, set up on `server` with username `name`.
     pub fn setup(server: &Server, name: &str) -> Self {
+        Self::setup_at(&server.url, name)
+    }
+
+    /// A new profile, set up with username `name` on the server at `url` (e.g. a relay).
+    pub fn setup_at(url: &str, name: &str) -> Self {
         let u = Self::fresh(name);
-        u.ok(&["setup", "--server", &server.url, "--username", name]);
+        u.ok(&["setup", "--server", url, "--username", name]);
+        u
+    }
+
+    /// A new profile, set up with several servers (tried in this order) as `name`.
+    pub fn setup_on(servers: &[&Server], name: &str) -> Self {
+        let u = Self::fresh(name);
+        let mut args = vec!["setup", "--username", name];
+        for s in servers {
+            args.extend(["--server", s.url.as_str()]);
+        }
+        u.ok(&args);
         u
     }
 
@@ -234,7 +349,11 @@ impl User {
                 }
             }
         });
-        Follower { child, lines }
+        Follower {
+            child,
+            lines,
+            items: Vec::new(),
+        }
     }
 
     /// Run with `--json`; one value per line.
@@ -259,6 +378,8 @@ impl User {
 pub struct Follower {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// What `wait_for` has read so far.
+    pub items: Vec<Value>,
 }
 
 impl Follower {
@@ -290,6 +411,41 @@ impl Follower {
             }
         }
         seen
+    }
+}
+
+impl Follower {
+    /// Waits until every text of `want` has been printed; false if `within` passed first.
+    pub fn wait_for(&mut self, want: &[String], within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let seen = texts(&self.items);
+            if want.iter().all(|w| seen.contains(w)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            if let Ok(line) = self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                self.items.extend(parse_lines(&line));
+            }
+        }
+    }
+
+    /// Kills it; every item it printed (including those `wait_for` read).
+    pub fn stop(mut self) -> Vec<Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(200))
+        {
+            self.items.extend(parse_lines(&line));
+        }
+        std::mem::take(&mut self.items)
     }
 }
 

@@ -1,8 +1,9 @@
-//! The server's two long-term secrets, each a 32-byte file in the data directory created with
-//! mode 0600 on first start: the directory's VRF key (`directory-vrf.key`, which hides
-//! usernames inside the akd tree) and the Ed25519 key that signs every epoch's root
-//! (`server-signing.key`, which clients pin). Never akd's hard-coded test key.
-//! Not for: anything clients hold.
+//! The server's two long-term secrets: the directory's VRF key (which hides usernames inside
+//! the akd tree) and the Ed25519 key that signs every epoch's root (which clients pin). On
+//! SQLite each is a 32-byte file in the data directory created with mode 0600 on first start
+//! (`directory-vrf.key`, `server-signing.key`); on PostgreSQL both are a row every node reads
+//! (`store::TransparencyStore::shared_keys`), created from [`ServerKeys::fresh`] by the first
+//! node. Never akd's hard-coded test key. Not for: anything clients hold.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use std::sync::Arc;
 use akd::ecvrf::{VRFKeyStorage, VrfError};
 use async_trait::async_trait;
 use ed25519_dalek::SigningKey;
+
+use crate::store::StoredKeys;
 
 /// File name of the VRF secret key.
 pub const VRF_KEY_FILE: &str = "directory-vrf.key";
@@ -32,6 +35,12 @@ pub enum KeyError {
     /// The file is not a 32-byte key.
     #[error("key file {0} is damaged (not 32 bytes, or not a valid key)")]
     Damaged(PathBuf),
+    /// The keys stored in the database are not valid keys.
+    #[error("the server keys stored in the database are damaged")]
+    DamagedStored,
+    /// The OS's random source failed.
+    #[error("no randomness for a new key: {0}")]
+    Random(String),
 }
 
 /// The VRF secret key, as akd asks for it.
@@ -65,6 +74,28 @@ impl ServerKeys {
             vrf: VrfKey(Arc::new(vrf_secret)),
             vrf_public,
             signing,
+        })
+    }
+
+    /// Two new random secrets, for a store that keeps the keys (the first node's are kept).
+    pub fn fresh() -> Result<StoredKeys, KeyError> {
+        let mut keys = StoredKeys {
+            vrf: [0; 32],
+            signing: [0; 32],
+        };
+        getrandom::fill(&mut keys.vrf).map_err(|e| KeyError::Random(e.to_string()))?;
+        getrandom::fill(&mut keys.signing).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(keys)
+    }
+
+    /// The keys a store keeps.
+    pub fn from_stored(stored: &StoredKeys) -> Result<Self, KeyError> {
+        let vrf_private = akd::ecvrf::VRFPrivateKey::try_from(&stored.vrf[..])
+            .map_err(|_| KeyError::DamagedStored)?;
+        Ok(Self {
+            vrf: VrfKey(Arc::new(stored.vrf)),
+            vrf_public: akd::ecvrf::VRFPublicKey::from(&vrf_private).to_bytes(),
+            signing: SigningKey::from_bytes(&stored.signing),
         })
     }
 

@@ -8,8 +8,11 @@
 //! queued as one akd epoch, signs the new root and records it while forgetting what it
 //! published (one transaction), on demand ([`Transparency::publish_soon`], which a
 //! registration awaits, so concurrent registrations share an epoch) and on a schedule.
-//! Lookups and publication exclude each other (`epoch_lock`), so every proof is against an
-//! epoch whose signed root is stored.
+//! Lookups and publication exclude each other (`epoch_lock` in this process, and
+//! `TransparencyStore::epoch_lock` between nodes sharing a PostgreSQL database), so every
+//! proof is against an epoch whose signed root is stored, and one node publishes at a time.
+//! With a shared store nothing of the tree is cached: every proof reads the epoch the last
+//! publishing node (any node) left.
 
 pub mod codec;
 pub mod keys;
@@ -106,14 +109,27 @@ impl Transparency {
     /// `data_dir`, and signs the current epoch's root if it is not signed yet (the empty
     /// directory's epoch 0 on first start, or an epoch whose signing a crash interrupted).
     pub async fn open(store: Arc<dyn TransparencyStore>, data_dir: &Path) -> Result<Self, KtError> {
-        let keys = ServerKeys::load_or_create(data_dir)?;
-        // Five minutes of caching, at most 256 MiB: the tree's top stays in memory.
-        let manager = StorageManager::new(
-            AkdStorage::new(Arc::clone(&store)),
-            Some(Duration::from_secs(300)),
-            Some(256 * 1024 * 1024),
-            Some(Duration::from_secs(60)),
-        );
+        // Every node of a shared store starts here at once: one creates the directory (and
+        // signs epoch 0) while the others wait.
+        let _nodes = store.epoch_lock(true).await?;
+        let (keys, manager) = match store.shared_keys(ServerKeys::fresh()?).await? {
+            // Several nodes: another node's publication changes the tree under us, so no node
+            // caches it (ARCHITECTURE.md, "Key transparency across nodes").
+            Some(stored) => (
+                ServerKeys::from_stored(&stored)?,
+                StorageManager::new_no_cache(AkdStorage::new(Arc::clone(&store))),
+            ),
+            // One node: five minutes of caching, at most 256 MiB; the tree's top stays in memory.
+            None => (
+                ServerKeys::load_or_create(data_dir)?,
+                StorageManager::new(
+                    AkdStorage::new(Arc::clone(&store)),
+                    Some(Duration::from_secs(300)),
+                    Some(256 * 1024 * 1024),
+                    Some(Duration::from_secs(60)),
+                ),
+            ),
+        };
         let directory = Directory::new(manager, keys.vrf(), AzksParallelismConfig::default())
             .await
             .map_err(akd_err)?;
@@ -173,6 +189,7 @@ impl Transparency {
     /// returns the new epoch.
     pub async fn publish_pending(&self) -> Result<Option<u64>, KtError> {
         let _epoch = self.epoch_lock.write().await;
+        let _nodes = self.store.epoch_lock(true).await?;
         let pending = self.store.pending_entries(MAX_EPOCH_UPDATES).await?;
         if pending.is_empty() {
             return Ok(None);
@@ -262,6 +279,7 @@ impl Transparency {
     /// akd's lookup proof for `username` (protobuf-encoded) and the signed root it is for.
     pub async fn lookup(&self, username: &str) -> Result<(SignedRoot, Vec<u8>), KtError> {
         let _epoch = self.epoch_lock.read().await;
+        let _nodes = self.store.epoch_lock(false).await?;
         let label = AkdLabel(username.as_bytes().to_vec());
         let (proof, EpochHash(epoch, _)) = match self.directory.lookup(label).await {
             Ok(found) => found,
@@ -279,6 +297,7 @@ impl Transparency {
     /// akd's key-history proof for `username` (its most recent values) and the signed root.
     pub async fn history(&self, username: &str) -> Result<(SignedRoot, Vec<u8>), KtError> {
         let _epoch = self.epoch_lock.read().await;
+        let _nodes = self.store.epoch_lock(false).await?;
         let label = AkdLabel(username.as_bytes().to_vec());
         let params = HistoryParams::MostRecent(MAX_HISTORY_VALUES);
         let (proof, EpochHash(epoch, _)) = match self.directory.key_history(&label, params).await {
@@ -297,6 +316,7 @@ impl Transparency {
     /// The append-only proof from `epoch - 1` to `epoch`, with both signed roots.
     pub async fn audit(&self, epoch: u64) -> Result<(SignedRoot, SignedRoot, Vec<u8>), KtError> {
         let _epoch = self.epoch_lock.read().await;
+        let _nodes = self.store.epoch_lock(false).await?;
         let start = epoch.checked_sub(1).ok_or(KtError::NoEpoch)?;
         let end_root = self.signed_root(epoch).await?;
         let start_root = self.signed_root(start).await?;
@@ -314,6 +334,7 @@ impl Transparency {
     /// The latest signed root.
     pub async fn latest_root(&self) -> Result<SignedRoot, KtError> {
         let _epoch = self.epoch_lock.read().await;
+        let _nodes = self.store.epoch_lock(false).await?;
         let root = self.store.latest_root().await?.ok_or(KtError::NoEpoch)?;
         Ok(self.to_wire(root))
     }

@@ -10,7 +10,10 @@
 //!   a commit or post, one-time key-package claims) happen inside the method and fail with
 //!   [`StoreError::Refused`];
 //! - writes record the current [`Day`] of the backend's clock, never a finer time.
+//!
+//! Backends: [`sqlite`] (embedded, the default) and [`postgres`] (shared by many nodes).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -19,6 +22,7 @@ use std::pin::Pin;
 use crate::error::Refusal;
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store operation failed.
@@ -355,6 +359,38 @@ pub struct PendingEntry {
     pub signature: Vec<u8>,
 }
 
+/// The server's two long-term secrets as a store shared by several nodes keeps them.
+/// Deliberately not `Debug`: secrets are never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredKeys {
+    /// The directory's VRF secret key.
+    pub vrf: [u8; 32],
+    /// The Ed25519 secret key that signs epoch roots.
+    pub signing: [u8; 32],
+}
+
+/// Exclusion between server nodes sharing one store, held while an epoch is published
+/// (exclusive) or a proof is made (shared); released on drop. Empty for a store only one
+/// process opens, where the directory's in-process lock is enough.
+pub struct EpochLock(Option<Box<dyn Send + Sync>>);
+
+impl EpochLock {
+    /// No lock: the store has a single node.
+    pub fn single_node() -> Self {
+        Self(None)
+    }
+
+    /// A lock released when `held` is dropped.
+    pub fn held(held: Box<dyn Send + Sync>) -> Self {
+        Self(Some(held))
+    }
+
+    /// Whether this lock excludes other nodes (false for a single-node store).
+    pub fn is_shared_store(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// Storage of the key-transparency directory: akd's records, the signed epoch roots, and
 /// the registrations waiting for the next epoch. Backend-neutral, so akd's `Database` trait
 /// is implemented once (`kt::AkdStorage`) over any backend that implements this.
@@ -385,6 +421,16 @@ pub trait TransparencyStore: Send + Sync + 'static {
 
     /// The signed root of the latest published epoch, if any.
     fn latest_root(&self) -> StoreFuture<'_, Option<EpochRoot>>;
+
+    /// For a store several nodes share: stores `candidate` as the server's keys unless keys
+    /// are stored already (first node wins), and returns the stored keys, so every node signs
+    /// with the same key. `None` for a store only one process opens (SQLite): the node keeps
+    /// its keys in files in its data directory.
+    fn shared_keys(&self, candidate: StoredKeys) -> StoreFuture<'_, Option<StoredKeys>>;
+
+    /// Takes the directory's lock among nodes: `exclusive` to publish an epoch (or create the
+    /// directory), shared to make a proof, so no node proves from a half-published epoch.
+    fn epoch_lock(&self, exclusive: bool) -> StoreFuture<'_, EpochLock>;
 }
 
 /// The username directory. Kept apart from [`Store`] so key transparency can replace it

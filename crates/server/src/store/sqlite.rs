@@ -21,10 +21,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochRoot,
-    Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue, PendingEntry,
-    PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture, StoreResult,
-    StoredMessage, TransparencyStore, UserRecord,
+    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
+    EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
+    PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
+    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
@@ -1177,6 +1177,15 @@ impl TransparencyStore for SqliteStore {
                 0,
             )
         }))
+    }
+
+    fn shared_keys(&self, _candidate: StoredKeys) -> StoreFuture<'_, Option<StoredKeys>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn epoch_lock(&self, _exclusive: bool) -> StoreFuture<'_, EpochLock> {
+        // SQLite is the single-node backend: the directory's in-process lock is enough.
+        Box::pin(async { Ok(EpochLock::single_node()) })
     }
 }
 

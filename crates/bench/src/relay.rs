@@ -1,0 +1,492 @@
+//! The measured window against blindpostd: every device holds one WebSocket and speaks the
+//! wire protocol directly (`Subscribe` with push, `Ack`; the sender `Post`s its pre-encrypted
+//! messages with the group's posting token). No MLS work happens here, so the window measures
+//! the relay. Not for setting anything up (`setup.rs`) or for checking decryption (`main.rs`
+//! does that afterwards through the client library).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use blindpost_wire::{
+    self as wire, Ack, ClientFrame, Post, Request, Subscribe, response, server_frame,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+
+use crate::setup::Conversation;
+use crate::stats::Latencies;
+
+/// A WebSocket to blindpostd.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Open a WebSocket with small buffers (the tool may hold many).
+pub async fn connect(server: &str) -> Result<Ws> {
+    let url = blindpost_client::ws_url(server)?;
+    let mut config = tungstenite::protocol::WebSocketConfig::default();
+    config.max_message_size = Some(wire::limits::MAX_FRAME_BYTES + 64 * 1024);
+    config.max_frame_size = Some(wire::limits::MAX_FRAME_BYTES + 64 * 1024);
+    config.read_buffer_size = 4096;
+    config.write_buffer_size = 0;
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {server} timed out"))?
+    .with_context(|| format!("connecting to {server}"))?;
+    Ok(ws)
+}
+
+/// Send one request and wait for its answer (used before the window, one at a time).
+pub async fn call(ws: &mut Ws, id: u64, request: Request) -> Result<response::Body> {
+    let frame = ClientFrame {
+        id,
+        request: Some(request),
+    };
+    ws.send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+        .await?;
+    loop {
+        let msg = ws
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("the server closed the connection"))??;
+        let tungstenite::Message::Binary(bytes) = msg else {
+            continue;
+        };
+        match wire::decode_server(&bytes)?.kind {
+            Some(server_frame::Kind::Response(r)) if r.id == id => {
+                return match r.body {
+                    Some(response::Body::Error(e)) => {
+                        bail!("server refused: {:?}: {}", e.code(), e.message)
+                    }
+                    Some(body) => Ok(body),
+                    None => bail!("empty response"),
+                };
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// How posts are paced.
+#[derive(Clone, Copy)]
+pub enum Pacing {
+    /// Each sender waits for the answer to a post before sending the next (as JetStream
+    /// publishers awaiting each publish ack do): the maximum rate.
+    Closed,
+    /// Open loop: posts leave at fixed times, `rate` per second over all senders, and latency
+    /// counts from the scheduled time (so a slow server cannot hide its queueing).
+    Open {
+        /// Messages per second, all senders together.
+        rate: f64,
+    },
+}
+
+/// What the window measured.
+pub struct Outcome {
+    /// Posts answered `Ok` whose send time fell in the window.
+    pub posted: u64,
+    /// Deliveries to members other than the sender received within the window.
+    pub delivered_in_window: u64,
+    /// Every delivery to a non-sender, including those that arrived during the drain.
+    pub delivered_total: u64,
+    /// Echoes of the sender's own posts (fan-out includes the sender's own route).
+    pub echoes: u64,
+    /// Error answers, failed connections, unknown payloads.
+    pub errors: u64,
+    /// Send→receive latencies.
+    pub latencies: Latencies,
+    /// Per conversation and receiving member: payloads to check for decryption, in order.
+    pub samples: Vec<Vec<Vec<Vec<u8>>>>,
+}
+
+/// Live counters for the progress line.
+#[derive(Default)]
+pub struct Counters {
+    /// Posts answered `Ok`.
+    pub posted: AtomicU64,
+    /// Deliveries to non-senders.
+    pub delivered: AtomicU64,
+    /// Errors so far.
+    pub errors: AtomicU64,
+}
+
+struct Shared {
+    /// Pool payload fingerprint → (conversation, pool index).
+    fingerprints: HashMap<u64, (u32, u32)>,
+    /// Per conversation: when post `k` left (closed loop).
+    sent: Vec<Mutex<Vec<Instant>>>,
+    pacing: Pacing,
+    start: Instant,
+    end: Instant,
+    pool_len: usize,
+    sample_every: usize,
+    stop: AtomicBool,
+    counters: Arc<Counters>,
+    echoes: AtomicU64,
+    in_window: AtomicU64,
+    conversations: usize,
+}
+
+impl Shared {
+    /// When post `k` of conversation `c` was (or was scheduled to be) sent.
+    fn sent_at(&self, c: usize, k: u64) -> Option<Instant> {
+        match self.pacing {
+            Pacing::Closed => self.sent[c]
+                .lock()
+                .ok()
+                .and_then(|v| v.get(k as usize).copied()),
+            Pacing::Open { rate } => Some(self.start + open_offset(rate, self.conversations, c, k)),
+        }
+    }
+}
+
+fn open_offset(rate: f64, conversations: usize, c: usize, k: u64) -> Duration {
+    let interval = conversations as f64 / rate;
+    let phase = interval * c as f64 / conversations as f64;
+    Duration::from_secs_f64(phase + interval * k as f64)
+}
+
+/// A cheap fingerprint of a pool payload: its last 8 bytes (part of the AEAD tag, so
+/// effectively random and distinct per message).
+fn fingerprint(payload: &[u8]) -> u64 {
+    let n = payload.len();
+    let mut b = [0u8; 8];
+    if n >= 8 {
+        b.copy_from_slice(&payload[n - 8..]);
+    }
+    u64::from_le_bytes(b)
+}
+
+/// Run the window: connect and subscribe every device, post for `duration`, then wait (at most
+/// `drain`) for deliveries still in flight.
+pub async fn run(
+    convs: &[Conversation],
+    duration: Duration,
+    drain: Duration,
+    pacing: Pacing,
+    sample_every: usize,
+    counters: Arc<Counters>,
+) -> Result<Outcome> {
+    let pool_len = convs.first().map(|c| c.pool.len()).unwrap_or(0);
+    let mut fingerprints = HashMap::new();
+    for (c, conv) in convs.iter().enumerate() {
+        for (i, p) in conv.pool.iter().enumerate() {
+            if fingerprints
+                .insert(fingerprint(p), (c as u32, i as u32))
+                .is_some()
+            {
+                bail!("two pool messages share a fingerprint; run again");
+            }
+        }
+    }
+    // Connect and subscribe everyone before the window starts.
+    let mut devices = Vec::new();
+    for (c, conv) in convs.iter().enumerate() {
+        for (m, member) in conv.members.iter().enumerate() {
+            let mut ws = connect(&member.server).await?;
+            call(
+                &mut ws,
+                2,
+                Request::Subscribe(Subscribe {
+                    queue_id: member.route.queue_id.clone(),
+                    receive_secret: member.route.receive_secret.clone(),
+                    push: true,
+                    after_seq: member.route.last_seq,
+                }),
+            )
+            .await
+            .with_context(|| format!("subscribing device {m} of conversation {c}"))?;
+            devices.push((c, m, ws));
+        }
+    }
+    let start = Instant::now() + Duration::from_millis(100);
+    let shared = Arc::new(Shared {
+        fingerprints,
+        sent: convs.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        pacing,
+        start,
+        end: start + duration,
+        pool_len,
+        sample_every: sample_every.max(1),
+        stop: AtomicBool::new(false),
+        counters,
+        echoes: AtomicU64::new(0),
+        in_window: AtomicU64::new(0),
+        conversations: convs.len(),
+    });
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for (c, m, ws) in devices {
+        let (sink, stream) = ws.split();
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<tungstenite::Message>();
+        tokio::spawn(write_loop(sink, out_rx));
+        let (resp_tx, resp_rx) = mpsc::unbounded_channel::<bool>();
+        let is_sender = m == 0;
+        receivers.push(tokio::spawn(read_loop(
+            stream,
+            out_tx.clone(),
+            is_sender.then_some(resp_tx),
+            shared.clone(),
+            c,
+            m,
+        )));
+        if is_sender {
+            let conv = &convs[c];
+            let route = &conv.members[0].route;
+            senders.push(tokio::spawn(send_loop(
+                out_tx,
+                resp_rx,
+                shared.clone(),
+                c,
+                Post {
+                    group_id: route.group_id.clone(),
+                    epoch: route.epoch,
+                    posting_token: route.posting_token.clone(),
+                    message_id: Vec::new(),
+                    payload: Vec::new(),
+                },
+                Arc::new(conv.pool.clone()),
+            )));
+        }
+    }
+    let mut posted = 0;
+    for s in senders {
+        posted += s.await.map_err(|e| anyhow!("a sender failed: {e}"))?;
+    }
+    // Wait for what is still in flight: every non-sender should get every post.
+    let receivers_per_post = convs.first().map_or(0, |c| c.members.len() as u64 - 1);
+    let expected = posted.saturating_mul(receivers_per_post);
+    let drain_until = Instant::now() + drain;
+    while Instant::now() < drain_until
+        && shared.counters.delivered.load(Ordering::Relaxed) < expected
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut latencies = Latencies::default();
+    let mut samples: Vec<Vec<Vec<Vec<u8>>>> = convs
+        .iter()
+        .map(|c| vec![Vec::new(); c.members.len()])
+        .collect();
+    for r in receivers {
+        let (c, m, lat, smp) = r.await.map_err(|e| anyhow!("a receiver failed: {e}"))?;
+        latencies.merge(lat);
+        samples[c][m] = smp;
+    }
+    Ok(Outcome {
+        posted,
+        delivered_in_window: shared.in_window.load(Ordering::Relaxed),
+        delivered_total: shared.counters.delivered.load(Ordering::Relaxed),
+        echoes: shared.echoes.load(Ordering::Relaxed),
+        errors: shared.counters.errors.load(Ordering::Relaxed),
+        latencies,
+        samples,
+    })
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<Ws, tungstenite::Message>,
+    mut rx: mpsc::UnboundedReceiver<tungstenite::Message>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if sink.send(msg).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Post ids are odd (`2k + 1`), everything else even.
+fn post_id(k: u64) -> u64 {
+    2 * k + 1
+}
+
+async fn send_loop(
+    out: mpsc::UnboundedSender<tungstenite::Message>,
+    mut answers: mpsc::UnboundedReceiver<bool>,
+    shared: Arc<Shared>,
+    c: usize,
+    template: Post,
+    pool: Arc<Vec<Vec<u8>>>,
+) -> u64 {
+    let mut ok = 0u64;
+    tokio::time::sleep_until(shared.start.into()).await;
+    let mut k: u64 = 0;
+    loop {
+        let now = Instant::now();
+        match shared.pacing {
+            Pacing::Closed => {
+                if now >= shared.end {
+                    break;
+                }
+                if let Ok(mut v) = shared.sent[c].lock() {
+                    v.push(now);
+                }
+            }
+            Pacing::Open { rate } => {
+                let at = shared.start + open_offset(rate, shared.conversations, c, k);
+                if at >= shared.end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+            }
+        }
+        let mut post = template.clone();
+        let mut message_id = [0u8; 16];
+        message_id[..8].copy_from_slice(&(c as u64).to_le_bytes());
+        message_id[8..].copy_from_slice(&k.to_le_bytes());
+        post.message_id = message_id.to_vec();
+        post.payload = pool[(k as usize) % pool.len()].clone();
+        let frame = ClientFrame {
+            id: post_id(k),
+            request: Some(Request::Post(post)),
+        };
+        if out
+            .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+            .is_err()
+        {
+            shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        k += 1;
+        if let Pacing::Closed = shared.pacing {
+            match tokio::time::timeout(Duration::from_secs(30), answers.recv()).await {
+                Ok(Some(true)) => ok += 1,
+                Ok(Some(false)) => {}
+                _ => break,
+            }
+        }
+    }
+    if let Pacing::Open { .. } = shared.pacing {
+        // Collect the answers of the posts still in flight.
+        for _ in 0..k {
+            match tokio::time::timeout(Duration::from_secs(30), answers.recv()).await {
+                Ok(Some(true)) => ok += 1,
+                Ok(Some(false)) => {}
+                _ => break,
+            }
+        }
+    }
+    ok
+}
+
+type ReadResult = (usize, usize, Latencies, Vec<Vec<u8>>);
+
+async fn read_loop(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    out: mpsc::UnboundedSender<tungstenite::Message>,
+    answers: Option<mpsc::UnboundedSender<bool>>,
+    shared: Arc<Shared>,
+    c: usize,
+    m: usize,
+) -> ReadResult {
+    let is_sender = m == 0;
+    let mut latencies = Latencies::default();
+    let mut samples = Vec::new();
+    // The last post index seen from the sender (pool indexes repeat once the pool is used up).
+    let mut last_k: Option<u64> = None;
+    let mut next_id = 2u64;
+    let err = |shared: &Shared| shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if shared.stop.load(Ordering::Relaxed) { break; }
+                continue;
+            }
+        };
+        let Some(Ok(msg)) = msg else {
+            if !shared.stop.load(Ordering::Relaxed) {
+                err(&shared);
+            }
+            break;
+        };
+        let tungstenite::Message::Binary(bytes) = msg else {
+            continue;
+        };
+        let Ok(frame) = wire::decode_server(&bytes) else {
+            err(&shared);
+            continue;
+        };
+        match frame.kind {
+            Some(server_frame::Kind::Response(r)) => {
+                let ok = !matches!(r.body, Some(response::Body::Error(_)) | None);
+                if !ok {
+                    err(&shared);
+                }
+                if r.id % 2 == 1 {
+                    if ok {
+                        shared.counters.posted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(tx) = &answers {
+                        let _ = tx.send(ok);
+                    }
+                }
+            }
+            Some(server_frame::Kind::Push(push)) => {
+                let now = Instant::now();
+                let mut max_seq = 0;
+                for qm in &push.messages {
+                    max_seq = max_seq.max(qm.seq);
+                    let Some(&(from, idx)) = shared.fingerprints.get(&fingerprint(&qm.payload))
+                    else {
+                        // Left over from setup (e.g. the sender's own earlier messages).
+                        continue;
+                    };
+                    if from as usize != c {
+                        err(&shared);
+                        continue;
+                    }
+                    if is_sender {
+                        shared.echoes.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // The post index: the next one after the last seen with this pool index.
+                    let p = shared.pool_len as u64;
+                    let idx = u64::from(idx);
+                    let k = match last_k {
+                        None => idx,
+                        Some(l) => {
+                            let base = (l + 1) / p * p + idx;
+                            if base > l { base } else { base + p }
+                        }
+                    };
+                    last_k = Some(k);
+                    shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if now <= shared.end {
+                        shared.in_window.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(sent) = shared.sent_at(c, k) {
+                        latencies.record(now.saturating_duration_since(sent));
+                    }
+                    if (k as usize) < shared.pool_len
+                        && (k as usize).is_multiple_of(shared.sample_every)
+                    {
+                        samples.push(qm.payload.clone());
+                    }
+                }
+                if max_seq > 0 {
+                    let frame = ClientFrame {
+                        id: next_id,
+                        request: Some(Request::Ack(Ack {
+                            queue_id: push.queue_id,
+                            up_to_seq: max_seq,
+                        })),
+                    };
+                    next_id += 2;
+                    let _ = out.send(tungstenite::Message::Binary(wire::encode(&frame).into()));
+                }
+            }
+            None => {
+                err(&shared);
+            }
+        }
+    }
+    (c, m, latencies, samples)
+}

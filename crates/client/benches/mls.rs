@@ -1,0 +1,357 @@
+//! criterion benchmarks of the client's MLS costs, each beside bare openmls doing the same
+//! work, so the overhead blindpost adds is a ratio. "blindpost" runs openmls against the
+//! client's real persistence ([`BenchStore`]: SQLite, WAL, `synchronous=FULL`, JSON codec),
+//! one transaction per operation, loading the group from the store each time as the client
+//! does; "bare" is openmls with its in-memory provider and the group kept in memory.
+//!
+//! Groups: the creator adds everyone in one commit and one other member joins from the
+//! Welcome; the remaining members are passive (their keys are thrown away), so the tree is
+//! sparse (only the creator's path is filled). Sizes 2 and 1,000 by default; set
+//! `BLINDPOST_BENCH_LARGE=1` to add 10,000 (building it takes minutes).
+//! Not for the relay: `blindpost-bench` measures that.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE, Error};
+use criterion::{Criterion, criterion_group, criterion_main};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+const CS: Ciphersuite = DEFAULT_CIPHERSUITE;
+
+/// Where a member's MLS state lives.
+trait Env {
+    type P<'a>: OpenMlsProvider
+    where
+        Self: 'a;
+    const NAME: &'static str;
+    /// Run one operation on `group` as the client would.
+    fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T;
+    /// Run `f` with the provider (setup steps).
+    fn with<T>(&self, f: impl FnOnce(&Self::P<'_>) -> T) -> T;
+}
+
+struct Bare(OpenMlsRustCrypto);
+
+impl Env for Bare {
+    type P<'a> = OpenMlsRustCrypto;
+    const NAME: &'static str = "bare";
+    fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T {
+        f(&self.0, group)
+    }
+    fn with<T>(&self, f: impl FnOnce(&Self::P<'_>) -> T) -> T {
+        f(&self.0)
+    }
+}
+
+struct Persisted {
+    store: BenchStore,
+    _dir: tempfile::TempDir,
+}
+
+impl Env for Persisted {
+    type P<'a> = BenchProvider<'a>;
+    const NAME: &'static str = "blindpost";
+    fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T {
+        self.store
+            .tx(|p| {
+                let mut fresh = MlsGroup::load(p.storage(), group.group_id())
+                    .map_err(|e| Error::Mls(e.to_string()))?
+                    .ok_or_else(|| Error::Mls("group not stored".into()))?;
+                let out = f(p, &mut fresh);
+                *group = fresh;
+                Ok(out)
+            })
+            .unwrap()
+    }
+    fn with<T>(&self, f: impl FnOnce(&Self::P<'_>) -> T) -> T {
+        self.store.tx(|p| Ok(f(p))).unwrap()
+    }
+}
+
+fn persisted() -> Persisted {
+    let dir = tempfile::tempdir().unwrap();
+    Persisted {
+        store: BenchStore::open(dir.path()).unwrap(),
+        _dir: dir,
+    }
+}
+
+fn identity(name: &str) -> (SignatureKeyPair, CredentialWithKey) {
+    let signer = SignatureKeyPair::new(CS.signature_algorithm()).unwrap();
+    let cred = CredentialWithKey {
+        credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    (signer, cred)
+}
+
+fn key_package<P: OpenMlsProvider>(p: &P, name: &str) -> KeyPackage {
+    let (signer, cred) = identity(name);
+    KeyPackage::builder()
+        .build(CS, p, &signer, cred)
+        .unwrap()
+        .key_package()
+        .clone()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(5)
+        .build()
+}
+
+/// A group of `n`: the creator in `a`, one member who joined from the Welcome in `b`.
+struct Pair<E: Env> {
+    a: E,
+    alice: SignatureKeyPair,
+    ga: MlsGroup,
+    b: E,
+    gb: MlsGroup,
+}
+
+fn build<E: Env>(a: E, b: E, n: usize, scratch: &OpenMlsRustCrypto) -> Pair<E> {
+    let (alice, alice_cred) = identity("alice");
+    let mut ga = a.with(|p| {
+        MlsGroup::builder()
+            .ciphersuite(CS)
+            .with_wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(5)
+            .build(p, &alice, alice_cred)
+            .unwrap()
+    });
+    let (bob, bob_cred) = identity("bob");
+    let bob_kp = b.with(|p| {
+        KeyPackage::builder()
+            .build(CS, p, &bob, bob_cred)
+            .unwrap()
+            .key_package()
+            .clone()
+    });
+    let mut kps = vec![bob_kp];
+    kps.extend((2..n).map(|i| key_package(scratch, &format!("m{i}"))));
+    let welcome = a.op(&mut ga, |p, g| {
+        let (_, w, _) = g.add_members(p, &alice, &kps).unwrap();
+        g.merge_pending_commit(p).unwrap();
+        w.tls_serialize_detached().unwrap()
+    });
+    let gb = b.with(|p| {
+        let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(welcome.as_slice())
+            .unwrap()
+            .extract()
+        else {
+            panic!("not a welcome")
+        };
+        StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+            .unwrap()
+            .into_group(p)
+            .unwrap()
+    });
+    Pair {
+        a,
+        alice,
+        ga,
+        b,
+        gb,
+    }
+}
+
+fn protocol(bytes: &[u8]) -> ProtocolMessage {
+    match MlsMessageIn::tls_deserialize_exact(bytes)
+        .unwrap()
+        .extract()
+    {
+        MlsMessageBodyIn::PrivateMessage(m) => m.into(),
+        MlsMessageBodyIn::PublicMessage(m) => m.into(),
+        _ => panic!("not a protocol message"),
+    }
+}
+
+/// Encrypt (and persist) at the creator, decrypt (and persist) at the other member.
+fn app_message<E: Env>(pair: &mut Pair<E>, payload: &[u8]) {
+    let Pair {
+        a,
+        alice,
+        ga,
+        b,
+        gb,
+        ..
+    } = pair;
+    let bytes = a.op(ga, |p, g| {
+        g.create_message(p, alice, payload)
+            .unwrap()
+            .tls_serialize_detached()
+            .unwrap()
+    });
+    b.op(gb, |p, g| {
+        let processed = g.process_message(p, protocol(&bytes)).unwrap();
+        assert!(matches!(
+            processed.into_content(),
+            ProcessedMessageContent::ApplicationMessage(_)
+        ));
+    });
+}
+
+enum Change {
+    Add,
+    Remove,
+}
+
+/// Time creating a one-member add or remove commit at the creator (persisted as pending), or
+/// processing it at the other member (staged, not merged, so the next iteration starts from
+/// the same epoch).
+fn membership<E: Env>(
+    pair: &mut Pair<E>,
+    change: &Change,
+    process: bool,
+    iters: u64,
+    scratch: &OpenMlsRustCrypto,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let members = pair.ga.members().count() as u32;
+    for _ in 0..iters {
+        let kp = key_package(scratch, "newcomer");
+        let Pair {
+            a,
+            alice,
+            ga,
+            b,
+            gb,
+            ..
+        } = pair;
+        let t = Instant::now();
+        let commit = a.op(ga, |p, g| {
+            let c = match change {
+                Change::Add => g.add_members(p, alice, &[kp]).unwrap().0,
+                Change::Remove => {
+                    g.remove_members(p, alice, &[LeafNodeIndex::new(members - 1)])
+                        .unwrap()
+                        .0
+                }
+            };
+            c.tls_serialize_detached().unwrap()
+        });
+        if !process {
+            total += t.elapsed();
+        }
+        let t = Instant::now();
+        if process {
+            b.op(gb, |p, g| {
+                let processed = g.process_message(p, protocol(&commit)).unwrap();
+                assert!(matches!(
+                    processed.into_content(),
+                    ProcessedMessageContent::StagedCommitMessage(_)
+                ));
+            });
+            total += t.elapsed();
+        }
+        a.op(ga, |p, g| g.clear_pending_commit(p.storage()).unwrap());
+    }
+    total
+}
+
+fn sizes() -> Vec<usize> {
+    let mut s = vec![2, 1000];
+    if std::env::var_os("BLINDPOST_BENCH_LARGE").is_some() {
+        s.push(10_000);
+    }
+    s
+}
+
+fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
+    let scratch = OpenMlsRustCrypto::default();
+    let payload = vec![b'x'; 512];
+    for n in sizes() {
+        let started = Instant::now();
+        let mut pair = build(make(), make(), n, &scratch);
+        eprintln!(
+            "built a {n}-member group ({}) in {:.1}s",
+            E::NAME,
+            started.elapsed().as_secs_f64()
+        );
+        let mut g = c.benchmark_group(format!("{}/{n}", E::NAME));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        g.bench_function("app_message", |bch| {
+            bch.iter(|| app_message(&mut pair, &payload))
+        });
+        if n >= 1000 {
+            for (name, change, process) in [
+                ("add_create", Change::Add, false),
+                ("add_process", Change::Add, true),
+                ("remove_create", Change::Remove, false),
+                ("remove_process", Change::Remove, true),
+            ] {
+                g.bench_function(name, |bch| {
+                    bch.iter_custom(|iters| {
+                        membership(&mut pair, &change, process, iters, &scratch)
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+    // Joining a 2-member group from its Welcome.
+    let mut g = c.benchmark_group(format!("{}/join", E::NAME));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.bench_function("welcome_2", |bch| {
+        bch.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (alice, alice_cred) = identity("alice");
+                let mut group = MlsGroup::builder()
+                    .ciphersuite(CS)
+                    .with_wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+                    .use_ratchet_tree_extension(true)
+                    .build(&scratch, &alice, alice_cred)
+                    .unwrap();
+                let env = make();
+                let (bob, bob_cred) = identity("bob");
+                let kp = env.with(|p| {
+                    KeyPackage::builder()
+                        .build(CS, p, &bob, bob_cred)
+                        .unwrap()
+                        .key_package()
+                        .clone()
+                });
+                let (_, w, _) = group.add_members(&scratch, &alice, &[kp]).unwrap();
+                let w = w.tls_serialize_detached().unwrap();
+                let t = Instant::now();
+                env.with(|p| {
+                    let MlsMessageBodyIn::Welcome(w) =
+                        MlsMessageIn::tls_deserialize_exact(w.as_slice())
+                            .unwrap()
+                            .extract()
+                    else {
+                        panic!("not a welcome")
+                    };
+                    StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+                        .unwrap()
+                        .into_group(p)
+                        .unwrap()
+                });
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    run_env(c, || Bare(OpenMlsRustCrypto::default()));
+    run_env(c, persisted);
+}
+
+criterion_group!(mls, benches);
+criterion_main!(mls);

@@ -1,0 +1,1845 @@
+//! The PostgreSQL backend of [`Store`], [`DirectoryStore`] and [`TransparencyStore`], for
+//! deployments where many stateless `blindpostd` nodes share one database; and the `LISTEN`
+//! task that tells this node about messages other nodes stored. Not for: validation of client
+//! input, or SQLite.
+//!
+//! **Transactions.** Every operation is one transaction on a pooled connection, committed
+//! before the caller is answered (an acknowledgement means the commit is durable, subject to
+//! the server's `synchronous_commit`; see `docs/DEPLOY.md`). PostgreSQL batches the WAL flushes
+//! of concurrent commits itself, so the group commit the SQLite backend does by hand happens
+//! inside the database here; a pool of [`POOL_SIZE`] connections keeps that many in flight.
+//!
+//! **Concurrency between nodes.** Checks that must be atomic with their write take row locks
+//! (READ COMMITTED): commits and posts lock the group row (`FOR UPDATE`), so the epoch
+//! compare-and-set sees the winner's epoch after waiting; publishes lock the box row; a claim
+//! deletes one package chosen `FOR UPDATE SKIP LOCKED`, so two nodes never hand out the same
+//! one-time package. An operation that hits a deadlock, a unique-key race or a dead pooled
+//! connection is rolled back and run again from scratch (at most [`MAX_RETRIES`] times); a
+//! failed `COMMIT` is never retried (its outcome is unknown) and is reported as an error,
+//! never acknowledged.
+//!
+//! **Wake-ups.** A transaction that appends messages also runs `pg_notify` on [`CHANNEL`] with
+//! this node's tag and the queue ids; PostgreSQL delivers it to every listening node only if
+//! and when the transaction commits. [`PgStore::listen`] relays other nodes' notifications to a
+//! [`Wakeups`] sink (the hub), and after every (re)connection asks it to re-check every
+//! subscription, so nothing committed while the listener was away is left unpushed.
+//!
+//! **Key transparency.** akd's records, the signed roots and the pending registrations in the
+//! same tables as SQLite's; the server's keys in one row (`kt_keys`) every node reads; the
+//! directory's epoch lock is an advisory lock ([`EPOCH_LOCK`]) held by a pooled connection in
+//! an open transaction, exclusive to publish and shared to prove (ARCHITECTURE.md).
+
+use std::collections::HashMap;
+use std::str::FromStr as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blindpost_wire::limits::MAX_GROUP_ROUTES;
+use futures_util::StreamExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
+
+use super::{
+    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
+    EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
+    PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
+    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
+};
+use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
+use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
+
+pub use super::sqlite::Clock;
+
+/// Connections each node keeps to the database for operations.
+pub const POOL_SIZE: usize = 16;
+/// How often an operation is run again after a deadlock or unique-key race.
+pub const MAX_RETRIES: usize = 5;
+/// The notification channel carrying "these queues have new messages".
+pub const CHANNEL: &str = "blindpost_queues";
+/// Key of the advisory lock that serialises migrations across nodes starting at once.
+const MIGRATION_LOCK: i64 = 0x626c_696e_6470_6f73; // "blindpos"
+/// Key of the advisory lock between key-directory publication (exclusive) and proofs (shared).
+const EPOCH_LOCK: i64 = 0x626c_696e_6470_6b74; // "blindpkt"
+/// Most pooled connections that may hold the epoch lock at once; the rest stay free for the
+/// directory reads the lock holders make, so holders never wait on each other for a
+/// connection.
+const EPOCH_LOCK_HOLDERS: usize = POOL_SIZE / 2;
+/// PostgreSQL refuses notification payloads of 8000 bytes or more.
+const MAX_NOTIFY_PAYLOAD: usize = 7_900;
+/// How often the listener proves its connection is alive.
+const LISTEN_PING: Duration = Duration::from_secs(15);
+/// Longest pause between listener reconnection attempts.
+const LISTEN_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The schema version this server creates and understands.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Versioned schema migrations; `blindpost_schema.version` records how many ran. Append only.
+/// Same tables and columns as the SQLite backend (see SEIZURE.md).
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema. No owner, no address, no time finer than a day.
+    "CREATE TABLE queues (
+        id BYTEA PRIMARY KEY,
+        receive_secret_hash BYTEA NOT NULL,
+        send_token_hash BYTEA NOT NULL,
+        next_seq BIGINT NOT NULL,
+        created_day BIGINT NOT NULL,
+        last_used_day BIGINT NOT NULL
+    );
+    CREATE TABLE messages (
+        queue_id BYTEA NOT NULL,
+        seq BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
+        day BIGINT NOT NULL,
+        PRIMARY KEY (queue_id, seq)
+    );
+    CREATE INDEX messages_by_day ON messages (day);
+    CREATE TABLE groups (
+        id BYTEA PRIMARY KEY,
+        epoch BIGINT NOT NULL,
+        posting_token_hash BYTEA NOT NULL,
+        created_day BIGINT NOT NULL,
+        last_used_day BIGINT NOT NULL
+    );
+    CREATE TABLE routes (
+        group_id BYTEA NOT NULL,
+        queue_id BYTEA NOT NULL,
+        PRIMARY KEY (group_id, queue_id)
+    );
+    CREATE INDEX routes_by_queue ON routes (queue_id);
+    CREATE TABLE posted_ids (
+        group_id BYTEA NOT NULL,
+        message_id BYTEA NOT NULL,
+        day BIGINT NOT NULL,
+        PRIMARY KEY (group_id, message_id)
+    );
+    CREATE INDEX posted_ids_by_day ON posted_ids (day);
+    CREATE TABLE key_package_boxes (
+        id BYTEA PRIMARY KEY,
+        secret_hash BYTEA NOT NULL,
+        last_resort BYTEA,
+        created_day BIGINT NOT NULL,
+        last_used_day BIGINT NOT NULL
+    );
+    CREATE TABLE key_packages (
+        box_id BYTEA NOT NULL,
+        n BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (box_id, n)
+    );
+    CREATE TABLE users (
+        username TEXT PRIMARY KEY,
+        identity_key BYTEA NOT NULL,
+        version BIGINT NOT NULL,
+        entry BYTEA NOT NULL,
+        signature BYTEA NOT NULL
+    );",
+    // 3: the key-transparency directory (akd), as SQLite's migration 2, plus the server's
+    // keys, which every node shares (SEIZURE.md). `kt_pending.id` keeps arrival order.
+    "CREATE TABLE akd_nodes (
+        key BYTEA PRIMARY KEY,
+        data BYTEA NOT NULL
+    );
+    CREATE TABLE akd_values (
+        label BYTEA NOT NULL,
+        epoch BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (label, epoch)
+    );
+    CREATE TABLE kt_roots (
+        epoch BIGINT PRIMARY KEY,
+        root_hash BYTEA NOT NULL,
+        signature BYTEA NOT NULL
+    );
+    CREATE TABLE kt_pending (
+        id BIGSERIAL PRIMARY KEY,
+        username TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        entry BYTEA NOT NULL,
+        signature BYTEA NOT NULL,
+        UNIQUE (username, version)
+    );
+    CREATE TABLE kt_keys (
+        id SMALLINT PRIMARY KEY CHECK (id = 1),
+        vrf_key BYTEA NOT NULL,
+        signing_key BYTEA NOT NULL
+    );",
+];
+
+/// Where the listener delivers other nodes' wake-ups (implemented by the hub).
+pub trait Wakeups: Send + Sync + 'static {
+    /// These queues have new messages.
+    fn appended(&self, queues: &[QueueId]);
+    /// Notifications may have been missed: re-check every subscribed queue.
+    fn resync(&self);
+}
+
+/// The PostgreSQL store. Cheap to share behind an `Arc`.
+pub struct PgStore {
+    pool: Arc<Pool>,
+    clock: Clock,
+    /// Random per process: marks our own notifications, which the service already delivered.
+    node: String,
+    /// Bounds the connections holding the epoch lock (see [`EPOCH_LOCK_HOLDERS`]).
+    epoch_holders: Arc<Semaphore>,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/database`), runs pending
+    /// migrations (serialised across nodes by an advisory lock) and opens the pool.
+    pub async fn open(url: &str, clock: Clock) -> StoreResult<Self> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Backend(format!("invalid database URL: {e}")))?;
+        config
+            .application_name("blindpostd")
+            .connect_timeout(Duration::from_secs(10))
+            .keepalives_idle(Duration::from_secs(30));
+        let pool = Arc::new(Pool {
+            config,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(POOL_SIZE)),
+        });
+        {
+            let mut conn = pool.get().await?;
+            migrate(&mut conn.client).await.map_err(Fail::into_store)?;
+        }
+        let mut tag = [0u8; 8];
+        getrandom::fill(&mut tag)
+            .map_err(|e| StoreError::Backend(format!("no randomness for the node tag: {e}")))?;
+        let node = hex::encode(tag);
+        Ok(Self {
+            pool,
+            clock,
+            node,
+            epoch_holders: Arc::new(Semaphore::new(EPOCH_LOCK_HOLDERS)),
+        })
+    }
+
+    /// Relays other nodes' wake-ups to `wakeups` until `stop` is set: `LISTEN`s on its own
+    /// connection, reconnects with back-off when that connection is lost, and calls
+    /// [`Wakeups::resync`] after every (re)connection.
+    pub fn listen(
+        &self,
+        wakeups: Arc<dyn Wakeups>,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut config = self.pool.config.clone();
+        // Named apart from the pool's connections, so operators (and tests) can tell it.
+        config.application_name("blindpostd-listen");
+        let node = self.node.clone();
+        tokio::spawn(listen_loop(config, node, wakeups, stop))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// An operation's failure before it is reported: a database error keeps its SQLSTATE so the
+/// retry loop can tell a deadlock from a real fault.
+enum Fail {
+    Store(StoreError),
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<Refusal> for Fail {
+    fn from(r: Refusal) -> Self {
+        Fail::Store(r.into())
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl Fail {
+    /// Whether running the operation again, from scratch, is safe and may succeed: a
+    /// deadlock or race, or a pooled connection found dead before anything was committed.
+    fn retryable(&self) -> bool {
+        if self.connection_lost() {
+            return true;
+        }
+        match self {
+            Fail::Db(e) => e.code().is_some_and(|c| {
+                *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::UNIQUE_VIOLATION
+            }),
+            Fail::Store(_) => false,
+        }
+    }
+
+    /// Whether the server ended this session (restart, failover, terminated backend), so its
+    /// idle siblings in the pool are likely dead too.
+    fn connection_lost(&self) -> bool {
+        match self {
+            Fail::Db(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|c| {
+                        *c == SqlState::ADMIN_SHUTDOWN
+                            || *c == SqlState::CRASH_SHUTDOWN
+                            || c.code().starts_with("08")
+                    })
+            }
+            Fail::Store(_) => false,
+        }
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Fail::Store(e) => e,
+            Fail::Db(e) if e.code() == Some(&SqlState::DISK_FULL) => {
+                StoreError::Full(db_message(&e))
+            }
+            Fail::Db(e) => StoreError::Backend(db_message(&e)),
+        }
+    }
+}
+
+/// A database error's text with its causes (never a parameter value: tokio-postgres does not
+/// echo them).
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+fn bad_row(what: &str) -> Fail {
+    Fail::Store(StoreError::Backend(format!("unexpected stored {what}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+struct PgConn {
+    client: Client,
+    /// Prepared statements of this connection, by their SQL text.
+    stmts: HashMap<&'static str, Statement>,
+}
+
+struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<PgConn>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection taken from the pool; goes back on drop unless it broke.
+struct Pooled {
+    conn: Option<PgConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = PgConn;
+    fn deref(&self) -> &PgConn {
+        // Invariant: `conn` is `Some` until `drop`.
+        #[allow(clippy::expect_used)]
+        self.conn
+            .as_ref()
+            .expect("pooled connection present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut PgConn {
+        // Invariant: `conn` is `Some` until `drop`.
+        #[allow(clippy::expect_used)]
+        self.conn
+            .as_mut()
+            .expect("pooled connection present until drop")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.client.is_closed()
+            && let Ok(mut idle) = self.pool.idle.lock()
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> StoreResult<Pooled> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let idle = loop {
+            let next = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            match next {
+                Some(conn) if conn.client.is_closed() => continue,
+                other => break other,
+            }
+        };
+        let conn = match idle {
+            Some(conn) => conn,
+            None => PgConn {
+                client: connect(&self.config).await?,
+                stmts: HashMap::new(),
+            },
+        };
+        Ok(Pooled {
+            conn: Some(conn),
+            pool: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> StoreResult<Client> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot connect to the database: {}",
+            db_message(&e)
+        ))
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection lost");
+        }
+    });
+    Ok(client)
+}
+
+async fn migrate(client: &mut Client) -> Result<(), Fail> {
+    let tx = client.transaction().await?;
+    // Nodes starting at once wait here for each other; DDL is transactional, so a node that
+    // fails half-way leaves nothing behind.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS blindpost_schema (version BIGINT NOT NULL)")
+        .await?;
+    let current: i64 = match tx
+        .query_opt("SELECT version FROM blindpost_schema", &[])
+        .await?
+    {
+        Some(row) => row.try_get(0)?,
+        None => {
+            tx.execute("INSERT INTO blindpost_schema (version) VALUES (0)", &[])
+                .await?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len();
+    let current = usize::try_from(current).unwrap_or(usize::MAX);
+    if current > known {
+        return Err(StoreError::Backend(format!(
+            "database schema version {current} is newer than this server knows ({known})"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.batch_execute(sql).await?;
+        let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        tx.execute("UPDATE blindpost_schema SET version = $1", &[&version])
+            .await?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Where an operation's statements go: its own transaction, or (reads and idempotent single
+/// statements) the connection in autocommit, saving the `BEGIN`/`COMMIT` round trips.
+enum Link<'a> {
+    Tx(tokio_postgres::Transaction<'a>),
+    Direct(&'a Client),
+}
+
+/// One operation: its link, the connection's statement cache, the day and our node tag.
+struct Tx<'a> {
+    link: Link<'a>,
+    stmts: &'a mut HashMap<&'static str, Statement>,
+    day: Day,
+    node: &'a str,
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Tx<'_> {
+    async fn stmt(&mut self, sql: &'static str) -> Result<Statement, Fail> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = match &self.link {
+            Link::Tx(tx) => tx.prepare(sql).await?,
+            Link::Direct(client) => client.prepare(sql).await?,
+        };
+        self.stmts.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, Fail> {
+        let s = self.stmt(sql).await?;
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query(&s, params).await?,
+            Link::Direct(client) => client.query(&s, params).await?,
+        })
+    }
+
+    async fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, Fail> {
+        let s = self.stmt(sql).await?;
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query_opt(&s, params).await?,
+            Link::Direct(client) => client.query_opt(&s, params).await?,
+        })
+    }
+
+    async fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, Fail> {
+        let s = self.stmt(sql).await?;
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.query_one(&s, params).await?,
+            Link::Direct(client) => client.query_one(&s, params).await?,
+        })
+    }
+
+    async fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, Fail> {
+        let s = self.stmt(sql).await?;
+        Ok(match &self.link {
+            Link::Tx(tx) => tx.execute(&s, params).await?,
+            Link::Direct(client) => client.execute(&s, params).await?,
+        })
+    }
+
+    /// Commits (a transaction) or does nothing (autocommit). A failure is never retryable:
+    /// whether a failed `COMMIT` took effect is unknown.
+    async fn commit(self) -> Result<(), Fail> {
+        match self.link {
+            Link::Tx(tx) => tx.commit().await.map_err(|e| {
+                Fail::Store(StoreError::Backend(format!(
+                    "commit failed: {}",
+                    db_message(&e)
+                )))
+            }),
+            Link::Direct(_) => Ok(()),
+        }
+    }
+
+    async fn rollback(self) {
+        if let Link::Tx(tx) = self.link {
+            let _ = tx.rollback().await;
+        }
+    }
+
+    /// Tells every listening node (on commit) that `queues` have new messages.
+    async fn notify(&mut self, queues: &[QueueId]) -> Result<(), Fail> {
+        let mut payload = String::new();
+        for q in queues {
+            if payload.is_empty() {
+                payload.push_str(self.node);
+                payload.push(':');
+            } else {
+                payload.push(',');
+            }
+            payload.push_str(&hex::encode(q.as_bytes()));
+            if payload.len() > MAX_NOTIFY_PAYLOAD {
+                self.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                    .await?;
+                payload.clear();
+            }
+        }
+        if !payload.is_empty() {
+            self.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `$body` (an expression using the `Tx` named `$tx`) in a transaction of its own and
+/// commits; with `autocommit`, runs it without one (only for reads and idempotent single
+/// statements: a lost connection makes it run again). Runs it again from scratch after a
+/// deadlock, a unique-key race or a dead connection, never after a failed `COMMIT`.
+macro_rules! transact {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        transact!(@run $store, true, |$tx| $body)
+    };
+    ($store:expr, autocommit |$tx:ident| $body:expr) => {
+        transact!(@run $store, false, |$tx| $body)
+    };
+    (@run $store:expr, $in_tx:expr, |$tx:ident| $body:expr) => {
+        Box::pin(async move {
+            let store = $store;
+            let mut attempt = 0;
+            loop {
+                let mut conn = store.pool.get().await?;
+                let PgConn { client, stmts } = &mut *conn;
+                let link = if $in_tx {
+                    client.transaction().await.map(Link::Tx)
+                } else {
+                    Ok(Link::Direct(&*client))
+                };
+                let outcome = match link {
+                    Err(e) => Err(Fail::Db(e)),
+                    Ok(link) => {
+                        #[allow(unused_mut)]
+                        let mut $tx = Tx {
+                            link,
+                            stmts,
+                            day: (store.clock)(),
+                            node: &store.node,
+                        };
+                        match $body.await {
+                            Ok(value) => $tx.commit().await.map(|()| value),
+                            Err(e) => {
+                                $tx.rollback().await;
+                                Err(e)
+                            }
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(value) => return Ok(value),
+                    Err(e) if e.retryable() && attempt < MAX_RETRIES => {
+                        attempt += 1;
+                        if e.connection_lost() {
+                            // A database restart kills every pooled connection: reconnect.
+                            if let Ok(mut idle) = store.pool.idle.lock() {
+                                idle.clear();
+                            }
+                        }
+                        tracing::debug!(attempt, error = %e.into_store(), "retrying an operation");
+                    }
+                    Err(e) => return Err(e.into_store()),
+                }
+            }
+        })
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+fn seq_to_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn seq_from_sql(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}
+
+fn hash_from_sql(bytes: &[u8]) -> Result<SecretHash, Fail> {
+    <[u8; 32]>::try_from(bytes)
+        .map(SecretHash::from_bytes)
+        .map_err(|_| bad_row("hash length"))
+}
+
+fn queue_from_sql(bytes: &[u8]) -> Result<QueueId, Fail> {
+    QueueId::parse(bytes).map_err(|_| bad_row("queue id"))
+}
+
+/// Appends `payload` to each of `queues` that still exists, in one statement; returns the
+/// queues it went to.
+async fn append_many(
+    tx: &mut Tx<'_>,
+    queues: &[Vec<u8>],
+    payload: &[u8],
+) -> Result<Vec<QueueId>, Fail> {
+    if queues.is_empty() {
+        return Ok(Vec::new());
+    }
+    let day = tx.day;
+    let rows = tx
+        .query(
+            "WITH q AS (
+                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
+             )
+             INSERT INTO messages (queue_id, seq, payload, day)
+             SELECT id, seq, $2, $3 FROM q RETURNING queue_id",
+            &[&queues, &payload, &day],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| queue_from_sql(r.try_get::<_, &[u8]>(0)?))
+        .collect()
+}
+
+/// Appends `payload` to every route of `group`, in one statement; returns the queues.
+async fn append_to_routes(
+    tx: &mut Tx<'_>,
+    group: &GroupId,
+    payload: &[u8],
+) -> Result<Vec<QueueId>, Fail> {
+    let day = tx.day;
+    let rows = tx
+        .query(
+            "WITH q AS (
+                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                RETURNING id, next_seq - 1 AS seq
+             )
+             INSERT INTO messages (queue_id, seq, payload, day)
+             SELECT id, seq, $2, $3 FROM q RETURNING queue_id",
+            &[&group.as_bytes(), &payload, &day],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| queue_from_sql(r.try_get::<_, &[u8]>(0)?))
+        .collect()
+}
+
+/// The queues an append goes to, for [`check_room`].
+enum Room<'a> {
+    /// Every route of a group.
+    Routes(&'a GroupId),
+    /// These queues.
+    Queues(&'a [Vec<u8>]),
+}
+
+/// Refused with `LimitExceeded(QueueBytes)` if any queue of `room` (but those in `exempt`)
+/// would hold more than `max` pending payload bytes after an append of `len` bytes.
+async fn check_room(
+    tx: &mut Tx<'_>,
+    room: Room<'_>,
+    len: usize,
+    max: u64,
+    exempt: &[QueueId],
+) -> Result<(), Fail> {
+    let rows = match room {
+        Room::Routes(group) => {
+            tx.query(
+                "SELECT r.queue_id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
+                 FROM routes r LEFT JOIN messages m ON m.queue_id = r.queue_id
+                 WHERE r.group_id = $1 GROUP BY r.queue_id",
+                &[&group.as_bytes()],
+            )
+            .await?
+        }
+        Room::Queues(queues) => {
+            tx.query(
+                "SELECT q.id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
+                 FROM unnest($1::BYTEA[]) AS q(id) LEFT JOIN messages m ON m.queue_id = q.id
+                 GROUP BY q.id",
+                &[&queues],
+            )
+            .await?
+        }
+    };
+    for row in &rows {
+        let queue = queue_from_sql(row.try_get::<_, &[u8]>(0)?)?;
+        let pending = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
+        if !exempt.contains(&queue) && pending.saturating_add(len as u64) > max {
+            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
+        }
+    }
+    Ok(())
+}
+
+/// Locks the group row and checks epoch (first) and posting token (second).
+async fn check_group(
+    tx: &mut Tx<'_>,
+    group: &GroupId,
+    epoch: u64,
+    token: &SecretHash,
+) -> Result<u64, Fail> {
+    let row = tx
+        .opt(
+            "SELECT epoch, posting_token_hash FROM groups WHERE id = $1 FOR UPDATE",
+            &[&group.as_bytes()],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(Refusal::NotFound(Entity::Group).into());
+    };
+    let current = seq_from_sql(row.try_get(0)?);
+    if current != epoch {
+        return Err(Refusal::StaleEpoch {
+            current_epoch: current,
+        }
+        .into());
+    }
+    if !hash_from_sql(row.try_get(1)?)?.matches(token) {
+        return Err(Refusal::Forbidden(Credential::PostingToken).into());
+    }
+    Ok(current)
+}
+
+/// A queue's receive-secret hash, send-token hash and next sequence number.
+async fn queue_hashes(
+    tx: &mut Tx<'_>,
+    queue: &QueueId,
+) -> Result<Option<(SecretHash, SecretHash, i64)>, Fail> {
+    let row = tx
+        .opt(
+            "SELECT receive_secret_hash, send_token_hash, next_seq FROM queues WHERE id = $1",
+            &[&queue.as_bytes()],
+        )
+        .await?;
+    row.map(|r| {
+        Ok((
+            hash_from_sql(r.try_get(0)?)?,
+            hash_from_sql(r.try_get(1)?)?,
+            r.try_get(2)?,
+        ))
+    })
+    .transpose()
+}
+
+async fn check_route(tx: &mut Tx<'_>, grant: &RouteGrant) -> Result<(), Fail> {
+    match queue_hashes(tx, &grant.queue_id).await? {
+        None => Err(Refusal::NotFound(Entity::Queue).into()),
+        Some((_, send, _)) if send.matches(&grant.send_token_hash) => Ok(()),
+        Some(_) => Err(Refusal::Forbidden(Credential::SendToken).into()),
+    }
+}
+
+async fn op_create_queue(tx: &mut Tx<'_>, q: &NewQueue) -> Result<(), Fail> {
+    let day = tx.day;
+    let inserted = tx
+        .exec(
+            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day)
+             VALUES ($1, $2, $3, 1, $4, $4) ON CONFLICT (id) DO NOTHING",
+            &[
+                &q.id.as_bytes(),
+                &q.receive_secret_hash.as_bytes(),
+                &q.send_token_hash.as_bytes(),
+                &day,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(Refusal::Conflict(ConflictKind::QueueExists).into());
+    }
+    Ok(())
+}
+
+async fn op_authenticate_queue(
+    tx: &mut Tx<'_>,
+    queue: &QueueId,
+    secret: &SecretHash,
+) -> Result<u64, Fail> {
+    let Some((receive, _, next_seq)) = queue_hashes(tx, queue).await? else {
+        return Err(Refusal::NotFound(Entity::Queue).into());
+    };
+    if !receive.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
+    }
+    let day = tx.day;
+    tx.exec(
+        "UPDATE queues SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
+        &[&queue.as_bytes(), &day],
+    )
+    .await?;
+    Ok(seq_from_sql(next_seq - 1))
+}
+
+async fn op_delete_queue(
+    tx: &mut Tx<'_>,
+    queue: &QueueId,
+    secret: &SecretHash,
+) -> Result<(), Fail> {
+    let Some((receive, _, _)) = queue_hashes(tx, queue).await? else {
+        return Err(Refusal::NotFound(Entity::Queue).into());
+    };
+    if !receive.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
+    }
+    let id = queue.as_bytes();
+    tx.exec("DELETE FROM messages WHERE queue_id = $1", &[&id])
+        .await?;
+    tx.exec("DELETE FROM routes WHERE queue_id = $1", &[&id])
+        .await?;
+    tx.exec("DELETE FROM queues WHERE id = $1", &[&id]).await?;
+    Ok(())
+}
+
+async fn op_create_group(tx: &mut Tx<'_>, g: &NewGroup) -> Result<(), Fail> {
+    let day = tx.day;
+    let epoch = seq_to_sql(g.epoch);
+    let inserted = tx
+        .exec(
+            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
+             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+            &[
+                &g.id.as_bytes(),
+                &epoch,
+                &g.posting_token_hash.as_bytes(),
+                &day,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(Refusal::Conflict(ConflictKind::GroupExists).into());
+    }
+    for grant in &g.routes {
+        check_route(tx, grant).await?;
+        tx.exec(
+            "INSERT INTO routes (group_id, queue_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&g.id.as_bytes(), &grant.queue_id.as_bytes()],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
+    let epoch = check_group(tx, &c.group_id, c.epoch, &c.posting_token_hash).await?;
+    let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
+        current_epoch: epoch,
+    })?;
+    for grant in &c.add_routes {
+        check_route(tx, grant).await?;
+    }
+    let gid = c.group_id.as_bytes();
+    // The commit reaches every current route, removed ones included (exempt from the queue
+    // size limit, so a full queue cannot block its own removal).
+    check_room(
+        tx,
+        Room::Routes(&c.group_id),
+        c.commit.len(),
+        c.max_queue_bytes,
+        &c.remove_routes,
+    )
+    .await?;
+    let mut appended = append_to_routes(tx, &c.group_id, &c.commit).await?;
+    let removed: Vec<&[u8]> = c.remove_routes.iter().map(|q| q.as_bytes()).collect();
+    tx.exec(
+        "DELETE FROM routes WHERE group_id = $1 AND queue_id = ANY($2)",
+        &[&gid, &removed],
+    )
+    .await?;
+    let added: Vec<Vec<u8>> = c
+        .add_routes
+        .iter()
+        .map(|g| g.queue_id.as_bytes().to_vec())
+        .collect();
+    tx.exec(
+        "INSERT INTO routes (group_id, queue_id) SELECT $1, unnest($2::BYTEA[])
+         ON CONFLICT DO NOTHING",
+        &[&gid, &added],
+    )
+    .await?;
+    let routes: i64 = tx
+        .one("SELECT COUNT(*) FROM routes WHERE group_id = $1", &[&gid])
+        .await?
+        .try_get(0)?;
+    if usize::try_from(routes).unwrap_or(usize::MAX) > c.max_routes.min(MAX_GROUP_ROUTES) {
+        return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
+    }
+    if let Some(welcome) = &c.welcome {
+        check_room(
+            tx,
+            Room::Queues(&added),
+            welcome.len(),
+            c.max_queue_bytes,
+            &[],
+        )
+        .await?;
+        appended.extend(append_many(tx, &added, welcome).await?);
+    }
+    let day = tx.day;
+    tx.exec(
+        "UPDATE groups SET epoch = $2, posting_token_hash = $3, last_used_day = $4 WHERE id = $1",
+        &[
+            &gid,
+            &seq_to_sql(next_epoch),
+            &c.next_posting_token_hash.as_bytes(),
+            &day,
+        ],
+    )
+    .await?;
+    dedup(&mut appended);
+    tx.notify(&appended).await?;
+    Ok(Committed {
+        epoch: next_epoch,
+        appended,
+    })
+}
+
+fn dedup(queues: &mut Vec<QueueId>) {
+    let mut seen = std::collections::HashSet::with_capacity(queues.len());
+    queues.retain(|q| seen.insert(*q));
+}
+
+async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
+    check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
+    let gid = p.group_id.as_bytes();
+    let day = tx.day;
+    let fresh = tx
+        .exec(
+            "INSERT INTO posted_ids (group_id, message_id, day) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id, message_id) DO NOTHING",
+            &[&gid, &p.message_id.as_bytes(), &day],
+        )
+        .await?;
+    if fresh == 0 {
+        return Ok(Posted::Duplicate);
+    }
+    check_room(
+        tx,
+        Room::Routes(&p.group_id),
+        p.payload.len(),
+        p.max_queue_bytes,
+        &[],
+    )
+    .await?;
+    let appended = append_to_routes(tx, &p.group_id, &p.payload).await?;
+    tx.exec(
+        "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
+        &[&gid, &day],
+    )
+    .await?;
+    tx.notify(&appended).await?;
+    Ok(Posted::Stored { appended })
+}
+
+async fn box_count(tx: &mut Tx<'_>, box_id: &BoxId) -> Result<u32, Fail> {
+    let n: i64 = tx
+        .one(
+            "SELECT COUNT(*) FROM key_packages WHERE box_id = $1",
+            &[&box_id.as_bytes()],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// A box's secret hash and whether it has a last-resort package; `lock` locks its row.
+async fn box_row(
+    tx: &mut Tx<'_>,
+    box_id: &BoxId,
+    lock: bool,
+) -> Result<Option<(SecretHash, bool)>, Fail> {
+    let sql = if lock {
+        "SELECT secret_hash, last_resort IS NOT NULL FROM key_package_boxes WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT secret_hash, last_resort IS NOT NULL FROM key_package_boxes WHERE id = $1"
+    };
+    let row = tx.opt(sql, &[&box_id.as_bytes()]).await?;
+    row.map(|r| Ok((hash_from_sql(r.try_get(0)?)?, r.try_get(1)?)))
+        .transpose()
+}
+
+async fn op_publish(tx: &mut Tx<'_>, p: &PublishOp) -> Result<KeyPackageCount, Fail> {
+    let bid = p.box_id.as_bytes();
+    let day = tx.day;
+    match box_row(tx, &p.box_id, true).await? {
+        None => {
+            // A concurrent first publish of the same box makes this a unique-key race,
+            // which the retry loop runs again (and then finds the row).
+            tx.exec(
+                "INSERT INTO key_package_boxes (id, secret_hash, last_resort, created_day, last_used_day)
+                 VALUES ($1, $2, NULL, $3, $3)",
+                &[&bid, &p.secret_hash.as_bytes(), &day],
+            )
+            .await?;
+        }
+        Some((hash, _)) if hash.matches(&p.secret_hash) => {}
+        Some(_) => return Err(Refusal::Forbidden(Credential::BoxSecret).into()),
+    }
+    let existing = box_count(tx, &p.box_id).await? as usize;
+    if existing + p.key_packages.len() > p.max_one_time {
+        return Err(Refusal::LimitExceeded(Limit::KeyPackages).into());
+    }
+    let next: i64 = tx
+        .one(
+            "SELECT COALESCE(MAX(n), 0) + 1 FROM key_packages WHERE box_id = $1",
+            &[&bid],
+        )
+        .await?
+        .try_get(0)?;
+    for (n, kp) in (next..).zip(&p.key_packages) {
+        tx.exec(
+            "INSERT INTO key_packages (box_id, n, data) VALUES ($1, $2, $3)",
+            &[&bid, &n, kp],
+        )
+        .await?;
+    }
+    if let Some(lr) = &p.last_resort {
+        tx.exec(
+            "UPDATE key_package_boxes SET last_resort = $2 WHERE id = $1",
+            &[&bid, lr],
+        )
+        .await?;
+    }
+    tx.exec(
+        "UPDATE key_package_boxes SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
+        &[&bid, &day],
+    )
+    .await?;
+    let (_, has_last_resort) = box_row(tx, &p.box_id, false)
+        .await?
+        .ok_or(Refusal::NotFound(Entity::KeyPackageBox))?;
+    Ok(KeyPackageCount {
+        one_time: box_count(tx, &p.box_id).await?,
+        has_last_resort,
+    })
+}
+
+async fn op_claim(tx: &mut Tx<'_>, box_id: &BoxId) -> Result<ClaimedKeyPackage, Fail> {
+    let bid = box_id.as_bytes();
+    let day = tx.day;
+    // No row lock on the box: claims on one box from many nodes proceed in parallel.
+    let Some(row) = tx
+        .opt(
+            "SELECT last_resort FROM key_package_boxes WHERE id = $1",
+            &[&bid],
+        )
+        .await?
+    else {
+        return Err(Refusal::NotFound(Entity::KeyPackageBox).into());
+    };
+    let last_resort: Option<Vec<u8>> = row.try_get(0)?;
+    // Each claimer deletes a package nobody else holds a lock on: never one twice.
+    let one_time = tx
+        .opt(
+            "DELETE FROM key_packages WHERE (box_id, n) = (
+                SELECT box_id, n FROM key_packages WHERE box_id = $1
+                ORDER BY n LIMIT 1 FOR UPDATE SKIP LOCKED
+             ) RETURNING data",
+            &[&bid],
+        )
+        .await?;
+    tx.exec(
+        "UPDATE key_package_boxes SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
+        &[&bid, &day],
+    )
+    .await?;
+    if let Some(row) = one_time {
+        return Ok(ClaimedKeyPackage {
+            data: row.try_get(0)?,
+            last_resort: false,
+        });
+    }
+    match last_resort {
+        Some(data) => Ok(ClaimedKeyPackage {
+            data,
+            last_resort: true,
+        }),
+        None => Err(Refusal::NotFound(Entity::KeyPackageBox).into()),
+    }
+}
+
+async fn op_register_user(tx: &mut Tx<'_>, u: &UserRecord) -> Result<(), Fail> {
+    let stored = tx
+        .opt(
+            "SELECT identity_key, version FROM users WHERE username = $1 FOR UPDATE",
+            &[&u.username],
+        )
+        .await?;
+    let version = seq_to_sql(u.version);
+    let Some(row) = stored else {
+        // Two first registrations at once: the loser hits the unique key, is run again and
+        // then sees the winner's row.
+        tx.exec(
+            "INSERT INTO users (username, identity_key, version, entry, signature)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &u.username,
+                &&u.identity_key[..],
+                &version,
+                &u.entry,
+                &u.signature,
+            ],
+        )
+        .await?;
+        return queue_for_publication(tx, u).await;
+    };
+    let key: &[u8] = row.try_get(0)?;
+    let old: i64 = row.try_get(1)?;
+    if key != u.identity_key.as_slice() {
+        return Err(Refusal::Conflict(ConflictKind::UsernameTaken).into());
+    }
+    if old >= version {
+        return Err(Refusal::Conflict(ConflictKind::VersionNotIncreased).into());
+    }
+    tx.exec(
+        "UPDATE users SET version = $2, entry = $3, signature = $4 WHERE username = $1",
+        &[&u.username, &version, &u.entry, &u.signature],
+    )
+    .await?;
+    queue_for_publication(tx, u).await
+}
+
+/// Queues an accepted entry for the next key-transparency epoch, in the registration's
+/// transaction.
+async fn queue_for_publication(tx: &mut Tx<'_>, u: &UserRecord) -> Result<(), Fail> {
+    tx.exec(
+        "INSERT INTO kt_pending (username, version, entry, signature) VALUES ($1, $2, $3, $4)",
+        &[&u.username, &seq_to_sql(u.version), &u.entry, &u.signature],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn read_fetch(
+    tx: &mut Tx<'_>,
+    queue: &QueueId,
+    after_seq: u64,
+    limit: FetchLimit,
+) -> Result<Fetched, Fail> {
+    let after = seq_to_sql(after_seq);
+    let qid = queue.as_bytes();
+    // Sizes first, so payloads beyond the byte budget are never loaded.
+    let sizes = tx
+        .query(
+            "SELECT seq, octet_length(payload)::BIGINT FROM messages
+             WHERE queue_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            &[&qid, &after, &(i64::from(limit.max_messages) + 1)],
+        )
+        .await?;
+    let (mut count, mut bytes, mut last, mut more) = (0u32, 0usize, None, false);
+    for row in &sizes {
+        let seq: i64 = row.try_get(0)?;
+        let len = usize::try_from(row.try_get::<_, i64>(1)?).unwrap_or(usize::MAX);
+        if count >= limit.max_messages || (count > 0 && bytes.saturating_add(len) > limit.max_bytes)
+        {
+            more = true;
+            break;
+        }
+        count += 1;
+        bytes = bytes.saturating_add(len);
+        last = Some(seq);
+    }
+    let Some(last) = last else {
+        return Ok(Fetched::default());
+    };
+    let rows = tx
+        .query(
+            "SELECT seq, payload FROM messages WHERE queue_id = $1 AND seq > $2 AND seq <= $3
+             ORDER BY seq",
+            &[&qid, &after, &last],
+        )
+        .await?;
+    let messages = rows
+        .iter()
+        .map(|r| {
+            Ok(StoredMessage {
+                seq: seq_from_sql(r.try_get(0)?),
+                payload: r.try_get(1)?,
+            })
+        })
+        .collect::<Result<_, Fail>>()?;
+    Ok(Fetched { messages, more })
+}
+
+async fn read_status(
+    tx: &mut Tx<'_>,
+    box_id: &BoxId,
+    secret: &SecretHash,
+) -> Result<KeyPackageCount, Fail> {
+    let Some((hash, has_last_resort)) = box_row(tx, box_id, false).await? else {
+        return Err(Refusal::NotFound(Entity::KeyPackageBox).into());
+    };
+    if !hash.matches(secret) {
+        return Err(Refusal::Forbidden(Credential::BoxSecret).into());
+    }
+    Ok(KeyPackageCount {
+        one_time: box_count(tx, box_id).await?,
+        has_last_resort,
+    })
+}
+
+async fn read_user(tx: &mut Tx<'_>, username: &str) -> Result<Option<UserRecord>, Fail> {
+    let row = tx
+        .opt(
+            "SELECT identity_key, version, entry, signature FROM users WHERE username = $1",
+            &[&username],
+        )
+        .await?;
+    row.map(|r| {
+        let key: &[u8] = r.try_get(0)?;
+        Ok(UserRecord {
+            username: username.to_owned(),
+            identity_key: <[u8; 32]>::try_from(key).map_err(|_| bad_row("identity key"))?,
+            version: seq_from_sql(r.try_get(1)?),
+            entry: r.try_get(2)?,
+            signature: r.try_get(3)?,
+        })
+    })
+    .transpose()
+}
+
+async fn op_expire(tx: &mut Tx<'_>, expiry: &Expiry) -> Result<Expired, Fail> {
+    let messages = tx
+        .exec(
+            "DELETE FROM messages WHERE day < $1",
+            &[&expiry.messages_before],
+        )
+        .await?;
+    let posted_ids = tx
+        .exec(
+            "DELETE FROM posted_ids WHERE day < $1",
+            &[&expiry.posted_ids_before],
+        )
+        .await?;
+    Ok(Expired {
+        messages,
+        posted_ids,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The traits
+
+impl Store for PgStore {
+    fn create_queue(&self, queue: NewQueue) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_create_queue(&mut tx, &queue))
+    }
+
+    fn authenticate_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, u64> {
+        transact!(self, |tx| op_authenticate_queue(
+            &mut tx,
+            &queue_id,
+            &receive_secret_hash
+        ))
+    }
+
+    fn fetch(
+        &self,
+        queue_id: QueueId,
+        after_seq: u64,
+        limit: FetchLimit,
+    ) -> StoreFuture<'_, Fetched> {
+        transact!(
+            self,
+            autocommit | tx | read_fetch(&mut tx, &queue_id, after_seq, limit)
+        )
+    }
+
+    fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()> {
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.exec(
+                        "DELETE FROM messages WHERE queue_id = $1 AND seq <= $2",
+                        &[&queue_id.as_bytes(), &seq_to_sql(up_to_seq)],
+                    )
+                    .await
+                    .map(|_| ())
+                }
+        )
+    }
+
+    fn delete_queue(
+        &self,
+        queue_id: QueueId,
+        receive_secret_hash: SecretHash,
+    ) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_delete_queue(
+            &mut tx,
+            &queue_id,
+            &receive_secret_hash
+        ))
+    }
+
+    fn create_group(&self, group: NewGroup) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_create_group(&mut tx, &group))
+    }
+
+    fn commit(&self, commit: CommitOp) -> StoreFuture<'_, Committed> {
+        transact!(self, |tx| op_commit(&mut tx, &commit))
+    }
+
+    fn post(&self, post: PostOp) -> StoreFuture<'_, Posted> {
+        transact!(self, |tx| op_post(&mut tx, &post))
+    }
+
+    fn publish_key_packages(&self, publish: PublishOp) -> StoreFuture<'_, KeyPackageCount> {
+        transact!(self, |tx| op_publish(&mut tx, &publish))
+    }
+
+    fn claim_key_package(&self, box_id: BoxId) -> StoreFuture<'_, ClaimedKeyPackage> {
+        transact!(self, |tx| op_claim(&mut tx, &box_id))
+    }
+
+    fn key_package_status(
+        &self,
+        box_id: BoxId,
+        secret_hash: SecretHash,
+    ) -> StoreFuture<'_, KeyPackageCount> {
+        transact!(
+            self,
+            autocommit | tx | read_status(&mut tx, &box_id, &secret_hash)
+        )
+    }
+
+    fn expire(&self, expiry: Expiry) -> StoreFuture<'_, Expired> {
+        transact!(self, |tx| op_expire(&mut tx, &expiry))
+    }
+
+    fn health_check(&self) -> StoreFuture<'_, ()> {
+        transact!(
+            self,
+            autocommit | tx | async { tx.one("SELECT 1", &[]).await.map(|_| ()) }
+        )
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Wait for every operation in flight (each holds a permit), then refuse new ones.
+            let all = u32::try_from(POOL_SIZE).unwrap_or(u32::MAX);
+            if let Ok(permits) = self.pool.permits.acquire_many(all).await {
+                self.pool.permits.close();
+                drop(permits);
+            }
+            if let Ok(mut idle) = self.pool.idle.lock() {
+                idle.clear();
+            }
+            Ok(())
+        })
+    }
+}
+
+impl DirectoryStore for PgStore {
+    fn lookup_user(&self, username: String) -> StoreFuture<'_, Option<UserRecord>> {
+        transact!(self, autocommit | tx | read_user(&mut tx, &username))
+    }
+
+    fn register_user(&self, record: UserRecord) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_register_user(&mut tx, &record))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key transparency
+
+fn root_from_row(row: &Row) -> Result<EpochRoot, Fail> {
+    let hash: &[u8] = row.try_get(1)?;
+    Ok(EpochRoot {
+        epoch: seq_from_sql(row.try_get(0)?),
+        root_hash: <[u8; 32]>::try_from(hash).map_err(|_| bad_row("root hash length"))?,
+        signature: row.try_get(2)?,
+    })
+}
+
+async fn op_akd_write(
+    tx: &mut Tx<'_>,
+    nodes: &[AkdNodeRow],
+    values: &[AkdValueRow],
+) -> Result<(), Fail> {
+    for n in nodes {
+        tx.exec(
+            "INSERT INTO akd_nodes (key, data) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET data = EXCLUDED.data",
+            &[&n.key, &n.data],
+        )
+        .await?;
+    }
+    for v in values {
+        tx.exec(
+            "INSERT INTO akd_values (label, epoch, version, data) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (label, epoch) DO UPDATE SET version = EXCLUDED.version,
+             data = EXCLUDED.data",
+            &[
+                &v.label,
+                &seq_to_sql(v.epoch),
+                &seq_to_sql(v.version),
+                &v.data,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn op_finish_epoch(
+    tx: &mut Tx<'_>,
+    root: Option<&EpochRoot>,
+    published: &[(String, u64)],
+) -> Result<(), Fail> {
+    if let Some(root) = root {
+        tx.exec(
+            "INSERT INTO kt_roots (epoch, root_hash, signature) VALUES ($1, $2, $3)",
+            &[
+                &seq_to_sql(root.epoch),
+                &&root.root_hash[..],
+                &root.signature,
+            ],
+        )
+        .await?;
+    }
+    for (username, version) in published {
+        tx.exec(
+            "DELETE FROM kt_pending WHERE username = $1 AND version = $2",
+            &[username, &seq_to_sql(*version)],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn op_shared_keys(tx: &mut Tx<'_>, candidate: &StoredKeys) -> Result<StoredKeys, Fail> {
+    // The first node to get here stores its candidate; every node then reads the same keys.
+    tx.exec(
+        "INSERT INTO kt_keys (id, vrf_key, signing_key) VALUES (1, $1, $2)
+         ON CONFLICT (id) DO NOTHING",
+        &[&&candidate.vrf[..], &&candidate.signing[..]],
+    )
+    .await?;
+    let row = tx
+        .one("SELECT vrf_key, signing_key FROM kt_keys WHERE id = 1", &[])
+        .await?;
+    let key = |i: usize| -> Result<[u8; 32], Fail> {
+        let bytes: &[u8] = row.try_get(i)?;
+        <[u8; 32]>::try_from(bytes).map_err(|_| bad_row("server key length"))
+    };
+    Ok(StoredKeys {
+        vrf: key(0)?,
+        signing: key(1)?,
+    })
+}
+
+/// The epoch lock as held by one pooled connection in an open transaction
+/// (`pg_advisory_xact_lock`): ending the transaction releases it, and a dead connection
+/// releases it too.
+struct HeldEpochLock {
+    conn: Option<Pooled>,
+    _holder: OwnedSemaphorePermit,
+}
+
+impl Drop for HeldEpochLock {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The connection goes back to the pool only after its transaction ended.
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if conn.client.batch_execute("ROLLBACK").await.is_err() {
+                        // Broken: dropping it closes the connection, which releases the lock.
+                        conn.conn.take();
+                    }
+                });
+            }
+            // No runtime left to end the transaction: closing the connection releases the lock.
+            Err(_) => {
+                conn.conn.take();
+            }
+        }
+    }
+}
+
+impl TransparencyStore for PgStore {
+    fn akd_write(&self, nodes: Vec<AkdNodeRow>, values: Vec<AkdValueRow>) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_akd_write(&mut tx, &nodes, &values))
+    }
+
+    fn akd_nodes(&self, keys: Vec<Vec<u8>>) -> StoreFuture<'_, Vec<AkdNodeRow>> {
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
+                        .query(
+                            "SELECT key, data FROM akd_nodes WHERE key = ANY($1)",
+                            &[&keys],
+                        )
+                        .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(AkdNodeRow {
+                                key: r.try_get(0)?,
+                                data: r.try_get(1)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
+    }
+
+    fn akd_values(&self, label: Vec<u8>) -> StoreFuture<'_, Vec<AkdValueRow>> {
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
+                .query(
+                    "SELECT epoch, version, data FROM akd_values WHERE label = $1 ORDER BY epoch",
+                    &[&label],
+                )
+                .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(AkdValueRow {
+                                label: label.clone(),
+                                epoch: seq_from_sql(r.try_get(0)?),
+                                version: seq_from_sql(r.try_get(1)?),
+                                data: r.try_get(2)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
+    }
+
+    fn pending_entries(&self, limit: usize) -> StoreFuture<'_, Vec<PendingEntry>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    let rows = tx
+                        .query(
+                            "SELECT username, version, entry, signature FROM kt_pending
+                     ORDER BY id LIMIT $1",
+                            &[&limit],
+                        )
+                        .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(PendingEntry {
+                                username: r.try_get(0)?,
+                                version: seq_from_sql(r.try_get(1)?),
+                                entry: r.try_get(2)?,
+                                signature: r.try_get(3)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()
+                }
+        )
+    }
+
+    fn finish_epoch(
+        &self,
+        root: Option<EpochRoot>,
+        published: Vec<(String, u64)>,
+    ) -> StoreFuture<'_, ()> {
+        transact!(self, |tx| op_finish_epoch(
+            &mut tx,
+            root.as_ref(),
+            &published
+        ))
+    }
+
+    fn epoch_root(&self, epoch: u64) -> StoreFuture<'_, Option<EpochRoot>> {
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.opt(
+                        "SELECT epoch, root_hash, signature FROM kt_roots WHERE epoch = $1",
+                        &[&seq_to_sql(epoch)],
+                    )
+                    .await?
+                    .as_ref()
+                    .map(root_from_row)
+                    .transpose()
+                }
+        )
+    }
+
+    fn latest_root(&self) -> StoreFuture<'_, Option<EpochRoot>> {
+        transact!(
+            self,
+            autocommit
+                | tx
+                | async {
+                    tx.opt(
+                "SELECT epoch, root_hash, signature FROM kt_roots ORDER BY epoch DESC LIMIT 1",
+                &[],
+            )
+            .await?
+            .as_ref()
+            .map(root_from_row)
+            .transpose()
+                }
+        )
+    }
+
+    fn shared_keys(&self, candidate: StoredKeys) -> StoreFuture<'_, Option<StoredKeys>> {
+        Box::pin(async move {
+            let keys: StoreResult<StoredKeys> =
+                transact!(self, |tx| op_shared_keys(&mut tx, &candidate)).await;
+            keys.map(Some)
+        })
+    }
+
+    fn epoch_lock(&self, exclusive: bool) -> StoreFuture<'_, EpochLock> {
+        Box::pin(async move {
+            let holder = Arc::clone(&self.epoch_holders)
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            let conn = self.pool.get().await?;
+            let sql = if exclusive {
+                format!("BEGIN; SELECT pg_advisory_xact_lock({EPOCH_LOCK})")
+            } else {
+                format!("BEGIN; SELECT pg_advisory_xact_lock_shared({EPOCH_LOCK})")
+            };
+            if let Err(e) = conn.client.batch_execute(&sql).await {
+                let mut conn = conn;
+                conn.conn.take();
+                return Err(StoreError::Backend(format!(
+                    "cannot take the directory lock: {}",
+                    db_message(&e)
+                )));
+            }
+            Ok(EpochLock::held(Box::new(HeldEpochLock {
+                conn: Some(conn),
+                _holder: holder,
+            })))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LISTEN
+
+async fn listen_loop(
+    config: tokio_postgres::Config,
+    node: String,
+    wakeups: Arc<dyn Wakeups>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match listen_once(&config, &node, wakeups.as_ref(), &mut stop, &mut backoff).await {
+            Ok(()) => return,
+            Err(reason) => {
+                tracing::warn!(%reason, "database listener lost; reconnecting");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = crate::stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(LISTEN_MAX_BACKOFF);
+    }
+}
+
+/// One listening connection: returns `Ok` on stop, `Err` when the connection is lost.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    node: &str,
+    wakeups: &dyn Wakeups,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| db_message(&e))?;
+    let (tx, mut notifications) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "database listener connection failed");
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Anything committed while we were not listening is found by re-reading.
+        wakeups.resync();
+        *backoff = Duration::from_millis(100);
+        tracing::info!("listening for other nodes' wake-ups");
+        let mut ping = tokio::time::interval(LISTEN_PING);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                payload = notifications.recv() => match payload {
+                    Some(payload) => relay(&payload, node, wakeups),
+                    None => return Err("the connection closed".to_string()),
+                },
+                _ = ping.tick() => {
+                    let alive = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        return Err("the connection stopped answering".to_string());
+                    }
+                }
+                () = crate::stopped(stop) => return Ok(()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// Parses `node:hexid,hexid,…` and wakes those queues, unless the node is us (the service
+/// already woke them). Malformed ids are skipped.
+fn relay(payload: &str, node: &str, wakeups: &dyn Wakeups) {
+    let Some((from, ids)) = payload.split_once(':') else {
+        return;
+    };
+    if from == node {
+        return;
+    }
+    let queues: Vec<QueueId> = ids
+        .split(',')
+        .filter_map(|h| hex::decode(h).ok())
+        .filter_map(|b| QueueId::parse(&b).ok())
+        .collect();
+    if !queues.is_empty() {
+        wakeups.appended(&queues);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<QueueId>>);
+
+    impl Wakeups for Seen {
+        fn appended(&self, queues: &[QueueId]) {
+            self.0.lock().unwrap().extend_from_slice(queues);
+        }
+        fn resync(&self) {}
+    }
+
+    #[test]
+    fn relay_skips_own_notifications_and_malformed_ids() {
+        let seen = Seen::default();
+        let a = QueueId::new([1; 16]);
+        let b = QueueId::new([2; 16]);
+        let payload = format!(
+            "other:{},zz,{},{}",
+            hex::encode(a.as_bytes()),
+            hex::encode([3u8; 4]),
+            hex::encode(b.as_bytes())
+        );
+        relay(&payload, "me", &seen);
+        relay(&format!("me:{}", hex::encode(a.as_bytes())), "me", &seen);
+        relay("garbage", "me", &seen);
+        assert_eq!(*seen.0.lock().unwrap(), vec![a, b]);
+    }
+}

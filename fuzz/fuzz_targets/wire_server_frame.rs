@@ -1,0 +1,13 @@
+//! Fuzz the client's decoder of server frames: never panics; whatever decodes re-encodes to
+//! something that decodes to the same frame.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(frame) = blindpost_wire::decode_server(data) {
+        let again = blindpost_wire::decode_server(&blindpost_wire::encode(&frame))
+            .expect("a re-encoded frame decodes");
+        assert_eq!(again, frame);
+    }
+});
