@@ -1,28 +1,40 @@
-//! Wake-ups: tells connections that queues they push from have new messages. Carries queue
-//! ids only, never payloads; each connection then reads what is new from the store itself.
-//! Not for: delivery or ordering (the store's sequence numbers do that).
+//! Wake-ups: tells connections that queues they push from have new messages, and hands them
+//! the payload of a post right away so the usual delivery needs no read of the store.
+//! Not for: ordering or durability (the store's sequence numbers and commits do that): only
+//! what has committed is ever handed over, and a connection falls back to reading the store
+//! whenever what it holds is not the exact next run of sequence numbers.
 //!
-//! Design: every connection owns an [`Inbox`]: a `Notify` plus a set of "dirty" queue ids.
-//! [`Hub::notify`] marks the queue in the inbox of each connection registered for it and wakes
-//! it. Marks coalesce, so an inbox holds at most one entry per subscribed queue (bounded by
-//! `MAX_SUBSCRIPTIONS_PER_CONNECTION`) however many messages arrive. Wake-ups are
-//! level-triggered: a connection clears a mark *before* it reads the store, so a message
-//! committed after the read sets the mark again and is never missed.
+//! Design: every connection owns an [`Inbox`]: a `Notify` plus, per queue with news, a
+//! [`News`]: the messages handed over with their sequence numbers (bounded by
+//! [`HELD_MESSAGES`] and [`HELD_BYTES`]) and a `read_store` flag for news that came without
+//! payload. [`Hub::deliver`] (after a post commits) offers the payload to each connection
+//! registered for the queue; [`Hub::notify`] (commits, Welcomes, other PostgreSQL nodes) only
+//! sets the flag. Past either bound an inbox drops what it holds for that queue and keeps the
+//! flag, so memory stays bounded however many messages arrive. Wake-ups are level-triggered:
+//! a connection takes a queue's news *before* it reads the store, so a message committed after
+//! the read arrives as new news and is never missed.
 //!
 //! Anything that learns of appends can feed [`Hub::notify`]: the service after each committed
 //! transaction, and on PostgreSQL the `LISTEN` task relaying other nodes' `NOTIFY`s (through
 //! the [`Wakeups`] impl; after a gap in listening it calls [`Hub::notify_all`]).
 //!
-//! Lock order: the hub's registry lock, then an inbox's dirty-set lock; never the reverse.
+//! Lock order: the hub's registry lock, then an inbox's news lock; never the reverse.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use crate::store::Appended;
 use crate::store::postgres::Wakeups;
 use crate::types::QueueId;
+
+/// Most messages an inbox holds in hand for one queue.
+pub const HELD_MESSAGES: usize = 64;
+/// Most payload bytes an inbox holds in hand over all its queues (a larger payload always
+/// goes through the store).
+pub const HELD_BYTES: usize = 64 * 1024;
 
 /// The registry of which connections push from which queues.
 #[derive(Default)]
@@ -35,12 +47,47 @@ pub struct Hub {
 pub struct Inbox {
     id: u64,
     notify: Notify,
-    dirty: Mutex<HashSet<QueueId>>,
+    news: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    queues: HashMap<QueueId, News>,
+    bytes: usize,
+}
+
+/// What an inbox learnt about one queue since the connection last looked.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct News {
+    /// Committed messages handed over, as `(seq, payload)`, in the order they came.
+    pub messages: Vec<(u64, Arc<[u8]>)>,
+    /// Something arrived that is not in `messages`: read the store.
+    pub read_store: bool,
+}
+
+impl News {
+    /// The messages in hand if they are exactly the run `after + 1 ..` (sorted, those at or
+    /// below `after` dropped); `None` if the store must be read (flagged, or a gap).
+    pub fn next_run(self, after: u64) -> Option<Vec<(u64, Arc<[u8]>)>> {
+        if self.read_store {
+            return None;
+        }
+        let mut run = self.messages;
+        run.retain(|(seq, _)| *seq > after);
+        run.sort_unstable_by_key(|(seq, _)| *seq);
+        run.dedup_by_key(|(seq, _)| *seq);
+        let contiguous = run
+            .iter()
+            .enumerate()
+            .all(|(i, (seq, _))| Some(*seq) == after.checked_add(i as u64 + 1));
+        contiguous.then_some(run)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks cannot leave the data inconsistent (single inserts
-    // and removes), so a poisoned lock is still usable.
+    // and removes; at worst a byte count too high, which only sends more reads to the
+    // store), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -55,7 +102,7 @@ impl Hub {
         Arc::new(Inbox {
             id: self.next_inbox.fetch_add(1, Ordering::Relaxed),
             notify: Notify::new(),
-            dirty: Mutex::new(HashSet::new()),
+            news: Mutex::new(Held::default()),
         })
     }
 
@@ -68,7 +115,7 @@ impl Hub {
         }
     }
 
-    /// Stops waking `inbox` for `queue`.
+    /// Stops waking `inbox` for `queue`, and forgets its news.
     pub fn unregister(&self, queue: QueueId, inbox: &Inbox) {
         let mut registry = lock(&self.registry);
         if let Some(inboxes) = registry.get_mut(&queue) {
@@ -77,16 +124,29 @@ impl Hub {
                 registry.remove(&queue);
             }
         }
-        lock(&inbox.dirty).remove(&queue);
+        inbox.forget(queue);
     }
 
-    /// Signals that `queues` have new messages.
+    /// Signals that `queues` have new messages (the connections read them from the store).
     pub fn notify(&self, queues: &[QueueId]) {
         let registry = lock(&self.registry);
         for queue in queues {
             if let Some(inboxes) = registry.get(queue) {
                 for inbox in inboxes {
                     inbox.mark(*queue);
+                }
+            }
+        }
+    }
+
+    /// Hands a committed post's `payload` to every connection registered for a queue it was
+    /// appended to.
+    pub fn deliver(&self, appended: &[Appended], payload: &Arc<[u8]>) {
+        let registry = lock(&self.registry);
+        for a in appended {
+            if let Some(inboxes) = registry.get(&a.queue) {
+                for inbox in inboxes {
+                    inbox.offer(a.queue, a.seq, payload);
                 }
             }
         }
@@ -120,23 +180,61 @@ impl Wakeups for Hub {
 }
 
 impl Inbox {
-    /// Marks `queue` as having news for this connection and wakes it.
+    /// Marks `queue` as having news to read from the store, and wakes the connection. What
+    /// was held for it is dropped: the read returns it too.
     pub fn mark(&self, queue: QueueId) {
-        lock(&self.dirty).insert(queue);
+        {
+            let mut held = lock(&self.news);
+            let news = held.queues.entry(queue).or_default();
+            let freed: usize = news.messages.drain(..).map(|(_, p)| p.len()).sum();
+            news.read_store = true;
+            held.bytes = held.bytes.saturating_sub(freed);
+        }
         self.notify.notify_one();
     }
 
-    /// Takes one marked queue, clearing its mark.
-    pub fn take(&self) -> Option<QueueId> {
-        let mut dirty = lock(&self.dirty);
-        let queue = dirty.iter().next().copied()?;
-        dirty.remove(&queue);
-        Some(queue)
+    /// Hands over one committed message of `queue` (held while within the bounds, otherwise
+    /// the queue is marked), and wakes the connection.
+    pub fn offer(&self, queue: QueueId, seq: u64, payload: &Arc<[u8]>) {
+        let fits = {
+            let mut held = lock(&self.news);
+            let room = held.bytes.saturating_add(payload.len()) <= HELD_BYTES;
+            let news = held.queues.entry(queue).or_default();
+            let fits = !news.read_store && room && news.messages.len() < HELD_MESSAGES;
+            if fits {
+                news.messages.push((seq, Arc::clone(payload)));
+                held.bytes += payload.len();
+            }
+            fits
+        };
+        if fits {
+            self.notify.notify_one();
+        } else {
+            self.mark(queue);
+        }
     }
 
-    /// Whether any queue is marked.
+    /// Takes the news of one queue.
+    pub fn take(&self) -> Option<(QueueId, News)> {
+        let mut held = lock(&self.news);
+        let queue = held.queues.keys().next().copied()?;
+        let news = held.queues.remove(&queue)?;
+        let freed: usize = news.messages.iter().map(|(_, p)| p.len()).sum();
+        held.bytes = held.bytes.saturating_sub(freed);
+        Some((queue, news))
+    }
+
+    fn forget(&self, queue: QueueId) {
+        let mut held = lock(&self.news);
+        if let Some(news) = held.queues.remove(&queue) {
+            let freed: usize = news.messages.iter().map(|(_, p)| p.len()).sum();
+            held.bytes = held.bytes.saturating_sub(freed);
+        }
+    }
+
+    /// Whether any queue has news.
     pub fn has_news(&self) -> bool {
-        !lock(&self.dirty).is_empty()
+        !lock(&self.news).queues.is_empty()
     }
 
     /// Waits for a wake-up. A wake-up that came while nobody waited is kept, so checking
@@ -154,6 +252,78 @@ mod tests {
         QueueId::new([n; 16])
     }
 
+    fn taken(inbox: &Inbox) -> Option<QueueId> {
+        inbox.take().map(|(queue, _)| queue)
+    }
+
+    fn at(queue: QueueId, seq: u64) -> Appended {
+        Appended { queue, seq }
+    }
+
+    fn seqs(run: Option<Vec<(u64, Arc<[u8]>)>>) -> Option<Vec<u64>> {
+        run.map(|r| r.into_iter().map(|(seq, _)| seq).collect())
+    }
+
+    #[test]
+    fn a_delivered_post_is_held_for_registered_inboxes_only() {
+        let hub = Hub::new();
+        let a = hub.inbox();
+        let b = hub.inbox();
+        hub.register(q(1), &a);
+        hub.register(q(2), &b);
+        let payload: Arc<[u8]> = Arc::from(&b"hello"[..]);
+        hub.deliver(&[at(q(1), 7), at(q(3), 1)], &payload);
+        let (queue, news) = a.take().expect("a has news");
+        assert_eq!(queue, q(1));
+        assert!(!news.read_store);
+        assert_eq!(news.messages, vec![(7, payload)]);
+        assert!(!b.has_news(), "b is registered for another queue");
+    }
+
+    #[test]
+    fn a_run_is_used_only_when_it_continues_exactly_after_what_was_pushed() {
+        let p: Arc<[u8]> = Arc::from(&b"x"[..]);
+        let news = |seqs: &[u64], read_store| News {
+            messages: seqs.iter().map(|s| (*s, Arc::clone(&p))).collect(),
+            read_store,
+        };
+        assert_eq!(seqs(news(&[5, 4, 6], false).next_run(3)), Some(vec![4, 5, 6]));
+        assert_eq!(
+            seqs(news(&[2, 3, 4], false).next_run(3)),
+            Some(vec![4]),
+            "what was pushed already is dropped"
+        );
+        assert_eq!(seqs(news(&[5], false).next_run(3)), None, "4 is missing");
+        assert_eq!(seqs(news(&[4], true).next_run(3)), None, "flagged: read the store");
+        assert_eq!(seqs(news(&[3], false).next_run(3)), Some(vec![]));
+    }
+
+    #[test]
+    fn past_its_bounds_an_inbox_keeps_only_the_mark() {
+        let hub = Hub::new();
+        let a = hub.inbox();
+        hub.register(q(1), &a);
+        hub.register(q(2), &a);
+        let small: Arc<[u8]> = Arc::from(vec![0u8; 10]);
+        for seq in 1..=HELD_MESSAGES as u64 + 1 {
+            hub.deliver(&[at(q(1), seq)], &small);
+        }
+        let (_, news) = a.take().expect("news");
+        assert!(news.read_store, "one message too many");
+        assert!(news.messages.is_empty(), "nothing is held once marked");
+
+        let big: Arc<[u8]> = Arc::from(vec![0u8; HELD_BYTES + 1]);
+        hub.deliver(&[at(q(2), 1)], &big);
+        let (_, news) = a.take().expect("news");
+        assert!(news.read_store && news.messages.is_empty(), "too large to hold");
+
+        hub.deliver(&[at(q(1), 9)], &small);
+        hub.notify(&[q(1)]);
+        let (_, news) = a.take().expect("news");
+        assert!(news.read_store && news.messages.is_empty(), "a mark drops what was held");
+        assert_eq!(lock(&a.news).bytes, 0, "the byte count returns to zero");
+    }
+
     #[test]
     fn notify_marks_only_registered_inboxes_and_coalesces() {
         let hub = Hub::new();
@@ -164,9 +334,9 @@ mod tests {
         for _ in 0..1000 {
             hub.notify(&[q(1), q(3)]);
         }
-        assert_eq!(a.take(), Some(q(1)));
+        assert_eq!(taken(&a), Some(q(1)));
         assert_eq!(
-            a.take(),
+            taken(&a),
             None,
             "a thousand notifications coalesce into one mark"
         );
@@ -196,11 +366,11 @@ mod tests {
         hub.register(q(2), &a);
         hub.register(q(2), &b);
         hub.notify_all();
-        let mut marked = vec![a.take(), a.take()];
+        let mut marked = vec![taken(&a), taken(&a)];
         marked.sort();
         assert_eq!(marked, vec![Some(q(1)), Some(q(2))]);
-        assert_eq!(a.take(), None);
-        assert_eq!(b.take(), Some(q(2)));
+        assert_eq!(taken(&a), None);
+        assert_eq!(taken(&b), Some(q(2)));
     }
 
     #[tokio::test]
@@ -210,6 +380,6 @@ mod tests {
         hub.register(q(1), &a);
         hub.notify(&[q(1)]);
         a.wait().await; // returns at once: the permit was stored
-        assert_eq!(a.take(), Some(q(1)));
+        assert_eq!(taken(&a), Some(q(1)));
     }
 }

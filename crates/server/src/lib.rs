@@ -166,6 +166,7 @@ pub async fn run(
         let _ = listen.await;
     }
     signal.abort();
+    service.finish_acks().await;
     store.close().await?;
     tracing::info!("stopped");
     served.map_err(RunError::Serve)

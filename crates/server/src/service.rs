@@ -18,6 +18,7 @@ use blindpost_wire::{
 };
 use ed25519_dalek::{Signature, VerifyingKey};
 use prost::Message as _;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::error::{BadRequest, Credential, Entity, Limit, Refusal, ServerFault, ServiceError};
@@ -25,7 +26,8 @@ use crate::hub::Hub;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::store::{
     ClaimedKeyPackage, CommitOp, DirectoryStore, Expired, Expiry, FetchLimit, Fetched,
-    KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, UserRecord,
+    KeyPackageCount, NewGroup, NewQueue, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError,
+    UserRecord,
 };
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
@@ -64,6 +66,9 @@ impl ServiceLimits {
     }
 }
 
+/// Acknowledgements being written after their answer, at most (see [`Service::ack_soon`]).
+pub const ACKS_IN_FLIGHT: usize = 4096;
+
 /// Most key-package boxes whose claim rate is tracked at once (~100 bytes each).
 const TRACKED_BOXES: usize = 100_000;
 
@@ -75,6 +80,7 @@ pub struct Service {
     hub: Arc<Hub>,
     limits: ServiceLimits,
     box_claims: KeyedLimiter<BoxId>,
+    acks_in_flight: Arc<Semaphore>,
 }
 
 /// A directory entry whose signature has been verified; only [`verify_entry`] makes one, so
@@ -102,6 +108,7 @@ impl Service {
                 TokenBucket::new(limits.box_claim_burst, per_sec),
                 TRACKED_BOXES,
             ),
+            acks_in_flight: Arc::new(Semaphore::new(ACKS_IN_FLIGHT)),
         }
     }
 
@@ -159,6 +166,31 @@ impl Service {
     /// Acknowledges messages of a queue the caller has authenticated.
     pub async fn ack(&self, queue: QueueId, up_to_seq: u64) -> ServiceResult<()> {
         Ok(self.store.ack(queue, up_to_seq).await?)
+    }
+
+    /// Acknowledges like [`Service::ack`], but returns once the deletion is under way rather
+    /// than committed: losing it in a crash only delivers the messages again, which clients
+    /// skip by sequence number, so the acknowledging connection need not wait for a commit
+    /// (and its pushes do not queue behind one). At most [`ACKS_IN_FLIGHT`] run at once;
+    /// [`Service::finish_acks`] waits for them at shutdown.
+    pub async fn ack_soon(&self, queue: QueueId, up_to_seq: u64) -> ServiceResult<()> {
+        let permit = Arc::clone(&self.acks_in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.ack(queue, up_to_seq).await {
+                tracing::warn!(error = %e, "an acknowledgement was not stored; its messages will be delivered again");
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Waits until every acknowledgement taken by [`Service::ack_soon`] has been written.
+    pub async fn finish_acks(&self) {
+        let _ = self.acks_in_flight.acquire_many(ACKS_IN_FLIGHT as u32).await;
     }
 
     /// `DeleteQueue`; returns the deleted queue.
@@ -365,12 +397,14 @@ impl Service {
             message_id: MessageId::parse(&req.message_id)?,
             payload: {
                 check_payload("payload", &req.payload)?;
-                req.payload
+                Arc::from(req.payload)
             },
             max_queue_bytes: self.limits.max_queue_bytes,
         };
+        let payload = Arc::clone(&op.payload);
         match self.store.post(op).await? {
-            Posted::Stored { appended } => self.hub.notify(&appended),
+            // Committed: subscribers get the payload as it is, without reading it back.
+            Posted::Stored { appended } => self.hub.deliver(&appended, &payload),
             Posted::Duplicate => {}
         }
         Ok(())

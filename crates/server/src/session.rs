@@ -55,10 +55,13 @@ impl SessionLimits {
 }
 
 /// What this connection may do with one queue it authenticated.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct QueueAccess {
     /// With push on: the highest sequence number pushed (or the `after_seq` asked for).
     pushed_up_to: Option<u64>,
+    /// The highest sequence number acknowledged on this connection. Acknowledgements are
+    /// written after they are answered, so reads skip what they cover themselves.
+    acked_up_to: u64,
 }
 
 /// The state of one connection.
@@ -139,12 +142,17 @@ impl Session {
             }
             Request::Fetch(r) => {
                 let queue = self.authenticated(&r.queue_id)?;
-                let fetched = service.fetch(queue, r.after_seq, r.limit).await?;
+                let after = r.after_seq.max(self.acked_up_to(queue));
+                let fetched = service.fetch(queue, after, r.limit).await?;
                 Ok(Body::Messages(messages(fetched)))
             }
             Request::Ack(r) => {
                 let queue = self.authenticated(&r.queue_id)?;
-                service.ack(queue, r.up_to_seq).await.map(ok)
+                service.ack_soon(queue, r.up_to_seq).await?;
+                if let Some(access) = self.queues.get_mut(&queue) {
+                    access.acked_up_to = access.acked_up_to.max(r.up_to_seq);
+                }
+                Ok(ok(()))
             }
             Request::DeleteQueue(r) => {
                 let queue = service.delete_queue(&r).await?;
@@ -202,31 +210,46 @@ impl Session {
             // Register before the first read, and mark so the backlog above `after_seq` is
             // pushed: anything committed later marks the queue again.
             self.service.hub().register(queue, &self.inbox);
-            self.queues.insert(
-                queue,
-                QueueAccess {
-                    pushed_up_to: Some(r.after_seq),
-                },
-            );
+            self.queues.entry(queue).or_default().pushed_up_to = Some(r.after_seq);
             self.inbox.mark(queue);
         } else {
             self.stop_push(queue);
-            self.queues
-                .insert(queue, QueueAccess { pushed_up_to: None });
+            self.queues.entry(queue).or_default().pushed_up_to = None;
         }
         Ok(Body::Subscribed(Subscribed { head_seq }))
     }
 
     /// The next push for a queue with news, if any: messages above what was pushed, in
-    /// order, at most one batch. A queue with more is marked again.
+    /// order, at most one batch. Messages the hub handed over are pushed as they are when
+    /// they continue exactly after what was pushed; otherwise the store is read. A queue with
+    /// more is marked again.
     pub async fn next_push(&mut self) -> ServiceResult<Option<Push>> {
-        let Some(queue) = self.inbox.take() else {
+        let Some((queue, news)) = self.inbox.take() else {
             return Ok(None);
         };
         let Some(pushed_up_to) = self.queues.get(&queue).and_then(|a| a.pushed_up_to) else {
             return Ok(None);
         };
-        let fetched = match self.service.fetch(queue, pushed_up_to, 0).await {
+        if let Some(run) = news.next_run(pushed_up_to) {
+            let Some(&(last, _)) = run.last() else {
+                return Ok(None);
+            };
+            if let Some(access) = self.queues.get_mut(&queue) {
+                access.pushed_up_to = Some(last);
+            }
+            return Ok(Some(Push {
+                queue_id: queue.as_bytes().to_vec(),
+                messages: run
+                    .into_iter()
+                    .map(|(seq, payload)| QueueMessage {
+                        seq,
+                        payload: payload.to_vec(),
+                    })
+                    .collect(),
+            }));
+        }
+        let after = pushed_up_to.max(self.acked_up_to(queue));
+        let fetched = match self.service.fetch(queue, after, 0).await {
             Ok(f) => f,
             Err(e) => {
                 // Try again on the next wake-up rather than lose the news.
@@ -237,16 +260,22 @@ impl Session {
         if fetched.more {
             self.inbox.mark(queue);
         }
-        let Some(last) = fetched.messages.last().map(|m| m.seq) else {
-            return Ok(None);
-        };
+        // Nothing read: everything up to `after` was pushed or acknowledged already.
+        let last = fetched.messages.last().map_or(after, |m| m.seq);
         if let Some(access) = self.queues.get_mut(&queue) {
             access.pushed_up_to = Some(last);
+        }
+        if fetched.messages.is_empty() {
+            return Ok(None);
         }
         Ok(Some(Push {
             queue_id: queue.as_bytes().to_vec(),
             messages: messages(fetched).messages,
         }))
+    }
+
+    fn acked_up_to(&self, queue: QueueId) -> u64 {
+        self.queues.get(&queue).map_or(0, |a| a.acked_up_to)
     }
 
     fn authenticated(&self, queue_id: &[u8]) -> ServiceResult<QueueId> {

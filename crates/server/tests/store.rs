@@ -543,7 +543,7 @@ fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
         epoch,
         posting_token_hash: posting(token),
         message_id: mid(id),
-        payload: payload.to_vec(),
+        payload: payload.into(),
         max_queue_bytes: u64::MAX,
     }
 }

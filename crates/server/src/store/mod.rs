@@ -18,6 +18,7 @@ pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::error::Refusal;
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
@@ -158,11 +159,20 @@ pub struct PostOp {
     pub posting_token_hash: SecretHash,
     /// The idempotency key.
     pub message_id: MessageId,
-    /// The payload.
-    pub payload: Vec<u8>,
+    /// The payload (shared: the hub hands the same bytes to subscribers after the commit).
+    pub payload: Arc<[u8]>,
     /// Most pending payload bytes a queue may hold after the append; a post that would pass it
     /// on any route is refused whole (`LimitExceeded(QueueBytes)`).
     pub max_queue_bytes: u64,
+}
+
+/// Where one append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Appended {
+    /// The queue.
+    pub queue: QueueId,
+    /// The message's sequence number in it.
+    pub seq: u64,
 }
 
 /// What a post did.
@@ -170,8 +180,9 @@ pub struct PostOp {
 pub enum Posted {
     /// Stored in these queues.
     Stored {
-        /// Every queue the payload was appended to.
-        appended: Vec<QueueId>,
+        /// Every queue the payload was appended to, with the sequence number it got there
+        /// (so subscribers can be handed the payload without reading it back).
+        appended: Vec<Appended>,
     },
     /// The message id was seen before; nothing was stored.
     Duplicate,

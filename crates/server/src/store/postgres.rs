@@ -42,7 +42,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 use super::{
-    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
+    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
     EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
     PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
     StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
@@ -658,7 +658,7 @@ async fn append_many(
     tx: &mut Tx<'_>,
     queues: &[Vec<u8>],
     payload: &[u8],
-) -> Result<Vec<QueueId>, Fail> {
+) -> Result<Vec<Appended>, Fail> {
     if queues.is_empty() {
         return Ok(Vec::new());
     }
@@ -670,21 +670,27 @@ async fn append_many(
                 WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
              )
              INSERT INTO messages (queue_id, seq, payload, day)
-             SELECT id, seq, $2, $3 FROM q RETURNING queue_id",
+             SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq",
             &[&queues, &payload, &day],
         )
         .await?;
-    rows.iter()
-        .map(|r| queue_from_sql(r.try_get::<_, &[u8]>(0)?))
-        .collect()
+    rows.iter().map(appended_from_row).collect()
 }
 
-/// Appends `payload` to every route of `group`, in one statement; returns the queues.
+/// One `RETURNING queue_id, seq` row of an append.
+fn appended_from_row(row: &tokio_postgres::Row) -> Result<Appended, Fail> {
+    Ok(Appended {
+        queue: queue_from_sql(row.try_get::<_, &[u8]>(0)?)?,
+        seq: seq_from_sql(row.try_get(1)?),
+    })
+}
+
+/// Appends `payload` to every route of `group`, in one statement; returns where it landed.
 async fn append_to_routes(
     tx: &mut Tx<'_>,
     group: &GroupId,
     payload: &[u8],
-) -> Result<Vec<QueueId>, Fail> {
+) -> Result<Vec<Appended>, Fail> {
     let day = tx.day;
     let rows = tx
         .query(
@@ -694,13 +700,11 @@ async fn append_to_routes(
                 RETURNING id, next_seq - 1 AS seq
              )
              INSERT INTO messages (queue_id, seq, payload, day)
-             SELECT id, seq, $2, $3 FROM q RETURNING queue_id",
+             SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq",
             &[&group.as_bytes(), &payload, &day],
         )
         .await?;
-    rows.iter()
-        .map(|r| queue_from_sql(r.try_get::<_, &[u8]>(0)?))
-        .collect()
+    rows.iter().map(appended_from_row).collect()
 }
 
 /// The queues an append goes to, for [`check_room`].
@@ -916,7 +920,11 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
         &c.remove_routes,
     )
     .await?;
-    let mut appended = append_to_routes(tx, &c.group_id, &c.commit).await?;
+    let mut appended: Vec<QueueId> = append_to_routes(tx, &c.group_id, &c.commit)
+        .await?
+        .into_iter()
+        .map(|a| a.queue)
+        .collect();
     let removed: Vec<&[u8]> = c.remove_routes.iter().map(|q| q.as_bytes()).collect();
     tx.exec(
         "DELETE FROM routes WHERE group_id = $1 AND queue_id = ANY($2)",
@@ -950,7 +958,12 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
             &[],
         )
         .await?;
-        appended.extend(append_many(tx, &added, welcome).await?);
+        appended.extend(
+            append_many(tx, &added, welcome)
+                .await?
+                .into_iter()
+                .map(|a| a.queue),
+        );
     }
     let day = tx.day;
     tx.exec(
@@ -1004,7 +1017,8 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
         &[&gid, &day],
     )
     .await?;
-    tx.notify(&appended).await?;
+    let queues: Vec<QueueId> = appended.iter().map(|a| a.queue).collect();
+    tx.notify(&queues).await?;
     Ok(Posted::Stored { appended })
 }
 

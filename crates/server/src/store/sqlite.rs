@@ -21,7 +21,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    AkdNodeRow, AkdValueRow, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
+    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
     EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
     PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
     StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
@@ -352,9 +352,14 @@ fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, c
 }
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> StoreResult<()> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+    // Cached statements: they run for every operation of every batch, so they are parsed once.
+    let run = |sql: &str| -> StoreResult<()> {
+        conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    };
+    run("BEGIN IMMEDIATE")?;
     for job in batch.iter_mut() {
-        conn.execute_batch("SAVEPOINT op")?;
+        run("SAVEPOINT op")?;
         let ok = job.run(conn, day);
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O error, …): nothing of
@@ -364,12 +369,13 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
             }));
         }
         if ok {
-            conn.execute_batch("RELEASE op")?;
+            run("RELEASE op")?;
         } else {
-            conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            run("ROLLBACK TO op")?;
+            run("RELEASE op")?;
         }
     }
-    conn.execute_batch("COMMIT")?;
+    run("COMMIT")?;
     Ok(())
 }
 
@@ -683,8 +689,8 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     }
     let mut appended = Vec::new();
     for queue in routes_of(conn, &p.group_id)? {
-        if append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))?.is_some() {
-            appended.push(queue);
+        if let Some(seq) = append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))? {
+            appended.push(Appended { queue, seq });
         }
     }
     conn.prepare_cached(
@@ -1261,7 +1267,7 @@ mod disk_full {
             epoch: 0,
             posting_token_hash: token,
             message_id: MessageId::new(id),
-            payload,
+            payload: payload.into(),
             max_queue_bytes: u64::MAX,
         }
     }
