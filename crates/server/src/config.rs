@@ -23,6 +23,9 @@ pub struct Config {
     /// (`postgres://user[:password]@host[:port]/database`) shared by every node. Default
     /// `sqlite`. Never logged (a URL may carry a password).
     pub database: String,
+    /// What an acknowledgement survives, on SQLite (on PostgreSQL its own `synchronous_commit`
+    /// decides). Default `machine`.
+    pub durability: Durability,
     /// Days an unacknowledged message is kept before deletion. Default 30.
     pub retention_days: u32,
     /// Days a post's message id is remembered for idempotent retries. Default 7.
@@ -73,6 +76,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
             data_dir: PathBuf::from("./blindpost-data"),
             database: "sqlite".to_owned(),
+            durability: Durability::Machine,
             retention_days: 30,
             posted_id_retention_days: 7,
             max_connections: 10_000,
@@ -93,6 +97,22 @@ impl Default for Config {
             directory_publish_interval_secs: 60,
         }
     }
+}
+
+/// What an acknowledged write survives (SQLite). Either way nothing is acknowledged before
+/// its transaction commits; the difference is whether the commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every commit is flushed to the disk (`fsync`) before it is acknowledged: it survives a
+    /// crash of the server, of the operating system, or a power loss.
+    #[default]
+    Machine,
+    /// Commits are written to the operating system and flushed to the disk at checkpoints:
+    /// an acknowledged write survives a crash or `kill -9` of blindpostd, but a power loss or
+    /// kernel crash can lose the writes of the last moments (what NATS JetStream promises by
+    /// default). Several times the throughput on a disk with slow flushes.
+    Process,
 }
 
 /// The storage backend a configuration selects.
@@ -124,6 +144,10 @@ pub struct Args {
     /// Database: `sqlite` or `postgres://user@host:port/database`.
     #[arg(long, value_name = "URL", env = "BLINDPOSTD_DATABASE")]
     pub database: Option<String>,
+    /// What an acknowledgement survives on SQLite: a crash of the machine (flush every
+    /// commit) or of the process.
+    #[arg(long, value_name = "LEVEL", env = "BLINDPOSTD_DURABILITY")]
+    pub durability: Option<Durability>,
     /// Days to keep unacknowledged messages.
     #[arg(long, value_name = "DAYS", env = "BLINDPOSTD_RETENTION_DAYS")]
     pub retention_days: Option<u32>,
@@ -196,6 +220,7 @@ impl Config {
             listen,
             data_dir,
             database,
+            durability,
             retention_days,
             max_connections,
             claims_per_minute,
@@ -209,6 +234,9 @@ impl Config {
         }
         if let Some(v) = database {
             self.database = v;
+        }
+        if let Some(v) = durability {
+            self.durability = v;
         }
         if let Some(v) = retention_days {
             self.retention_days = v;
@@ -305,6 +333,19 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./blindpost-data"));
         assert_eq!(config.retention_days, 30);
         assert_eq!(config.max_connections, 10_000);
+    }
+
+    #[test]
+    fn durability_defaults_to_machine_and_can_be_set_by_file_or_flag() {
+        assert_eq!(Config::default().durability, Durability::Machine);
+        let config = Config::from_toml("durability = \"process\"", Path::new("x")).unwrap();
+        assert_eq!(config.durability, Durability::Process);
+        assert!(Config::from_toml("durability = \"disk\"", Path::new("x")).is_err());
+        let args = Args::try_parse_from(["blindpostd", "--durability", "process"]).unwrap();
+        assert_eq!(
+            Config::resolve(args).unwrap().durability,
+            Durability::Process
+        );
     }
 
     #[test]

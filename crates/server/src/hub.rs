@@ -287,14 +287,21 @@ mod tests {
             messages: seqs.iter().map(|s| (*s, Arc::clone(&p))).collect(),
             read_store,
         };
-        assert_eq!(seqs(news(&[5, 4, 6], false).next_run(3)), Some(vec![4, 5, 6]));
+        assert_eq!(
+            seqs(news(&[5, 4, 6], false).next_run(3)),
+            Some(vec![4, 5, 6])
+        );
         assert_eq!(
             seqs(news(&[2, 3, 4], false).next_run(3)),
             Some(vec![4]),
             "what was pushed already is dropped"
         );
         assert_eq!(seqs(news(&[5], false).next_run(3)), None, "4 is missing");
-        assert_eq!(seqs(news(&[4], true).next_run(3)), None, "flagged: read the store");
+        assert_eq!(
+            seqs(news(&[4], true).next_run(3)),
+            None,
+            "flagged: read the store"
+        );
         assert_eq!(seqs(news(&[3], false).next_run(3)), Some(vec![]));
     }
 
@@ -315,12 +322,18 @@ mod tests {
         let big: Arc<[u8]> = Arc::from(vec![0u8; HELD_BYTES + 1]);
         hub.deliver(&[at(q(2), 1)], &big);
         let (_, news) = a.take().expect("news");
-        assert!(news.read_store && news.messages.is_empty(), "too large to hold");
+        assert!(
+            news.read_store && news.messages.is_empty(),
+            "too large to hold"
+        );
 
         hub.deliver(&[at(q(1), 9)], &small);
         hub.notify(&[q(1)]);
         let (_, news) = a.take().expect("news");
-        assert!(news.read_store && news.messages.is_empty(), "a mark drops what was held");
+        assert!(
+            news.read_store && news.messages.is_empty(),
+            "a mark drops what was held"
+        );
         assert_eq!(lock(&a.news).bytes, 0, "the byte count returns to zero");
     }
 

@@ -87,8 +87,9 @@ pub async fn run(
         Backend::Sqlite(dir) => {
             create_data_dir(dir)?;
             let dir = dir.to_owned();
+            let durability = config.durability;
             let store = tokio::task::spawn_blocking(move || {
-                SqliteStore::open(&dir, Arc::new(types::today))
+                SqliteStore::open_with(&dir, Arc::new(types::today), durability)
             })
             .await
             .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;

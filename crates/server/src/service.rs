@@ -190,7 +190,10 @@ impl Service {
 
     /// Waits until every acknowledgement taken by [`Service::ack_soon`] has been written.
     pub async fn finish_acks(&self) {
-        let _ = self.acks_in_flight.acquire_many(ACKS_IN_FLIGHT as u32).await;
+        let _ = self
+            .acks_in_flight
+            .acquire_many(ACKS_IN_FLIGHT as u32)
+            .await;
     }
 
     /// `DeleteQueue`; returns the deleted queue.

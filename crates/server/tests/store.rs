@@ -21,8 +21,9 @@ use blindpost_server::kt::{AkdStorage, KtConfig, KtError, Transparency};
 use blindpost_server::store::postgres::{self, Wakeups};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
-    CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore, PostOp,
-    Posted, PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore, UserRecord,
+    Appended, CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore,
+    PostOp, Posted, PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore,
+    UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 use blindpost_wire::{SignedDirectoryEntry, SignedRoot, root_signature_message};
@@ -607,7 +608,14 @@ async fn queue_create_append_fetch_ack_delete(b: &mut impl Backend) {
     group(&*s, 1, 0, 1, &[1]).await;
     for i in 1..=3u8 {
         let posted = s.post(post(1, 0, 1, u32::from(i), &[i])).await.unwrap();
-        assert_eq!(posted, Posted::Stored { appended: vec![q] });
+        let seq = u64::from(i);
+        assert_eq!(
+            posted,
+            Posted::Stored {
+                appended: vec![Appended { queue: q, seq }]
+            },
+            "each post lands at the next sequence number"
+        );
     }
     let fetched = s.fetch(q, 0, ALL).await.unwrap();
     assert_eq!(
@@ -780,7 +788,10 @@ async fn commit_fans_out_changes_routes_and_rotates_the_token(b: &mut impl Backe
         panic!("not stored")
     };
     assert_eq!(
-        appended.into_iter().collect::<HashSet<_>>(),
+        appended
+            .into_iter()
+            .map(|a| a.queue)
+            .collect::<HashSet<_>>(),
         HashSet::from([qid(1), qid(3)])
     );
     assert_eq!(

@@ -42,9 +42,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 use super::{
-    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
-    EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
-    PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
+    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
+    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
+    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
     StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};

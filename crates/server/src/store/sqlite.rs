@@ -1,5 +1,6 @@
 //! The SQLite backend of [`Store`] and [`DirectoryStore`]: one file `blindpost.sqlite3` in WAL
-//! mode with `synchronous=FULL`, versioned migrations at open, and group commit.
+//! mode with `synchronous=FULL` (or `NORMAL` when configured for `durability = "process"`),
+//! versioned migrations at open, and group commit.
 //! Not for: validation of client input or wire types (the service's job).
 //!
 //! **Group commit.** Every write goes through one writer thread that owns the write connection.
@@ -21,11 +22,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore, EpochLock,
-    EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup, NewQueue,
-    PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
+    AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
+    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
+    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
     StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
 };
+use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
 
@@ -150,6 +152,13 @@ impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir`, runs pending migrations and
     /// starts the writer thread. Blocking: call it from a blocking context at start-up.
     pub fn open(data_dir: &Path, clock: Clock) -> StoreResult<Self> {
+        Self::open_with(data_dir, clock, Durability::Machine)
+    }
+
+    /// [`SqliteStore::open`] with a chosen durability: `Machine` flushes every commit
+    /// (`synchronous=FULL`), `Process` leaves flushing to checkpoints (`synchronous=NORMAL`;
+    /// in WAL mode a commit is still written to the OS before it is acknowledged).
+    pub fn open_with(data_dir: &Path, clock: Clock, durability: Durability) -> StoreResult<Self> {
         let path = data_dir.join(DATABASE_FILE);
         let mut conn = Connection::open(&path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -158,8 +167,11 @@ impl SqliteStore {
                 "could not enable WAL (got {mode})"
             )));
         }
-        // An acknowledgement means durable, even on power loss.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let sync = match durability {
+            Durability::Machine => "FULL",
+            Durability::Process => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
         // Deleted rows (acknowledged messages, claimed key packages) are overwritten, not left
         // readable in free pages of the file.
