@@ -145,6 +145,7 @@ impl From<rusqlite::Error> for StoreError {
 pub struct SqliteStore {
     writer: RwLock<Option<mpsc::Sender<Box<dyn WriteJob>>>>,
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    checkpointer: Mutex<Option<Checkpointer>>,
     readers: Arc<ReadPool>,
 }
 
@@ -179,6 +180,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
 
+        let checkpointer = Checkpointer::start(&path)?;
         let (jobs, receiver) = mpsc::channel(WRITE_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -193,6 +195,7 @@ impl SqliteStore {
         Ok(Self {
             writer: RwLock::new(Some(jobs)),
             writer_done: Mutex::new(Some(done_rx)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -389,6 +392,54 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
     }
     run("COMMIT")?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)` every
+/// [`CHECKPOINT_EVERY`]: copying WAL frames into the database file (and, with
+/// `synchronous=FULL`, flushing it) then happens beside the writer instead of inside its
+/// commits, where perf showed it taking ~13 % of the writer thread under load. A passive
+/// checkpoint never blocks the writer. SQLite's automatic checkpoint (every 1000 WAL pages)
+/// stays on in the writer as the backstop that lets the WAL restart from its beginning: it
+/// finds the frames already copied, so it is cheap.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_millis(100))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    let done = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                    if let Err(e) = done {
+                        tracing::debug!(error = %e, "background checkpoint did not run");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the thread and closes its connection (before the writer's, so the writer's close
+    /// is the last and removes the WAL).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1046,6 +1097,10 @@ impl Store for SqliteStore {
 
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
+            if let Some(checkpointer) = checkpointer {
+                checkpointer.stop();
+            }
             // Dropping the last sender lets the writer finish what is queued, then stop.
             if let Ok(mut writer) = self.writer.write() {
                 writer.take();
@@ -1250,6 +1305,38 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_without_waiting_for_a_full_wal() {
+        // A few pages are far below SQLite's automatic checkpoint (1000 pages): only the
+        // background checkpointer copies them into the main file.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let marker = b"checkpointed-marker-6f1d2a".to_vec();
+        let row = marker.clone();
+        store
+            .write(move |c, _| {
+                c.execute_batch("CREATE TABLE IF NOT EXISTS t (x BLOB)")?;
+                c.execute("INSERT INTO t (x) VALUES (?1)", [row])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let main_file = dir.path().join(DATABASE_FILE);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let bytes = std::fs::read(&main_file).unwrap();
+            if bytes.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the committed row never reached the database file"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        store.close().await.unwrap();
     }
 }
 
