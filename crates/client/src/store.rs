@@ -20,41 +20,40 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::{Error, Result};
 
-/// serde codec for openmls's stored values: CBOR. Binary, and self-describing as openmls's
-/// types need (`tls_codec` reads byte strings with `deserialize_any`, which rules out
-/// postcard and bincode). JSON, before store format 3, spelled every byte as a number.
+/// serde codec for openmls's stored values: MessagePack with field names. Binary, and
+/// self-describing as openmls's types need (`tls_codec` reads byte strings with
+/// `deserialize_any`, which rules out postcard and bincode). JSON, before store format 3,
+/// spelled every byte as a number.
 #[derive(Default)]
-pub struct CborCodec;
+pub struct MsgpackCodec;
 
 /// A value that did not encode or decode.
 #[derive(Debug, thiserror::Error)]
 #[error("stored MLS value: {0}")]
 pub struct CodecError(String);
 
-impl Codec for CborCodec {
+impl Codec for MsgpackCodec {
     type Error = CodecError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        let mut out = Vec::new();
-        ciborium::into_writer(value, &mut out).map_err(|e| CodecError(e.to_string()))?;
-        Ok(out)
+        rmp_serde::to_vec_named(value).map_err(|e| CodecError(e.to_string()))
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
-        ciborium::from_reader(slice).map_err(|e| CodecError(e.to_string()))
+        rmp_serde::from_slice(slice).map_err(|e| CodecError(e.to_string()))
     }
 }
 
 /// The openmls provider over the profile's connection.
 pub struct Provider<'c> {
     crypto: &'c RustCrypto,
-    storage: SqliteStorageProvider<CborCodec, &'c Connection>,
+    storage: SqliteStorageProvider<MsgpackCodec, &'c Connection>,
 }
 
 impl<'c> OpenMlsProvider for Provider<'c> {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<CborCodec, &'c Connection>;
+    type StorageProvider = SqliteStorageProvider<MsgpackCodec, &'c Connection>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -69,9 +68,9 @@ impl<'c> OpenMlsProvider for Provider<'c> {
     }
 }
 
-/// The first store format whose openmls values are CBOR ([`CborCodec`]); profiles of
+/// The first store format whose openmls values are MessagePack ([`MsgpackCodec`]); profiles of
 /// formats 1 and 2 hold JSON and are refused ([`Error::OldProfile`]).
-const CBOR_FORMAT: i64 = 3;
+const BINARY_FORMAT: i64 = 3;
 
 /// Our own tables. Versioned by `PRAGMA user_version` (the store format).
 const MIGRATIONS: &[&str] = &[
@@ -113,7 +112,7 @@ CREATE TABLE bp_member_checks (
     PRIMARY KEY (group_id, username, signature_key)
 );
 "#,
-    // Format 3 (`CBOR_FORMAT`): openmls's values are CBOR. No table changes.
+    // Format 3 (`BINARY_FORMAT`): openmls's values are MessagePack. No table changes.
     "",
 ];
 
@@ -225,7 +224,7 @@ impl Store {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| -> Result<()> {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            if version < CBOR_FORMAT && holds_openmls_values(&conn)? {
+            if version < BINARY_FORMAT && holds_openmls_values(&conn)? {
                 return Err(Error::OldProfile(u32::try_from(version).unwrap_or(0)));
             }
             for (i, m) in MIGRATIONS
@@ -245,7 +244,7 @@ impl Store {
                 return Err(e);
             }
         }
-        SqliteStorageProvider::<CborCodec, &mut Connection>::new(&mut conn)
+        SqliteStorageProvider::<MsgpackCodec, &mut Connection>::new(&mut conn)
             .run_migrations()
             .map_err(|e| Error::Mls(format!("storage migrations: {e}")))?;
         for suffix in ["-wal", "-shm"] {
@@ -783,7 +782,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, CBOR_FORMAT);
+        assert_eq!(version, BINARY_FORMAT);
         let (gid, _) = group(&store);
         assert_eq!(epoch(&store, &gid), 0);
     }
