@@ -4,7 +4,8 @@
 //! members' credentials. Not for talking to the server.
 //!
 //! Writes that belong together run in one transaction ([`Store::tx`]), and the profile lock
-//! ([`ProfileLock`]) serialises whole operations between processes sharing a profile.
+//! ([`ProfileLock`]) serialises whole operations between processes sharing a profile. Loaded
+//! MLS groups stay in memory between operations ([`Store::take_group`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
