@@ -1,8 +1,9 @@
 //! criterion benchmarks of the client's MLS costs, each beside bare openmls doing the same
 //! work, so the overhead blindpost adds is a ratio. "blindpost" runs openmls against the
-//! client's real persistence ([`BenchStore`]: SQLite, WAL, `synchronous=FULL`, JSON codec),
-//! one transaction per operation, loading the group from the store each time as the client
-//! does; "bare" is openmls with its in-memory provider and the group kept in memory.
+//! client's real persistence ([`BenchStore`]: SQLite, WAL, `synchronous=FULL`, the client's
+//! codec), one transaction per operation, with the group kept in memory between operations
+//! exactly as the client keeps it; "bare" is openmls with its in-memory provider and the
+//! group kept in memory.
 //!
 //! Groups: the creator adds everyone in one commit and one other member joins from the
 //! Welcome; the remaining members are passive (their keys are thrown away), so the tree is
@@ -14,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE, Error};
+use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE};
 use criterion::{Criterion, criterion_group, criterion_main};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
@@ -56,16 +57,11 @@ struct Persisted {
 impl Env for Persisted {
     type P<'a> = BenchProvider<'a>;
     const NAME: &'static str = "blindpost";
+    /// `group` only names the group: the store keeps its own copy in memory, as the client
+    /// does, and hands it to `f` inside the operation's transaction.
     fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T {
         self.store
-            .tx(|p| {
-                let mut fresh = MlsGroup::load(p.storage(), group.group_id())
-                    .map_err(|e| Error::Mls(e.to_string()))?
-                    .ok_or_else(|| Error::Mls("group not stored".into()))?;
-                let out = f(p, &mut fresh);
-                *group = fresh;
-                Ok(out)
-            })
+            .with_group(group.group_id(), |p, g| Ok(f(p, g)))
             .unwrap()
     }
     fn with<T>(&self, f: impl FnOnce(&Self::P<'_>) -> T) -> T {
@@ -215,7 +211,7 @@ fn membership<E: Env>(
     scratch: &OpenMlsRustCrypto,
 ) -> Duration {
     let mut total = Duration::ZERO;
-    let members = pair.ga.members().count() as u32;
+    let members = pair.a.op(&mut pair.ga, |_, g| g.members().count()) as u32;
     for _ in 0..iters {
         let kp = key_package(scratch, "newcomer");
         let Pair {
@@ -277,9 +273,6 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
             started.elapsed().as_secs_f64()
         );
         let mut g = c.benchmark_group(format!("{}/{n}", E::NAME));
-        g.sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
         g.bench_function("app_message", |bch| {
             bch.iter(|| app_message(&mut pair, &payload))
         });
@@ -301,9 +294,6 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
     }
     // Joining a 2-member group from its Welcome.
     let mut g = c.benchmark_group(format!("{}/join", E::NAME));
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
     g.bench_function("welcome_2", |bch| {
         bch.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -353,5 +343,13 @@ fn benches(c: &mut Criterion) {
     run_env(c, persisted);
 }
 
-criterion_group!(mls, benches);
+criterion_group! {
+    name = mls;
+    // Defaults; `--warm-up-time`, `--measurement-time` and `--sample-size` override them.
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = benches
+}
 criterion_main!(mls);

@@ -40,8 +40,9 @@ impl Client {
     pub fn bench_route(&self, target: &str) -> Result<BenchRoute> {
         let gid = self.resolve(target)?;
         let provider = self.store.provider();
-        let group = MlsGroup::load(provider.storage(), &GroupId::from_slice(&gid))
-            .map_err(Error::mls)?
+        let group = self
+            .store
+            .take_group(&GroupId::from_slice(&gid))?
             .ok_or_else(|| Error::NotAMember(target.to_string()))?;
         let queue_id = mls::leaf_route(&group, group.own_leaf_index())
             .ok_or_else(|| Error::Mls("our leaf names no delivery queue".into()))?;
@@ -51,14 +52,16 @@ impl Client {
             .into_iter()
             .find(|q| q.id == queue_id)
             .ok_or_else(|| Error::Mls("our delivery queue is not in the profile".into()))?;
-        Ok(BenchRoute {
+        let route = BenchRoute {
             group_id: gid,
             epoch: group.epoch().as_u64(),
             posting_token: mls::posting_token(&group, &provider)?,
             last_seq: self.store.queue_last_seq(&queue_id)?.unwrap_or(0),
             queue_id,
             receive_secret: queue.receive_secret,
-        })
+        };
+        self.store.keep_group(group);
+        Ok(route)
     }
 
     /// Encrypt `n` text messages of `text_len` bytes each for a chat, in order, and return
@@ -69,8 +72,8 @@ impl Client {
         let profile = self.load_profile()?;
         self.store.tx(|s| {
             let provider = s.provider();
-            let mut group = MlsGroup::load(provider.storage(), &GroupId::from_slice(&gid))
-                .map_err(Error::mls)?
+            let mut group = s
+                .take_group(&GroupId::from_slice(&gid))?
                 .ok_or_else(|| Error::NotAMember(target.to_string()))?;
             let mut out = Vec::with_capacity(n);
             for _ in 0..n {
@@ -89,6 +92,7 @@ impl Client {
                 let msg = crate::ops::seal_app(&mut group, &provider, &profile.signer, &mut app)?;
                 out.push(msg.tls_serialize_detached().map_err(Error::mls)?);
             }
+            s.keep_group(group);
             Ok(out)
         })
     }
@@ -120,8 +124,9 @@ impl Client {
 
 /// A profile's local store opened on its own, for benchmarks that run openmls directly against
 /// the client's real persistence (SQLite in WAL mode with `synchronous=FULL`, openmls's state
-/// through `openmls_sqlite_storage` with the client's JSON codec), one transaction per
-/// operation as the client does. Not a client: it holds no profile, server or chats.
+/// through `openmls_sqlite_storage` with the client's codec, groups kept in memory between
+/// operations as the client keeps them), one transaction per operation as the client does.
+/// Not a client: it holds no profile, server or chats.
 pub struct BenchStore {
     store: crate::store::Store,
 }
@@ -140,5 +145,23 @@ impl BenchStore {
     /// Run `f` with the provider inside one transaction, committed when it returns `Ok`.
     pub fn tx<T>(&self, f: impl FnOnce(&BenchProvider<'_>) -> Result<T>) -> Result<T> {
         self.store.tx(|s| f(&s.provider()))
+    }
+
+    /// Run `f` on a stored group inside one transaction, committed when it returns `Ok`, the
+    /// group taken from memory and kept there as the client does (loaded from the store only
+    /// when it is not in memory or another connection changed the store).
+    pub fn with_group<T>(
+        &self,
+        gid: &GroupId,
+        f: impl FnOnce(&BenchProvider<'_>, &mut MlsGroup) -> Result<T>,
+    ) -> Result<T> {
+        self.store.tx(|s| {
+            let mut group = s
+                .take_group(gid)?
+                .ok_or_else(|| Error::Mls("group not stored".into()))?;
+            let out = f(&s.provider(), &mut group)?;
+            s.keep_group(group);
+            Ok(out)
+        })
     }
 }

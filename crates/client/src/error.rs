@@ -78,6 +78,12 @@ pub enum Error {
     /// MLS rejected an operation on local state.
     #[error("MLS: {0}")]
     Mls(String),
+    /// The profile was written by an older blindpost in a store format this one does not read.
+    #[error(
+        "this profile was written by an older blindpost (store format {0}) and cannot be read; \
+         set up a new profile in another directory"
+    )]
+    OldProfile(u32),
 }
 
 impl Error {

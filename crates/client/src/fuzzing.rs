@@ -247,8 +247,8 @@ impl Peer {
     }
 
     fn group(&self, gid: &GroupId) -> Result<MlsGroup> {
-        MlsGroup::load(self.store.provider().storage(), gid)
-            .map_err(Error::mls)?
+        self.store
+            .take_group(gid)?
             .ok_or_else(|| Error::Mls("no such group".into()))
     }
 }

@@ -627,14 +627,13 @@ impl Session<'_> {
             if !chat.active {
                 continue;
             }
-            let provider = self.client.store.provider();
-            let Some(group) =
-                MlsGroup::load(provider.storage(), &GroupId::from_slice(&chat.group_id))
-                    .map_err(Error::mls)?
-            else {
+            let store = &self.client.store;
+            let Some(group) = store.take_group(&GroupId::from_slice(&chat.group_id))? else {
                 continue;
             };
-            if group.is_active() && group.pending_proposals().next().is_some() {
+            let pending = group.is_active() && group.pending_proposals().next().is_some();
+            store.keep_group(group);
+            if pending {
                 self.commit(&chat.group_id, Change::PendingProposals)
                     .await?;
             }
@@ -975,9 +974,10 @@ impl Session<'_> {
                     // on others' behalf (committing a leave) is news for the next receive.
                     let shown = !matches!(change, Change::PendingProposals);
                     return self.client.store.tx(|s| {
-                        let provider = s.provider();
-                        let mut group = load_group(&provider, gid)?;
-                        merge_own_commit(s, &mut group, &me, &prepared.hash, shown)
+                        let mut group = load_group(s, gid)?;
+                        merge_own_commit(s, &mut group, &me, &prepared.hash, shown)?;
+                        s.keep_group(group);
+                        Ok(())
                     });
                 }
                 Err(e) if matches!(e, Error::Unreachable(_)) => {
@@ -988,11 +988,12 @@ impl Session<'_> {
                 Err(e) => {
                     self.client.store.tx(|s| {
                         s.take_echo(&prepared.hash)?;
-                        let provider = s.provider();
-                        let mut group = load_group(&provider, gid)?;
+                        let mut group = load_group(s, gid)?;
                         group
-                            .clear_pending_commit(provider.storage())
-                            .map_err(Error::mls)
+                            .clear_pending_commit(s.provider().storage())
+                            .map_err(Error::mls)?;
+                        s.keep_group(group);
+                        Ok(())
                     })?;
                     if !e.is_stale_epoch() {
                         return Err(e);
@@ -1009,7 +1010,7 @@ impl Session<'_> {
     fn prepare_commit(&self, gid: &[u8], change: &Change) -> Result<PreparedCommit> {
         self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_caught_up_group(&provider, gid)?;
+            let mut group = load_caught_up_group(s, gid)?;
             let epoch = group.epoch().as_u64();
             let posting_token = mls::posting_token(&group, &provider)?;
             let signer = &self.profile.signer;
@@ -1065,6 +1066,7 @@ impl Session<'_> {
             };
             let hash = sha256(&commit);
             s.add_echo(&hash)?;
+            s.keep_group(group);
             Ok(PreparedCommit {
                 request: Commit {
                     group_id: gid.to_vec(),
@@ -1166,15 +1168,14 @@ impl Session<'_> {
     ) -> Result<()> {
         let (epoch, posting_token, payload) = self.client.store.tx(|s| {
             let provider = s.provider();
-            let mut group = load_caught_up_group(&provider, gid)?;
+            let mut group = load_caught_up_group(s, gid)?;
             let out = build(&mut group, &provider, &self.profile.signer)?;
             let payload = out.tls_serialize_detached().map_err(Error::mls)?;
             s.add_echo(&sha256(&payload))?;
-            Ok((
-                group.epoch().as_u64(),
-                mls::posting_token(&group, &provider)?,
-                payload,
-            ))
+            let epoch = group.epoch().as_u64();
+            let posting_token = mls::posting_token(&group, &provider)?;
+            s.keep_group(group);
+            Ok((epoch, posting_token, payload))
         })?;
         let hash = sha256(&payload);
         let result = self
@@ -1202,17 +1203,17 @@ impl Client {
     pub(crate) fn member_list(&self, gid: &[u8]) -> Result<Vec<crate::Member>> {
         let me = self.store.get_str("username")?.unwrap_or_default();
         let my_key = self.store.get("signature_public")?.unwrap_or_default();
-        let provider = self.store.provider();
-        let Some(group) =
-            MlsGroup::load(provider.storage(), &GroupId::from_slice(gid)).map_err(Error::mls)?
-        else {
+        let Some(group) = self.store.take_group(&GroupId::from_slice(gid))? else {
             return Ok(Vec::new());
         };
-        if !group.is_active() {
-            return Ok(Vec::new());
-        }
+        let listed: Vec<_> = if group.is_active() {
+            group.members().collect()
+        } else {
+            Vec::new()
+        };
+        self.store.keep_group(group);
         let mut members = Vec::new();
-        for m in group.members() {
+        for m in listed {
             let check = MemberCheck {
                 group_id: gid.to_vec(),
                 username: identity(&m.credential),
@@ -1245,19 +1246,19 @@ pub(crate) fn seal_app(
         .map_err(Error::mls)
 }
 
-fn load_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
-    MlsGroup::load(provider.storage(), &GroupId::from_slice(gid))
-        .map_err(Error::mls)?
+fn load_group(store: &crate::store::Store, gid: &[u8]) -> Result<MlsGroup> {
+    store
+        .take_group(&GroupId::from_slice(gid))?
         .ok_or_else(|| Error::NotAMember(format!("#{}", hex::encode(&gid[..4.min(gid.len())]))))
 }
 
 /// Load a group to change it, right after catching up: a commit of ours still pending then
 /// was never accepted (its echo would have merged it), so it is discarded.
-fn load_caught_up_group(provider: &crate::store::Provider<'_>, gid: &[u8]) -> Result<MlsGroup> {
-    let mut group = load_group(provider, gid)?;
+fn load_caught_up_group(store: &crate::store::Store, gid: &[u8]) -> Result<MlsGroup> {
+    let mut group = load_group(store, gid)?;
     if group.pending_commit().is_some() {
         group
-            .clear_pending_commit(provider.storage())
+            .clear_pending_commit(store.provider().storage())
             .map_err(Error::mls)?;
     }
     Ok(group)

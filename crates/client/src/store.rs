@@ -4,12 +4,16 @@
 //! members' credentials. Not for talking to the server.
 //!
 //! Writes that belong together run in one transaction ([`Store::tx`]), and the profile lock
-//! ([`ProfileLock`]) serialises whole operations between processes sharing a profile.
+//! ([`ProfileLock`]) serialises whole operations between processes sharing a profile. Loaded
+//! MLS groups stay in memory between operations ([`Store::take_group`]).
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use openmls::group::{GroupId, MlsGroup};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
@@ -17,32 +21,40 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::{Error, Result};
 
-/// serde codec for openmls's stored values.
+/// serde codec for openmls's stored values: MessagePack with field names. Binary, and
+/// self-describing as openmls's types need (`tls_codec` reads byte strings with
+/// `deserialize_any`, which rules out postcard and bincode). JSON, before store format 3,
+/// spelled every byte as a number.
 #[derive(Default)]
-pub struct JsonCodec;
+pub struct MsgpackCodec;
 
-impl Codec for JsonCodec {
-    type Error = serde_json::Error;
+/// A value that did not encode or decode.
+#[derive(Debug, thiserror::Error)]
+#[error("stored MLS value: {0}")]
+pub struct CodecError(String);
+
+impl Codec for MsgpackCodec {
+    type Error = CodecError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        serde_json::to_vec(value)
+        rmp_serde::to_vec_named(value).map_err(|e| CodecError(e.to_string()))
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
-        serde_json::from_slice(slice)
+        rmp_serde::from_slice(slice).map_err(|e| CodecError(e.to_string()))
     }
 }
 
 /// The openmls provider over the profile's connection.
 pub struct Provider<'c> {
     crypto: &'c RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, &'c Connection>,
+    storage: SqliteStorageProvider<MsgpackCodec, &'c Connection>,
 }
 
 impl<'c> OpenMlsProvider for Provider<'c> {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, &'c Connection>;
+    type StorageProvider = SqliteStorageProvider<MsgpackCodec, &'c Connection>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -57,7 +69,11 @@ impl<'c> OpenMlsProvider for Provider<'c> {
     }
 }
 
-/// Our own tables. Versioned by `PRAGMA user_version`.
+/// The first store format whose openmls values are MessagePack ([`MsgpackCodec`]); profiles of
+/// formats 1 and 2 hold JSON and are refused ([`Error::OldProfile`]).
+const BINARY_FORMAT: i64 = 3;
+
+/// Our own tables. Versioned by `PRAGMA user_version` (the store format).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE bp_profile (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -97,6 +113,8 @@ CREATE TABLE bp_member_checks (
     PRIMARY KEY (group_id, username, signature_key)
 );
 "#,
+    // Format 3 (`BINARY_FORMAT`): openmls's values are MessagePack. No table changes.
+    "",
 ];
 
 /// A row of `bp_items`: one thing to show the user.
@@ -170,10 +188,18 @@ pub struct QueueRow {
     pub receive_secret: Vec<u8>,
 }
 
+/// How many loaded groups a store keeps in memory (any one is dropped to make room).
+const CACHED_GROUPS: usize = 16;
+
 /// The local store of one profile.
 pub struct Store {
     conn: Connection,
     crypto: RustCrypto,
+    /// Loaded groups, each exactly as the committed store holds it (see [`Store::take_group`]).
+    groups: RefCell<HashMap<Vec<u8>, MlsGroup>>,
+    /// `PRAGMA data_version` when `groups` was last known to match the store: it changes when
+    /// another connection (another process on this profile) commits.
+    data_version: Cell<i64>,
 }
 
 impl Store {
@@ -199,6 +225,9 @@ impl Store {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| -> Result<()> {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if version < BINARY_FORMAT && holds_openmls_values(&conn)? {
+                return Err(Error::OldProfile(u32::try_from(version).unwrap_or(0)));
+            }
             for (i, m) in MIGRATIONS
                 .iter()
                 .enumerate()
@@ -216,7 +245,7 @@ impl Store {
                 return Err(e);
             }
         }
-        SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+        SqliteStorageProvider::<MsgpackCodec, &mut Connection>::new(&mut conn)
             .run_migrations()
             .map_err(|e| Error::Mls(format!("storage migrations: {e}")))?;
         for suffix in ["-wal", "-shm"] {
@@ -228,7 +257,47 @@ impl Store {
         Ok(Self {
             conn,
             crypto: RustCrypto::default(),
+            groups: RefCell::default(),
+            data_version: Cell::new(0),
         })
+    }
+
+    /// A group's MLS state, from memory if nothing changed it since it was put back with
+    /// [`Store::keep_group`], else loaded from the store. It is *taken*: until it is kept
+    /// again (after the operation on it succeeded), the next call loads it anew.
+    ///
+    /// Invariant: a kept group equals what the committed store holds. It is kept only after
+    /// its operation succeeded; every kept group is dropped when a transaction or savepoint
+    /// rolls back and when another connection has committed to the profile (so
+    /// `receive --follow` and `send` in two processes each see the other's changes).
+    pub fn take_group(&self, gid: &GroupId) -> Result<Option<MlsGroup>> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?;
+        if version != self.data_version.replace(version) {
+            self.groups.borrow_mut().clear();
+        }
+        if let Some(group) = self.groups.borrow_mut().remove(gid.as_slice()) {
+            return Ok(Some(group));
+        }
+        MlsGroup::load(self.provider().storage(), gid).map_err(Error::mls)
+    }
+
+    /// Put a group back for the next [`Store::take_group`], once what was done with it
+    /// succeeded (and is written, or will be when the current transaction commits).
+    pub fn keep_group(&self, group: MlsGroup) {
+        let mut groups = self.groups.borrow_mut();
+        if groups.len() >= CACHED_GROUPS
+            && let Some(any) = groups.keys().next().cloned()
+        {
+            groups.remove(&any);
+        }
+        groups.insert(group.group_id().as_slice().to_vec(), group);
+    }
+
+    /// Forget every kept group: the store may no longer hold what they say.
+    fn forget_groups(&self) {
+        self.groups.borrow_mut().clear();
     }
 
     /// The openmls provider over this store.
@@ -242,16 +311,14 @@ impl Store {
     /// Run `f` in one transaction: everything it wrote is committed together, or nothing.
     pub fn tx<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(self) {
-            Ok(v) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(v)
-            }
-            Err(e) => {
+        let result = f(self).and_then(|v| Ok(self.conn.execute_batch("COMMIT").map(|()| v)?));
+        if result.is_err() {
+            self.forget_groups();
+            if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
             }
         }
+        result
     }
 
     /// Run `f` inside a savepoint of the current transaction: if it fails, only its own
@@ -264,6 +331,7 @@ impl Store {
                 Ok(v)
             }
             Err(e) => {
+                self.forget_groups();
                 self.conn
                     .execute_batch("ROLLBACK TO one_message; RELEASE one_message")?;
                 Err(e)
@@ -543,6 +611,25 @@ impl Store {
     }
 }
 
+/// Whether any of openmls's tables (named `openmls_*`; not its migration history) has a row.
+fn holds_openmls_values(conn: &Connection) -> Result<bool> {
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table'
+             AND name LIKE 'openmls\\_%' ESCAPE '\\'
+             AND name != 'openmls_sqlite_storage_migrations'",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for table in tables {
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM \"{table}\")");
+        if conn.query_row(&sql, [], |r| r.get::<_, bool>(0))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn create_private_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -574,5 +661,130 @@ impl ProfileLock {
 impl Drop for ProfileLock {
     fn drop(&mut self) {
         let _ = self.file.unlock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openmls::prelude::{BasicCredential, CredentialWithKey, LeafNodeParameters};
+    use openmls_basic_credential::SignatureKeyPair;
+
+    use super::*;
+    use crate::mls::CLASSIC_CIPHERSUITE;
+
+    /// A one-member group created in `store` (epoch 0), and its member's signer.
+    fn group(store: &Store) -> (GroupId, SignatureKeyPair) {
+        let signer = SignatureKeyPair::new(CLASSIC_CIPHERSUITE.signature_algorithm()).unwrap();
+        let cred = CredentialWithKey {
+            credential: BasicCredential::new(b"alice".to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        let group = store
+            .tx(|s| {
+                MlsGroup::builder()
+                    .ciphersuite(CLASSIC_CIPHERSUITE)
+                    .build(&s.provider(), &signer, cred)
+                    .map_err(Error::mls)
+            })
+            .unwrap();
+        let gid = group.group_id().clone();
+        store.keep_group(group);
+        (gid, signer)
+    }
+
+    /// Commit a self-update and merge it: the group moves to the next epoch.
+    fn next_epoch(s: &Store, group: &mut MlsGroup, signer: &SignatureKeyPair) -> Result<()> {
+        let provider = s.provider();
+        group
+            .self_update(&provider, signer, LeafNodeParameters::default())
+            .map_err(Error::mls)?;
+        group.merge_pending_commit(&provider).map_err(Error::mls)
+    }
+
+    fn epoch(store: &Store, gid: &GroupId) -> u64 {
+        let group = store.take_group(gid).unwrap().unwrap();
+        let epoch = group.epoch().as_u64();
+        store.keep_group(group);
+        epoch
+    }
+
+    #[test]
+    fn a_kept_group_is_reloaded_after_another_connection_changed_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = Store::open(dir.path()).unwrap();
+        let (gid, signer) = group(&ours);
+        assert_eq!(epoch(&ours, &gid), 0);
+        // Another process on the profile (say `receive --follow`) moves the group on.
+        let theirs = Store::open(dir.path()).unwrap();
+        theirs
+            .tx(|s| {
+                let mut g = s.take_group(&gid)?.unwrap();
+                next_epoch(s, &mut g, &signer)?;
+                s.keep_group(g);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(epoch(&ours, &gid), 1, "not the stale copy kept in memory");
+    }
+
+    #[test]
+    fn a_group_changed_in_a_transaction_that_rolled_back_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (gid, signer) = group(&store);
+        let failed = store.tx(|s| {
+            let mut g = s.take_group(&gid)?.unwrap();
+            next_epoch(s, &mut g, &signer)?;
+            s.keep_group(g);
+            Err::<(), _>(Error::Invalid("a later step failed".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(epoch(&store, &gid), 0, "the rolled-back epoch is gone");
+        let failed = store.tx(|s| {
+            s.savepoint(|s| {
+                let mut g = s.take_group(&gid)?.unwrap();
+                next_epoch(s, &mut g, &signer)?;
+                s.keep_group(g);
+                Err::<(), _>(Error::Invalid("this message failed".into()))
+            })
+            .or(Ok(()))
+        });
+        assert!(failed.is_ok());
+        assert_eq!(epoch(&store, &gid), 0, "the rolled-back savepoint is gone");
+    }
+
+    #[test]
+    fn a_profile_holding_json_mls_state_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _ = group(&store);
+        drop(store);
+        // What a profile of store format 2 (JSON codec) looks like to this version.
+        Connection::open(dir.path().join("blindpost.sqlite3"))
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, Error::OldProfile(2)), "{err}");
+        assert!(err.to_string().contains("older blindpost"), "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn a_format_2_profile_without_mls_state_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        Connection::open(dir.path().join("blindpost.sqlite3"))
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, BINARY_FORMAT);
+        let (gid, _) = group(&store);
+        assert_eq!(epoch(&store, &gid), 0);
     }
 }

@@ -240,8 +240,7 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
     let staged = StagedWelcome::new_from_welcome(&provider, &mls::join_config(), welcome, None)
         .map_err(Error::mls)?;
     let ctx = staged.group_context();
-    if let Some(existing) =
-        MlsGroup::load(provider.storage(), ctx.group_id()).map_err(Error::mls)?
+    if let Some(existing) = s.take_group(ctx.group_id())?
         && existing.is_active()
         && existing.epoch() >= ctx.epoch()
     {
@@ -274,6 +273,7 @@ fn join(s: &Store, me: &str, welcome: Welcome) -> Result<()> {
     for m in group.members() {
         s.note_member(&member_check(&gid, &m.credential, &m.signature_key), true)?;
     }
+    s.keep_group(group);
     s.add_item(
         &ItemRow {
             id: format!("{}-joined", hex::encode(&gid[..12])),
@@ -296,12 +296,31 @@ fn handle_protocol(
     hash: &[u8],
     own_echo: bool,
 ) -> Result<Option<Counted>> {
-    let provider = s.provider();
-    let gid = pm.group_id().clone();
-    let Some(mut group) = MlsGroup::load(provider.storage(), &gid).map_err(Error::mls)? else {
+    let Some(mut group) = s.take_group(pm.group_id())? else {
         // A group we never joined or already deleted.
         return Ok(None);
     };
+    // Kept for the next message unless openmls refused this one (it may have left the
+    // group in memory other than it wrote it).
+    let mut intact = true;
+    let out = handle_in_group(s, me, &mut group, pm, hash, own_echo, &mut intact)?;
+    if intact {
+        s.keep_group(group);
+    }
+    Ok(out)
+}
+
+fn handle_in_group(
+    s: &Store,
+    me: &str,
+    group: &mut MlsGroup,
+    pm: ProtocolMessage,
+    hash: &[u8],
+    own_echo: bool,
+    intact: &mut bool,
+) -> Result<Option<Counted>> {
+    let provider = s.provider();
+    let gid = pm.group_id().clone();
     if !group.is_active() {
         return Ok(None);
     }
@@ -317,7 +336,7 @@ fn handle_protocol(
     if own_echo {
         if is_commit && group.pending_commit().is_some() && pm.epoch() == group.epoch() {
             // Our commit was accepted but we never heard the answer: apply it now.
-            merge_own_commit(s, &mut group, me, hash, false)?;
+            merge_own_commit(s, group, me, hash, false)?;
         }
         return Ok(None);
     }
@@ -332,7 +351,10 @@ fn handle_protocol(
     let our_epoch = group.epoch().as_u64();
     let processed = match group.process_message(&provider, pm) {
         Ok(p) => p,
-        Err(e) => return judge_failure(s, &gid, msg_epoch, our_epoch, e),
+        Err(e) => {
+            *intact = false;
+            return judge_failure(s, &gid, msg_epoch, our_epoch, e);
+        }
     };
     let sender = identity(processed.credential());
     let chat_active = s.chat(&gid)?.is_some_and(|c| c.active);
@@ -420,8 +442,8 @@ fn handle_protocol(
             }
         }
         ProcessedMessageContent::StagedCommitMessage(sc) => {
-            let items = commit_items(&group, &sc, &sender, hash);
-            let added = added_members(&group, &sc);
+            let items = commit_items(group, &sc, &sender, hash);
+            let added = added_members(group, &sc);
             let self_removed = sc.self_removed();
             group
                 .merge_staged_commit(&provider, *sc)
@@ -445,7 +467,7 @@ fn handle_protocol(
         }
         // openmls recognised our own commit, accepted by the server: apply it.
         ProcessedMessageContent::OwnPendingCommit => {
-            merge_own_commit(s, &mut group, me, hash, false)?;
+            merge_own_commit(s, group, me, hash, false)?;
         }
         ProcessedMessageContent::OwnPrivateMessage => {}
         // Unreachable after the `is_external` refusal above; never accepted either way.
