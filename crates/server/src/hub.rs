@@ -66,6 +66,11 @@ pub struct News {
 }
 
 impl News {
+    /// Payload bytes held.
+    fn bytes(&self) -> usize {
+        self.messages.iter().map(|(_, p)| p.len()).sum()
+    }
+
     /// The messages in hand if they are exactly the run `after + 1 ..` (sorted, those at or
     /// below `after` dropped); `None` if the store must be read (flagged, or a gap).
     pub fn next_run(self, after: u64) -> Option<Vec<(u64, Arc<[u8]>)>> {
@@ -186,7 +191,8 @@ impl Inbox {
         {
             let mut held = lock(&self.news);
             let news = held.queues.entry(queue).or_default();
-            let freed: usize = news.messages.drain(..).map(|(_, p)| p.len()).sum();
+            let freed = news.bytes();
+            news.messages.clear();
             news.read_store = true;
             held.bytes = held.bytes.saturating_sub(freed);
         }
@@ -219,16 +225,14 @@ impl Inbox {
         let mut held = lock(&self.news);
         let queue = held.queues.keys().next().copied()?;
         let news = held.queues.remove(&queue)?;
-        let freed: usize = news.messages.iter().map(|(_, p)| p.len()).sum();
-        held.bytes = held.bytes.saturating_sub(freed);
+        held.bytes = held.bytes.saturating_sub(news.bytes());
         Some((queue, news))
     }
 
     fn forget(&self, queue: QueueId) {
         let mut held = lock(&self.news);
         if let Some(news) = held.queues.remove(&queue) {
-            let freed: usize = news.messages.iter().map(|(_, p)| p.len()).sum();
-            held.bytes = held.bytes.saturating_sub(freed);
+            held.bytes = held.bytes.saturating_sub(news.bytes());
         }
     }
 
