@@ -130,6 +130,10 @@ const MIGRATIONS: &[&str] = &[
         signature BLOB NOT NULL,
         PRIMARY KEY (username, version)
     );",
+    // 3: no index on messages.day. Every append and every ack paid for it (~20 % of relay
+    // throughput in an A/B run, BENCHMARKS.md); expiry finds old messages as the prefix of
+    // the table in rowid (insertion) order instead.
+    "DROP INDEX messages_by_day;",
 ];
 
 impl From<rusqlite::Error> for StoreError {
@@ -951,6 +955,33 @@ fn read_fetch(
     Ok(Fetched { messages, more })
 }
 
+/// Deletes messages stored before `before`. Rows are appended in rowid order and days only
+/// grow, so the expired messages are a prefix of the table in rowid order: read the prefix up
+/// to the first message to keep (O(expired), no index on `day`), delete below it. Should the
+/// clock ever step back a day, messages stored after the step wait until those before them
+/// expire.
+fn expire_messages(conn: &Connection, before: Day) -> StoreResult<u64> {
+    let first_kept: Option<i64> = {
+        let mut stmt = conn.prepare_cached("SELECT rowid, day FROM messages ORDER BY rowid")?;
+        let mut rows = stmt.query([])?;
+        let mut first = None;
+        while let Some(row) = rows.next()? {
+            if row.get::<_, Day>(1)? >= before {
+                first = Some(row.get(0)?);
+                break;
+            }
+        }
+        first
+    };
+    let deleted = match first_kept {
+        Some(rowid) => conn
+            .prepare_cached("DELETE FROM messages WHERE rowid < ?1")?
+            .execute([rowid])?,
+        None => conn.prepare_cached("DELETE FROM messages")?.execute([])?,
+    };
+    Ok(deleted as u64)
+}
+
 fn read_status(
     conn: &mut Connection,
     box_id: &BoxId,
@@ -1072,9 +1103,7 @@ impl Store for SqliteStore {
 
     fn expire(&self, expiry: Expiry) -> StoreFuture<'_, Expired> {
         Box::pin(self.write(move |c, _| {
-            let messages = c
-                .prepare_cached("DELETE FROM messages WHERE day < ?1")?
-                .execute([expiry.messages_before])?;
+            let messages = expire_messages(c, expiry.messages_before)?;
             let posted_ids = c
                 .prepare_cached("DELETE FROM posted_ids WHERE day < ?1")?
                 .execute([expiry.posted_ids_before])?;
@@ -1461,5 +1490,85 @@ mod disk_full {
         // Everything acknowledged is durable, exactly once.
         let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
         assert_eq!(pending(&store).await, acked);
+    }
+}
+
+/// Expiry without an index on `day`: the expired messages are the oldest rows.
+#[cfg(test)]
+mod expiry {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+    use crate::types::MessageId;
+
+    #[tokio::test]
+    async fn expiry_deletes_exactly_the_messages_stored_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = Arc::new(AtomicI64::new(1));
+        let clock = Arc::clone(&today);
+        let store =
+            SqliteStore::open(dir.path(), Arc::new(move || clock.load(Ordering::SeqCst))).unwrap();
+        let queue = QueueId::new([1; 16]);
+        let group = GroupId::new([1; 32]);
+        let token = SecretHash::of_secret("p", &[1; 32]).unwrap();
+        let send = SecretHash::of_secret("s", &[1; 32]).unwrap();
+        store
+            .create_queue(NewQueue {
+                id: queue,
+                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
+                send_token_hash: send,
+            })
+            .await
+            .unwrap();
+        store
+            .create_group(NewGroup {
+                id: group,
+                epoch: 0,
+                posting_token_hash: token,
+                routes: vec![RouteGrant {
+                    queue_id: queue,
+                    send_token_hash: send,
+                }],
+            })
+            .await
+            .unwrap();
+        // Two messages on day 1, two on day 2, one on day 3.
+        for (n, day) in [(1u8, 1), (2, 1), (3, 2), (4, 2), (5, 3)] {
+            today.store(day, Ordering::SeqCst);
+            store
+                .post(PostOp {
+                    group_id: group,
+                    epoch: 0,
+                    posting_token_hash: token,
+                    message_id: MessageId::new([n; 16]),
+                    payload: vec![n].into(),
+                    max_queue_bytes: u64::MAX,
+                })
+                .await
+                .unwrap();
+        }
+        let limit = FetchLimit {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        };
+        let left = |f: Fetched| f.messages.iter().map(|m| m.payload[0]).collect::<Vec<_>>();
+
+        let expired = |before| Expiry {
+            messages_before: before,
+            posted_ids_before: 0,
+        };
+        assert_eq!(store.expire(expired(1)).await.unwrap().messages, 0);
+        assert_eq!(store.expire(expired(3)).await.unwrap().messages, 4);
+        assert_eq!(left(store.fetch(queue, 0, limit).await.unwrap()), [5]);
+        assert_eq!(store.expire(expired(10)).await.unwrap().messages, 1);
+        assert!(
+            store
+                .fetch(queue, 0, limit)
+                .await
+                .unwrap()
+                .messages
+                .is_empty()
+        );
+        store.close().await.unwrap();
     }
 }
