@@ -163,13 +163,8 @@ impl Service {
         Ok(self.store.fetch(queue, after_seq, limit).await?)
     }
 
-    /// Acknowledges messages of a queue the caller has authenticated.
-    pub async fn ack(&self, queue: QueueId, up_to_seq: u64) -> ServiceResult<()> {
-        Ok(self.store.ack(queue, up_to_seq).await?)
-    }
-
-    /// Acknowledges like [`Service::ack`], but returns once the deletion is under way rather
-    /// than committed: losing it in a crash only delivers the messages again, which clients
+    /// Acknowledges (deletes) messages of a queue the caller has authenticated. Returns once
+    /// the deletion is under way rather than committed: losing it in a crash only delivers the messages again, which clients
     /// skip by sequence number, so the acknowledging connection need not wait for a commit
     /// (and its pushes do not queue behind one). At most [`ACKS_IN_FLIGHT`] run at once;
     /// [`Service::finish_acks`] waits for them at shutdown.

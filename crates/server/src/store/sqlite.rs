@@ -1369,16 +1369,13 @@ mod tests {
     }
 }
 
-/// The disk filling up, provoked with SQLite's own limit on the database size
-/// (`PRAGMA max_page_count`, set on the writer's connection from inside the test), so SQLite
-/// fails exactly as on a full disk (`SQLITE_FULL`). Test-only: nothing in a build of the server
-/// can set it.
+/// What the store tests below share: queue 1 and group 1 routed to it, and posts to it.
 #[cfg(test)]
-mod disk_full {
+mod fixtures {
     use super::*;
     use crate::types::MessageId;
 
-    fn ids(n: u8) -> (QueueId, GroupId, SecretHash) {
+    pub(super) fn ids(n: u8) -> (QueueId, GroupId, SecretHash) {
         (
             QueueId::new([n; 16]),
             GroupId::new([n; 32]),
@@ -1386,7 +1383,8 @@ mod disk_full {
         )
     }
 
-    fn post(n: u32, payload: Vec<u8>) -> PostOp {
+    /// Post `n` (its message id) of `payload` to group 1, epoch 0.
+    pub(super) fn post(n: u32, payload: Vec<u8>) -> PostOp {
         let (_, group, token) = ids(1);
         let mut id = [0u8; 16];
         id[..4].copy_from_slice(&n.to_be_bytes());
@@ -1399,6 +1397,43 @@ mod disk_full {
             max_queue_bytes: u64::MAX,
         }
     }
+
+    /// Creates queue 1 and group 1 (epoch 0) routed to it; returns the queue.
+    pub(super) async fn one_route_group(store: &SqliteStore) -> QueueId {
+        let (queue, group, token) = ids(1);
+        let send = SecretHash::of_secret("s", &[1; 32]).unwrap();
+        store
+            .create_queue(NewQueue {
+                id: queue,
+                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
+                send_token_hash: send,
+            })
+            .await
+            .unwrap();
+        store
+            .create_group(NewGroup {
+                id: group,
+                epoch: 0,
+                posting_token_hash: token,
+                routes: vec![RouteGrant {
+                    queue_id: queue,
+                    send_token_hash: send,
+                }],
+            })
+            .await
+            .unwrap();
+        queue
+    }
+}
+
+/// The disk filling up, provoked with SQLite's own limit on the database size
+/// (`PRAGMA max_page_count`, set on the writer's connection from inside the test), so SQLite
+/// fails exactly as on a full disk (`SQLITE_FULL`). Test-only: nothing in a build of the server
+/// can set it.
+#[cfg(test)]
+mod disk_full {
+    use super::fixtures::{ids, one_route_group, post};
+    use super::*;
 
     async fn set_max_pages(store: &SqliteStore, extra: i64) {
         store
@@ -1429,27 +1464,7 @@ mod disk_full {
     async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
-        let (queue, group, token) = ids(1);
-        store
-            .create_queue(NewQueue {
-                id: queue,
-                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
-                send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
-            })
-            .await
-            .unwrap();
-        store
-            .create_group(NewGroup {
-                id: group,
-                epoch: 0,
-                posting_token_hash: token,
-                routes: vec![RouteGrant {
-                    queue_id: queue,
-                    send_token_hash: SecretHash::of_secret("s", &[1; 32]).unwrap(),
-                }],
-            })
-            .await
-            .unwrap();
+        one_route_group(&store).await;
 
         // Room for a few pages only: posts succeed, then fail as on a full disk.
         set_max_pages(&store, 40).await;
@@ -1498,8 +1513,8 @@ mod disk_full {
 mod expiry {
     use std::sync::atomic::{AtomicI64, Ordering};
 
+    use super::fixtures::{one_route_group, post};
     use super::*;
-    use crate::types::MessageId;
 
     #[tokio::test]
     async fn expiry_deletes_exactly_the_messages_stored_before_the_cutoff() {
@@ -1508,44 +1523,11 @@ mod expiry {
         let clock = Arc::clone(&today);
         let store =
             SqliteStore::open(dir.path(), Arc::new(move || clock.load(Ordering::SeqCst))).unwrap();
-        let queue = QueueId::new([1; 16]);
-        let group = GroupId::new([1; 32]);
-        let token = SecretHash::of_secret("p", &[1; 32]).unwrap();
-        let send = SecretHash::of_secret("s", &[1; 32]).unwrap();
-        store
-            .create_queue(NewQueue {
-                id: queue,
-                receive_secret_hash: SecretHash::of_secret("r", &[1; 32]).unwrap(),
-                send_token_hash: send,
-            })
-            .await
-            .unwrap();
-        store
-            .create_group(NewGroup {
-                id: group,
-                epoch: 0,
-                posting_token_hash: token,
-                routes: vec![RouteGrant {
-                    queue_id: queue,
-                    send_token_hash: send,
-                }],
-            })
-            .await
-            .unwrap();
+        let queue = one_route_group(&store).await;
         // Two messages on day 1, two on day 2, one on day 3.
         for (n, day) in [(1u8, 1), (2, 1), (3, 2), (4, 2), (5, 3)] {
             today.store(day, Ordering::SeqCst);
-            store
-                .post(PostOp {
-                    group_id: group,
-                    epoch: 0,
-                    posting_token_hash: token,
-                    message_id: MessageId::new([n; 16]),
-                    payload: vec![n].into(),
-                    max_queue_bytes: u64::MAX,
-                })
-                .await
-                .unwrap();
+            store.post(post(u32::from(n), vec![n])).await.unwrap();
         }
         let limit = FetchLimit {
             max_messages: 100,
