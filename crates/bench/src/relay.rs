@@ -477,6 +477,7 @@ async fn read_loop(
                         request: Some(Request::Ack(Ack {
                             queue_id: push.queue_id,
                             up_to_seq: max_seq,
+                            quiet: true,
                         })),
                     };
                     next_id += 2;

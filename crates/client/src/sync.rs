@@ -91,6 +91,7 @@ impl Session<'_> {
             .call(Request::Ack(Ack {
                 queue_id: queue_id.to_vec(),
                 up_to_seq,
+                quiet: false,
             }))
             .await?;
         Ok(())

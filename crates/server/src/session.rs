@@ -98,23 +98,28 @@ impl Session {
         &self.inbox
     }
 
-    /// Answers one decoded frame.
-    pub async fn handle(&mut self, frame: ClientFrame) -> Response {
+    /// Answers one decoded frame; `None` for a quiet `Ack` that succeeded (nothing to send).
+    pub async fn handle(&mut self, frame: ClientFrame) -> Option<Response> {
         let id = frame.id;
         let Some(request) = frame.request else {
-            return to_wire(
+            return Some(to_wire(
                 id,
                 &BadRequest::Malformed("the frame carries no request".into()).into(),
-            );
+            ));
         };
         let kind = request_kind(&request);
         if !self.admit() {
-            return to_wire(id, &Refusal::LimitExceeded(Limit::RequestRate).into());
+            return Some(to_wire(
+                id,
+                &Refusal::LimitExceeded(Limit::RequestRate).into(),
+            ));
         }
+        let quiet = matches!(&request, Request::Ack(ack) if ack.quiet);
         // Boxed: the largest handler's future (a directory proof) is several KiB, and inline it
         // would sit in every idle connection's task for the connection's whole life
         // (measured with massif: ~8 KiB per connection).
-        match Box::pin(self.dispatch(request)).await {
+        Some(match Box::pin(self.dispatch(request)).await {
+            Ok(_) if quiet => return None,
             Ok(body) => Response {
                 id,
                 body: Some(body),
@@ -130,7 +135,7 @@ impl Session {
                 }
                 to_wire(id, &err)
             }
-        }
+        })
     }
 
     async fn dispatch(&mut self, request: Request) -> ServiceResult<Body> {

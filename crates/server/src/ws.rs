@@ -47,12 +47,12 @@ pub async fn serve(
                 progress.frame_done();
                 let reply = match incoming {
                     Some(Ok(Message::Binary(bytes))) => handle_binary(&mut session, &bytes).await,
-                    Some(Ok(Message::Text(_))) if session.admit() => Response::error(
+                    Some(Ok(Message::Text(_))) if session.admit() => Some(Response::error(
                         0,
                         ErrorCode::Malformed,
                         "text frames are not part of the protocol; send binary frames",
-                    ),
-                    Some(Ok(Message::Text(_))) => rate_limited(),
+                    )),
+                    Some(Ok(Message::Text(_))) => Some(rate_limited()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
@@ -60,7 +60,9 @@ pub async fn serve(
                         break;
                     }
                 };
-                if send(&mut socket, reply.into(), send_timeout).await.is_err() {
+                if let Some(reply) = reply
+                    && send(&mut socket, reply.into(), send_timeout).await.is_err()
+                {
                     break;
                 }
             }
@@ -80,10 +82,10 @@ pub async fn serve(
     }
 }
 
-async fn handle_binary(session: &mut Session, bytes: &[u8]) -> Response {
-    match decode_client(bytes) {
+async fn handle_binary(session: &mut Session, bytes: &[u8]) -> Option<Response> {
+    Some(match decode_client(bytes) {
         // The session takes the rate budget itself, to answer under the frame's id.
-        Ok(frame) => session.handle(frame).await,
+        Ok(frame) => return session.handle(frame).await,
         Err(_) if !session.admit() => rate_limited(),
         Err(DecodeError::TooLarge { len }) => to_wire(
             0,
@@ -95,7 +97,7 @@ async fn handle_binary(session: &mut Session, bytes: &[u8]) -> Response {
             .into(),
         ),
         Err(e) => to_wire(0, &BadRequest::Malformed(e.to_string()).into()),
-    }
+    })
 }
 
 fn rate_limited() -> Response {

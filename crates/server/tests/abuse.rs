@@ -79,6 +79,7 @@ async fn a_queue_holds_at_most_max_queue_bytes_until_acknowledged() {
     c.ok(Request::Ack(Ack {
         queue_id: a.id.clone(),
         up_to_seq: 1,
+        quiet: false,
     }))
     .await;
     c.ok(post(&group, 0, &token, 3, b"fits again")).await;

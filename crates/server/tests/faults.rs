@@ -287,6 +287,7 @@ async fn receiver(
             let ack = Request::Ack(Ack {
                 queue_id: setup.queue.id.clone(),
                 up_to_seq: processed,
+                quiet: false,
             });
             if conn.request(ack).await.is_none() {
                 continue 'connection;

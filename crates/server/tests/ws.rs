@@ -115,6 +115,7 @@ async fn full_flow_commit_welcome_post_push_fetch_ack() {
     bob.ok(Request::Ack(Ack {
         queue_id: b.id.clone(),
         up_to_seq: 3,
+        quiet: false,
     }))
     .await;
     assert!(fetched(&mut bob, &b).await.is_empty());
@@ -399,6 +400,7 @@ async fn acknowledgements_answered_before_their_commit_are_stored_by_shutdown() 
     c.ok(Request::Ack(Ack {
         queue_id: a.id.clone(),
         up_to_seq: 4,
+        quiet: false,
     }))
     .await;
     assert_eq!(
@@ -426,6 +428,39 @@ async fn acknowledgements_answered_before_their_commit_are_stored_by_shutdown() 
         [5],
         "the acknowledged messages were deleted before the server stopped"
     );
+}
+
+#[tokio::test]
+async fn a_quiet_ack_is_answered_only_when_it_fails() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr).await;
+    let (a, group, token) = queue_and_group(&mut c).await;
+    for i in 1..=3u8 {
+        c.ok(post(&group, 0, &token, i, &[i])).await;
+    }
+    let quiet = |up_to_seq| {
+        Request::Ack(Ack {
+            queue_id: a.id.clone(),
+            up_to_seq,
+            quiet: true,
+        })
+    };
+    // Not subscribed on this connection: refused, and the refusal is answered.
+    assert_eq!(c.error(quiet(2)).await.code(), ErrorCode::Forbidden);
+    c.request(subscribe(&a, false)).await;
+    let frame = ClientFrame {
+        id: 9_999,
+        request: Some(quiet(2)),
+    };
+    c.send(Message::binary(encode(&frame))).await;
+    // The next answer is the ping's (`request` checks the id): the ack got none.
+    c.ok(Request::Ping(Ping {})).await;
+    assert_eq!(
+        fetched(&mut c, &a).await,
+        [(3, vec![3u8])],
+        "the quiet ack deleted what it acknowledged"
+    );
+    server.shutdown().await;
 }
 
 #[tokio::test]

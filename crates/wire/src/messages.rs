@@ -156,6 +156,11 @@ pub struct Ack {
     /// Inclusive upper bound of sequence numbers to delete.
     #[prost(uint64, tag = "2")]
     pub up_to_seq: u64,
+    /// When set, a successful ack is not answered (an error still is, under the frame's id):
+    /// a receiver acking every push need not read an answer per message. Losing an ack only
+    /// means redelivery, which receivers skip by sequence number.
+    #[prost(bool, tag = "3")]
+    pub quiet: bool,
 }
 
 /// Delete a queue, its pending messages and every group route to it. Errors: `NotFound`,
