@@ -198,13 +198,17 @@ impl SqliteStore {
         conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
         migrate(&mut conn)?;
 
-        let checkpointer = Checkpointer::start(&path)?;
+        // Held by whoever checkpoints: SQLite answers "busy" at once (it does not wait) to a
+        // checkpoint that starts while another runs, and a key-package claim's scrub must not
+        // be skipped because the background checkpointer happened to be running.
+        let checkpoint_lock = Arc::new(Mutex::new(()));
+        let checkpointer = Checkpointer::start(&path, Arc::clone(&checkpoint_lock))?;
         let (jobs, receiver) = mpsc::channel(WRITE_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
-                writer_loop(&conn, receiver, &clock);
+                writer_loop(&conn, receiver, &clock, &checkpoint_lock);
                 drop(conn);
                 let _ = done_tx.send(());
             })
@@ -379,7 +383,12 @@ where
     }
 }
 
-fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, clock: &Clock) {
+fn writer_loop(
+    conn: &Connection,
+    mut jobs: mpsc::Receiver<Box<dyn WriteJob>>,
+    clock: &Clock,
+    checkpoint_lock: &Mutex<()>,
+) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -393,6 +402,9 @@ fn writer_loop(conn: &Connection, mut jobs: mpsc::Receiver<Box<dyn WriteJob>>, c
         if outcome.is_ok() && batch.iter().any(|job| job.scrubs()) {
             // Before answering: once a claim is acknowledged, its package is in no file.
             // Readers hold snapshots for milliseconds; the busy timeout waits them out.
+            let _checkpointing = checkpoint_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let scrubbed = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 r.get::<_, i64>(0)
             });
@@ -465,7 +477,7 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn start(path: &Path) -> StoreResult<Self> {
+    fn start(path: &Path, lock: Arc<Mutex<()>>) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_millis(100))?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -475,6 +487,9 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
+                    let _checkpointing = lock
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let done = conn
                         .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
                     if let Err(e) = done {
@@ -1466,6 +1481,42 @@ mod tests {
             .unwrap();
         assert_eq!(temp_store, 2, "temp_store = MEMORY");
         assert_eq!(backstop, WAL_BACKSTOP_PAGES);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_claim_leaves_an_empty_wal_even_while_the_checkpointer_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let box_id = BoxId::new([3; 16]);
+        let claims = 150;
+        store
+            .publish_key_packages(PublishOp {
+                box_id,
+                secret_hash: SecretHash::of_secret("p", &[3; 32]).unwrap(),
+                key_packages: (0..claims).map(|n| vec![n as u8; 64]).collect(),
+                last_resort: None,
+                max_one_time: 1000,
+            })
+            .await
+            .unwrap();
+        let wal = dir.path().join(format!("{DATABASE_FILE}-wal"));
+        for n in 0..claims {
+            // WAL frames for the background checkpointer to copy, so it is often busy
+            // checkpointing when the claim's scrub starts.
+            store
+                .write(move |c, _| {
+                    c.execute_batch("CREATE TABLE IF NOT EXISTS scratch (x BLOB)")?;
+                    c.execute("INSERT INTO scratch (x) VALUES (zeroblob(262144))", [])?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(n % 7)).await;
+            store.claim_key_package(box_id).await.unwrap();
+            let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(len, 0, "claim {n}: the WAL still holds {len} bytes");
+        }
+        store.close().await.unwrap();
     }
 
     #[tokio::test]
