@@ -72,7 +72,10 @@ async fn upgrade(
     ws.max_message_size(crate::ws::SOCKET_MAX_MESSAGE)
         .max_frame_size(crate::ws::SOCKET_MAX_MESSAGE)
         .read_buffer_size(2 * 1024)
-        .write_buffer_size(0)
+        // Frames are written when `ws::write_out` flushes (after each answer and the pushes
+        // waiting behind it); the threshold only bounds what one write may gather. Memory:
+        // the buffer grows only as far as what was queued.
+        .write_buffer_size(crate::ws::WRITE_GATHER_BYTES)
         .on_upgrade(move |socket| {
             let conn = app.next_connection.fetch_add(1, Ordering::Relaxed);
             let span = tracing::debug_span!("conn", conn);
