@@ -6,7 +6,8 @@
 //! **Group commit.** Every write goes through one writer thread that owns the write connection.
 //! It takes every operation waiting in its channel (up to [`MAX_BATCH_OPS`]), runs them in ONE
 //! transaction, each inside its own `SAVEPOINT` so a refused operation is rolled back without
-//! undoing the others, commits once (one fsync for the batch), and only then answers each
+//! undoing the others (an operation of one writing statement, an ack, needs none: SQLite undoes
+//! a failed statement by itself), commits once (one fsync for the batch), and only then answers each
 //! caller. If the transaction fails, every operation of the batch fails: nothing is ever
 //! acknowledged before its commit is durable.
 //!
@@ -237,8 +238,8 @@ impl SqliteStore {
     }
 
     /// Like [`Self::write`], for an operation that runs exactly one writing statement: SQLite
-    /// undoes a failed statement by itself, so it needs no savepoint of its own (an ack is a
-    /// third of all write operations under load).
+    /// undoes a failed statement by itself, so it needs no savepoint of its own (acks are two
+    /// of every three write operations under load).
     async fn write_one_statement<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -326,7 +327,7 @@ enum Wrap {
 
 /// One operation waiting for the writer.
 trait WriteJob: Send {
-    /// Runs the operation inside the open savepoint; `true` if it succeeded.
+    /// Runs the operation (inside its savepoint, if it has one); `true` if it succeeded.
     fn run(&mut self, conn: &Connection, day: Day) -> bool;
     /// The error the operation failed with, if it ran and failed.
     fn error(&self) -> Option<StoreError>;
