@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE};
+use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE, DeviceSigner};
 use criterion::{Criterion, criterion_group, criterion_main};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
@@ -30,6 +30,10 @@ trait Env {
     where
         Self: 'a;
     const NAME: &'static str;
+    /// The signer a member signs with.
+    type S: openmls_traits::signatures::Signer;
+    /// Turn a generated key pair into that signer.
+    fn signer(pair: SignatureKeyPair) -> Self::S;
     /// Run one operation on `group` as the client would.
     fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T;
     /// Run `f` with the provider (setup steps).
@@ -41,6 +45,10 @@ struct Bare(OpenMlsRustCrypto);
 impl Env for Bare {
     type P<'a> = OpenMlsRustCrypto;
     const NAME: &'static str = "bare";
+    type S = SignatureKeyPair;
+    fn signer(pair: SignatureKeyPair) -> SignatureKeyPair {
+        pair
+    }
     fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T {
         f(&self.0, group)
     }
@@ -57,6 +65,11 @@ struct Persisted {
 impl Env for Persisted {
     type P<'a> = BenchProvider<'a>;
     const NAME: &'static str = "blindpost";
+    type S = DeviceSigner;
+    /// The client's signer (its Ed25519 key decoded once).
+    fn signer(pair: SignatureKeyPair) -> DeviceSigner {
+        DeviceSigner::new(pair)
+    }
     /// `group` only names the group: the store keeps its own copy in memory, as the client
     /// does, and hands it to `f` inside the operation's transaction.
     fn op<T>(&self, group: &mut MlsGroup, f: impl FnOnce(&Self::P<'_>, &mut MlsGroup) -> T) -> T {
@@ -106,7 +119,7 @@ fn join_config() -> MlsGroupJoinConfig {
 /// A group of `n`: the creator in `a`, one member who joined from the Welcome in `b`.
 struct Pair<E: Env> {
     a: E,
-    alice: SignatureKeyPair,
+    alice: E::S,
     ga: MlsGroup,
     b: E,
     gb: MlsGroup,
@@ -152,7 +165,7 @@ fn build<E: Env>(a: E, b: E, n: usize, scratch: &OpenMlsRustCrypto) -> Pair<E> {
     });
     Pair {
         a,
-        alice,
+        alice: E::signer(alice),
         ga,
         b,
         gb,

@@ -19,6 +19,7 @@ mod mls;
 mod ops;
 mod payload;
 mod safety;
+mod signer;
 mod store;
 mod sync;
 mod transport;
@@ -31,6 +32,7 @@ pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};
 pub use safety::SafetyNumber;
+pub use signer::DeviceSigner;
 pub use transport::ws_url;
 
 use store::{ChatRow, ItemRow, Store};

@@ -4,7 +4,7 @@
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::signatures::Signer;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -96,7 +96,7 @@ pub fn join_config() -> MlsGroupJoinConfig {
 /// Create a new group, with our leaf naming `queue_id` as our route.
 pub fn create_group(
     provider: &Provider<'_>,
-    signer: &SignatureKeyPair,
+    signer: &impl Signer,
     credential: CredentialWithKey,
     suite: Suite,
     group_id: &[u8],
@@ -119,7 +119,7 @@ pub fn create_group(
 /// send token for the adder.
 pub fn create_key_package(
     provider: &Provider<'_>,
-    signer: &SignatureKeyPair,
+    signer: &impl Signer,
     credential: CredentialWithKey,
     suite: Suite,
     queue_id: &[u8],
@@ -241,6 +241,7 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::store::Store;
+    use openmls_basic_credential::SignatureKeyPair;
 
     fn member(store: &Store, name: &str, suite: Suite) -> (SignatureKeyPair, CredentialWithKey) {
         let signer = SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).unwrap();

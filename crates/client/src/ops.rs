@@ -23,6 +23,7 @@ use crate::kt::{self, VerifiedRoot};
 use crate::mls::{self, CheckedKeyPackage, Suite, identity, sha256};
 use crate::payload::{AppMessage, Body, epoch_digest};
 use crate::safety::SafetyNumber;
+use crate::signer::DeviceSigner;
 use crate::store::{ItemRow, MemberCheck, MemberState, ProfileLock};
 use crate::sync::{be_u64, merge_own_commit};
 use crate::transport::Connection;
@@ -37,7 +38,7 @@ pub(crate) struct Profile {
     /// Server URLs, tried in turn (see [`Client::connect`]).
     pub(crate) servers: Vec<String>,
     pub(crate) suite: Suite,
-    pub(crate) signer: SignatureKeyPair,
+    pub(crate) signer: DeviceSigner,
     pub(crate) identity: SigningKey,
 }
 
@@ -91,6 +92,7 @@ impl Client {
             &sig_pub,
             suite.ciphersuite().signature_algorithm(),
         )
+        .map(DeviceSigner::new)
         .ok_or_else(|| Error::Mls("the device signature key is missing from the profile".into()))?;
         let id_bytes: [u8; 32] = id_secret
             .as_slice()
@@ -191,7 +193,7 @@ impl Client {
             username: username.to_string(),
             servers: servers.to_vec(),
             suite,
-            signer,
+            signer: DeviceSigner::new(signer),
             identity,
         };
         let entry = DirectoryEntry {
@@ -1163,7 +1165,7 @@ impl Session<'_> {
         build: impl FnOnce(
             &mut MlsGroup,
             &crate::store::Provider<'_>,
-            &SignatureKeyPair,
+            &DeviceSigner,
         ) -> Result<MlsMessageOut>,
     ) -> Result<()> {
         let (epoch, posting_token, payload) = self.client.store.tx(|s| {
@@ -1237,7 +1239,7 @@ impl Client {
 pub(crate) fn seal_app(
     group: &mut MlsGroup,
     provider: &crate::store::Provider<'_>,
-    signer: &SignatureKeyPair,
+    signer: &impl openmls_traits::signatures::Signer,
     app: &mut AppMessage,
 ) -> Result<MlsMessageOut> {
     app.auth = Some(epoch_digest(group.epoch_authenticator().as_slice()));
