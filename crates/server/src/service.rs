@@ -164,10 +164,10 @@ impl Service {
     }
 
     /// Acknowledges (deletes) messages of a queue the caller has authenticated. Returns once
-    /// the deletion is under way rather than committed: losing it in a crash only delivers the messages again, which clients
-    /// skip by sequence number, so the acknowledging connection need not wait for a commit
-    /// (and its pushes do not queue behind one). At most [`ACKS_IN_FLIGHT`] run at once;
-    /// [`Service::finish_acks`] waits for them at shutdown.
+    /// the deletion is under way rather than committed: losing it in a crash only delivers the
+    /// messages again, which clients skip by sequence number, so the acknowledging connection
+    /// need not wait for a commit (and its pushes do not queue behind one). At most
+    /// [`ACKS_IN_FLIGHT`] run at once; [`Service::finish_acks`] waits for them at shutdown.
     pub async fn ack_soon(&self, queue: QueueId, up_to_seq: u64) -> ServiceResult<()> {
         let permit = Arc::clone(&self.acks_in_flight)
             .acquire_owned()

@@ -237,17 +237,6 @@ impl SqliteStore {
         self.write_op(work, Wrap::Savepoint).await
     }
 
-    /// Like [`Self::write`], for an operation that runs exactly one writing statement: SQLite
-    /// undoes a failed statement by itself, so it needs no savepoint of its own (acks are two
-    /// of every three write operations under load).
-    async fn write_one_statement<T, F>(&self, work: F) -> StoreResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection, Day) -> StoreResult<T> + Send + 'static,
-    {
-        self.write_op(work, Wrap::OneStatement).await
-    }
-
     /// Like [`Self::write`], for an operation that deletes something linkable (a claimed key
     /// package names its owner and a queue): after its batch commits, the WAL is checkpointed
     /// and truncated, so the deleted row's old page is left in neither file.
@@ -319,7 +308,8 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 enum Wrap {
     /// Runs inside its own savepoint, so a refused operation is rolled back alone.
     Savepoint,
-    /// Runs one writing statement, which SQLite rolls back alone if it fails: no savepoint.
+    /// Runs one writing statement, which SQLite rolls back alone if it fails: no savepoint
+    /// (acks, two of every three write operations under load).
     OneStatement,
     /// A savepoint, and once the batch commits the WAL is checkpointed and truncated.
     SavepointThenScrub,
@@ -1174,11 +1164,12 @@ impl Store for SqliteStore {
     }
 
     fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()> {
-        Box::pin(self.write_one_statement(move |c, _| {
+        let delete = move |c: &Connection, _| {
             c.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
                 .execute(params![queue_id.as_bytes(), seq_to_sql(up_to_seq)])?;
             Ok(())
-        }))
+        };
+        Box::pin(self.write_op(delete, Wrap::OneStatement))
     }
 
     fn delete_queue(
