@@ -95,7 +95,8 @@ pub struct Outcome {
     pub delivered_in_window: u64,
     /// Every delivery to a non-sender, including those that arrived during the drain.
     pub delivered_total: u64,
-    /// Echoes of the sender's own posts (fan-out includes the sender's own route).
+    /// Echoes of the sender's own posts: 0, since posts skip the sender's subscribed queue
+    /// (`Post.skip_subscribed`); anything else means the server ignored the flag.
     pub echoes: u64,
     /// Error answers, failed connections, unknown payloads.
     pub errors: u64,
@@ -250,6 +251,9 @@ pub async fn run(
                     posting_token: route.posting_token.clone(),
                     message_id: Vec::new(),
                     payload: Vec::new(),
+                    // As the client does: the sender's connection reads its own queue, so
+                    // its echo is not stored.
+                    skip_subscribed: true,
                 },
                 Arc::new(conv.pool.clone()),
             )));

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use util::{Server, User, texts};
+use util::{Server, User, pending_for, texts};
 
 /// Backlogs sent; each is worked through under repeated kills.
 const BATCHES: usize = 15;
@@ -43,30 +43,6 @@ fn stored_messages(profile: &Path) -> usize {
         |r| r.get::<_, i64>(0),
     )
     .unwrap() as usize
-}
-
-/// Messages the server still holds for any queue of a client profile.
-fn pending_for(server_data: &Path, profile: &Path) -> usize {
-    let client = rusqlite::Connection::open(profile.join("blindpost.sqlite3")).unwrap();
-    let mut st = client.prepare("SELECT id FROM bp_queues").unwrap();
-    let queues: Vec<Vec<u8>> = st
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let server = rusqlite::Connection::open(server_data.join("blindpost.sqlite3")).unwrap();
-    queues
-        .iter()
-        .map(|q| {
-            server
-                .query_row(
-                    "SELECT count(*) FROM messages WHERE queue_id = ?1",
-                    [q],
-                    |r| r.get::<_, i64>(0),
-                )
-                .unwrap() as usize
-        })
-        .sum()
 }
 
 /// The complete JSON lines a (possibly killed) run printed.

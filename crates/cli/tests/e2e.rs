@@ -10,7 +10,7 @@ mod util;
 use std::process::Stdio;
 use std::time::Duration;
 
-use util::{Server, User, of_kind, texts};
+use util::{Server, User, of_kind, pending_for, texts};
 
 #[test]
 fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
@@ -57,6 +57,27 @@ fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
         .unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(bob.receive_texts(), vec!["from stdin\nsecond line"]);
+}
+
+#[test]
+fn a_message_is_not_echoed_to_the_senders_own_queue() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    alice.ok(&["send", "@bob", "one"]);
+    assert_eq!(bob.receive_texts(), vec!["one"]);
+    assert!(alice.receive().is_empty());
+    // `send` authenticates alice's queues on its connection before posting, so the post
+    // skips her own route: nothing waits for her on the server, no echo hash is kept.
+    alice.ok(&["send", "@bob", "two"]);
+    assert_eq!(pending_for(server.data_dir(), alice.dir()), 0);
+    let echoes: i64 = rusqlite::Connection::open(alice.dir().join("blindpost.sqlite3"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM bp_echo", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(echoes, 0);
+    assert_eq!(bob.receive_texts(), vec!["two"]);
+    assert!(alice.receive().is_empty());
 }
 
 #[test]

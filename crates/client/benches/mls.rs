@@ -266,12 +266,30 @@ fn membership<E: Env>(
     total
 }
 
+/// Group sizes: `BLINDPOST_BENCH_SIZES` (comma-separated, e.g. `2,10000`) if set, else 2 and
+/// 1,000, plus 10,000 with `BLINDPOST_BENCH_LARGE=1`. A size that does not parse is an error.
 fn sizes() -> Vec<usize> {
+    if let Ok(list) = std::env::var("BLINDPOST_BENCH_SIZES") {
+        return list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("BLINDPOST_BENCH_SIZES: {n:?} is not a size"))
+            })
+            .collect();
+    }
     let mut s = vec![2, 1000];
     if std::env::var_os("BLINDPOST_BENCH_LARGE").is_some() {
         s.push(10_000);
     }
     s
+}
+
+/// Whether to run the side named `name` ("bare" or "blindpost"): `BLINDPOST_BENCH_SIDE`
+/// picks one; both run when it is unset.
+fn side(name: &str) -> bool {
+    std::env::var("BLINDPOST_BENCH_SIDE").map_or(true, |s| s == name)
 }
 
 fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
@@ -352,8 +370,12 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
 }
 
 fn benches(c: &mut Criterion) {
-    run_env(c, || Bare(OpenMlsRustCrypto::default()));
-    run_env(c, persisted);
+    if side(Bare::NAME) {
+        run_env(c, || Bare(OpenMlsRustCrypto::default()));
+    }
+    if side(Persisted::NAME) {
+        run_env(c, persisted);
+    }
 }
 
 criterion_group! {

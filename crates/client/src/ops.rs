@@ -3,6 +3,7 @@
 //! prepared and persisted in one local transaction *before* they are sent (so a crash can
 //! never reuse a ratchet secret or forget a commit the server accepted), then confirmed.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,9 @@ pub(crate) struct Session<'a> {
     pub(crate) conn: Connection,
     pub(crate) profile: Profile,
     lock: Option<ProfileLock>,
+    /// Queues authenticated (`Subscribe`) on this connection: a post skips them
+    /// (`Post.skip_subscribed`), so a post to a group whose route is among them gets no echo.
+    pub(crate) subscribed: HashSet<Vec<u8>>,
 }
 
 /// What a commit does.
@@ -121,6 +125,7 @@ impl Client {
             conn,
             profile,
             lock: Some(lock),
+            subscribed: HashSet::new(),
         };
         session.settle().await?;
         Ok(session)
@@ -424,10 +429,11 @@ impl Client {
             conn,
             profile,
             lock: Some(ProfileLock::acquire(&self.dir)?),
+            subscribed: HashSet::new(),
         };
         session.settle().await?;
         on_items(self.take_new_items()?);
-        let mut subscribed = std::collections::HashSet::new();
+        let mut subscribed = HashSet::new();
         loop {
             // Subscribe queues created since (by us or by another process on this profile).
             for q in self.store.queues()? {
@@ -1168,16 +1174,22 @@ impl Session<'_> {
             &DeviceSigner,
         ) -> Result<MlsMessageOut>,
     ) -> Result<()> {
-        let (epoch, posting_token, payload) = self.client.store.tx(|s| {
+        let (epoch, posting_token, payload, skip) = self.client.store.tx(|s| {
             let provider = s.provider();
             let mut group = load_caught_up_group(s, gid)?;
             let out = build(&mut group, &provider, &self.profile.signer)?;
             let payload = out.tls_serialize_detached().map_err(Error::mls)?;
-            s.add_echo(&sha256(&payload))?;
+            // Our route authenticated on this connection: the server skips it, nothing
+            // echoes. Otherwise the echo comes back (maybe to another process) and is skipped.
+            let skip = mls::leaf_route(&group, group.own_leaf_index())
+                .is_some_and(|q| self.subscribed.contains(&q));
+            if !skip {
+                s.add_echo(&sha256(&payload))?;
+            }
             let epoch = group.epoch().as_u64();
             let posting_token = mls::posting_token(&group, &provider)?;
             s.keep_group(group);
-            Ok((epoch, posting_token, payload))
+            Ok((epoch, posting_token, payload, skip))
         })?;
         let hash = sha256(&payload);
         let result = self
@@ -1188,9 +1200,11 @@ impl Session<'_> {
                 posting_token,
                 message_id: message_id.to_vec(),
                 payload,
+                skip_subscribed: skip,
             }))
             .await;
         if let Err(e) = &result
+            && !skip
             && !matches!(e, Error::Unreachable(_))
         {
             // Definitely not stored: it will never echo back.

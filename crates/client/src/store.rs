@@ -24,7 +24,9 @@ use crate::error::{Error, Result};
 /// serde codec for openmls's stored values: MessagePack with field names. Binary, and
 /// self-describing as openmls's types need (`tls_codec` reads byte strings with
 /// `deserialize_any`, which rules out postcard and bincode). JSON, before store format 3,
-/// spelled every byte as a number.
+/// spelled every byte as a number. From format 4, values of 1 KiB or more are stored with
+/// their runs of `nil` packed ([`crate::nilpack`]) when that makes them smaller: openmls
+/// rewrites a group's message secrets (one mostly-empty slot per leaf) on every message.
 #[derive(Default)]
 pub struct MsgpackCodec;
 
@@ -37,10 +39,15 @@ impl Codec for MsgpackCodec {
     type Error = CodecError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        rmp_serde::to_vec_named(value).map_err(|e| CodecError(e.to_string()))
+        let raw = rmp_serde::to_vec_named(value).map_err(|e| CodecError(e.to_string()))?;
+        Ok(crate::nilpack::pack(&raw).unwrap_or(raw))
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        if slice.first() == Some(&crate::nilpack::PACKED) {
+            let raw = crate::nilpack::unpack(slice).map_err(|e| CodecError(e.to_string()))?;
+            return rmp_serde::from_slice(&raw).map_err(|e| CodecError(e.to_string()));
+        }
         rmp_serde::from_slice(slice).map_err(|e| CodecError(e.to_string()))
     }
 }
@@ -114,6 +121,9 @@ CREATE TABLE bp_member_checks (
 );
 "#,
     // Format 3 (`BINARY_FORMAT`): openmls's values are MessagePack. No table changes.
+    "",
+    // Format 4: large openmls values may be nil-packed (`nilpack`); format 3 values still
+    // read as they are. No table changes.
     "",
 ];
 
@@ -783,8 +793,85 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, BINARY_FORMAT);
+        assert_eq!(version, MIGRATIONS.len() as i64);
         let (gid, _) = group(&store);
         assert_eq!(epoch(&store, &gid), 0);
+    }
+
+    #[test]
+    fn small_values_keep_the_format_3_encoding_and_format_3_values_still_read() {
+        let small = (b"group id".to_vec(), 7u32);
+        let encoded = MsgpackCodec::to_vec(&small).unwrap();
+        assert_eq!(encoded, rmp_serde::to_vec_named(&small).unwrap());
+        // A large value as format 3 stored it (plain MessagePack) reads back.
+        let large: Vec<Option<[u8; 4]>> = vec![None; 5000];
+        let plain = rmp_serde::to_vec_named(&large).unwrap();
+        let read: Vec<Option<[u8; 4]>> = MsgpackCodec::from_slice(&plain).unwrap();
+        assert_eq!(read, large);
+    }
+
+    #[test]
+    fn a_large_groups_message_secrets_are_stored_packed_and_load_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (gid, signer) = group(&store);
+        let scratch = openmls_rust_crypto::OpenMlsRustCrypto::default();
+        let key_packages: Vec<_> = (0..400)
+            .map(|i| {
+                let s = SignatureKeyPair::new(CLASSIC_CIPHERSUITE.signature_algorithm()).unwrap();
+                let cred = CredentialWithKey {
+                    credential: BasicCredential::new(format!("m{i}").into_bytes()).into(),
+                    signature_key: s.public().into(),
+                };
+                openmls::prelude::KeyPackage::builder()
+                    .build(CLASSIC_CIPHERSUITE, &scratch, &s, cred)
+                    .unwrap()
+                    .key_package()
+                    .clone()
+            })
+            .collect();
+        store
+            .tx(|s| {
+                let provider = s.provider();
+                let mut g = s.take_group(&gid)?.unwrap();
+                g.add_members(&provider, &signer, &key_packages)
+                    .map_err(Error::mls)?;
+                g.merge_pending_commit(&provider).map_err(Error::mls)?;
+                g.create_message(&provider, &signer, b"first")
+                    .map_err(Error::mls)?;
+                s.keep_group(g);
+                Ok(())
+            })
+            .unwrap();
+        let stored: Vec<u8> = store
+            .conn
+            .query_row(
+                "SELECT group_data FROM openmls_group_data WHERE data_type = 'message_secrets'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored[0], crate::nilpack::PACKED, "stored packed");
+        let unpacked = crate::nilpack::unpack(&stored).unwrap();
+        assert!(
+            stored.len() * 2 < unpacked.len(),
+            "{} of {}",
+            stored.len(),
+            unpacked.len()
+        );
+        drop(store);
+        // A fresh process: the group is read back from the packed value and goes on.
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .tx(|s| {
+                let provider = s.provider();
+                let mut g = s.take_group(&gid)?.unwrap();
+                assert_eq!(g.members().count(), 401);
+                g.create_message(&provider, &signer, b"second")
+                    .map_err(Error::mls)?;
+                s.keep_group(g);
+                Ok(())
+            })
+            .unwrap();
     }
 }

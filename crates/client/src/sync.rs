@@ -37,7 +37,10 @@ impl Session<'_> {
             }))
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.subscribed.insert(q.id.clone());
+                Ok(true)
+            }
             // The server does not know the queue (lost, or retention-expired): nothing to read.
             Err(Error::Server {
                 code: blindpost_wire::ErrorCode::NotFound,

@@ -386,8 +386,8 @@ impl Service {
         Ok(committed.epoch)
     }
 
-    /// `Post`.
-    pub async fn post(&self, req: Post) -> ServiceResult<()> {
+    /// `Post`; `skip` are the routes not to append to (see [`PostOp::skip`]).
+    pub async fn post(&self, req: Post, skip: Vec<QueueId>) -> ServiceResult<()> {
         let op = PostOp {
             group_id: GroupId::parse(&req.group_id)?,
             epoch: req.epoch,
@@ -398,6 +398,7 @@ impl Service {
                 Arc::from(req.payload)
             },
             max_queue_bytes: self.limits.max_queue_bytes,
+            skip,
         };
         let payload = Arc::clone(&op.payload);
         match self.store.post(op).await? {

@@ -200,7 +200,14 @@ impl Session {
                 let epoch = service.commit(r).await?;
                 Ok(Body::Committed(Committed { epoch }))
             }
-            Request::Post(r) => service.post(r).await.map(ok),
+            Request::Post(r) => {
+                let skip = if r.skip_subscribed {
+                    self.queues.keys().copied().collect()
+                } else {
+                    Vec::new()
+                };
+                service.post(r, skip).await.map(ok)
+            }
             Request::Ping(_) => Ok(ok(())),
         }
     }

@@ -224,6 +224,7 @@ async fn sender(
                 posting_token: setup.token.clone(),
                 message_id: id.to_vec(),
                 payload: payload.clone(),
+                skip_subscribed: false,
             });
             match conn.request(request).await {
                 Some(Body::Ok(_)) => break,
@@ -424,6 +425,7 @@ async fn a_post_cut_mid_frame_is_not_stored_and_its_retry_is_stored_once() {
                 posting_token: setup.token.clone(),
                 message_id: vec![0xC0; 16],
                 payload: payload.to_vec(),
+                skip_subscribed: false,
             })),
         })
     };
@@ -459,6 +461,7 @@ async fn a_post_cut_mid_frame_is_not_stored_and_its_retry_is_stored_once() {
         posting_token: setup.token.clone(),
         message_id: vec![0xC0; 16],
         payload: vec![0xAA; 100_000],
+        skip_subscribed: false,
     }))
     .await;
     // The answer to a retry is cut too (connection dropped before reading): still once.

@@ -267,6 +267,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
     a_full_queue_refuses_posts_whole_until_acknowledged,
+    a_post_skips_the_routes_it_names,
     group_route_limit_is_enforced_by_commit,
     akd_storage_passes_akds_own_storage_suite,
     directory_epochs_publish_prove_and_survive_reopen,
@@ -546,6 +547,7 @@ fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
         message_id: mid(id),
         payload: payload.into(),
         max_queue_bytes: u64::MAX,
+        skip: Vec::new(),
     }
 }
 
@@ -1212,6 +1214,44 @@ async fn a_full_queue_refuses_posts_whole_until_acknowledged(b: &mut impl Backen
     c.remove_routes = vec![qid(2)];
     s.commit(c).await.unwrap();
     assert_eq!(payloads(&*s, qid(2)).await.last().unwrap(), b"commit");
+}
+
+async fn a_post_skips_the_routes_it_names(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    queue(&*s, 2).await;
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    // Queue 1 (the poster's own, say) is full: a post skipping it is not refused by it.
+    let limited = |id: u32, len: usize, skip: Vec<QueueId>| PostOp {
+        max_queue_bytes: 100,
+        skip,
+        ..post(1, 0, 1, id, &vec![id as u8; len])
+    };
+    s.post(limited(1, 90, vec![qid(2)])).await.unwrap();
+    let posted = s.post(limited(2, 50, vec![qid(1)])).await.unwrap();
+    assert_eq!(
+        posted,
+        Posted::Stored {
+            appended: vec![Appended {
+                queue: qid(2),
+                seq: 1
+            }]
+        }
+    );
+    assert_eq!(payloads(&*s, qid(1)).await, vec![vec![1u8; 90]]);
+    assert_eq!(payloads(&*s, qid(2)).await, vec![vec![2u8; 50]]);
+    // Without the skip the full queue refuses the post whole.
+    assert_eq!(
+        refusal(s.post(limited(3, 50, vec![])).await),
+        Refusal::LimitExceeded(Limit::QueueBytes)
+    );
+    // Skipping every route stores the post nowhere, yet burns its id (a repeat is a duplicate).
+    let none = s.post(limited(4, 1, vec![qid(1), qid(2)])).await.unwrap();
+    assert_eq!(none, Posted::Stored { appended: vec![] });
+    assert_eq!(
+        s.post(limited(4, 1, vec![])).await.unwrap(),
+        Posted::Duplicate
+    );
 }
 
 async fn group_route_limit_is_enforced_by_commit(b: &mut impl Backend) {

@@ -464,6 +464,50 @@ async fn a_quiet_ack_is_answered_only_when_it_fails() {
 }
 
 #[tokio::test]
+async fn a_post_skipping_subscribed_queues_reaches_every_other_route_only() {
+    let server = start().await;
+    let mut alice = Client::connect(server.addr).await;
+    let mut bob = Client::connect(server.addr).await;
+    let (a, b) = (q(1), q(2));
+    alice.ok(create_queue(&a)).await;
+    bob.ok(create_queue(&b)).await;
+    let group = vec![7u8; 32];
+    let token = vec![1u8; 32];
+    alice
+        .ok(Request::CreateGroup(CreateGroup {
+            group_id: group.clone(),
+            epoch: 0,
+            posting_token_hash: sha(&token),
+            routes: vec![route(&a), route(&b)],
+        }))
+        .await;
+    let skipping = |id: u8| {
+        let Request::Post(mut p) = post(&group, 0, &token, id, &[id]) else {
+            unreachable!("post builds a Post")
+        };
+        p.skip_subscribed = true;
+        Request::Post(p)
+    };
+    // Not subscribed to anything yet: nothing is skipped.
+    alice.ok(skipping(1)).await;
+    alice.request(subscribe(&a, false)).await;
+    alice.ok(skipping(2)).await;
+    alice.ok(post(&group, 0, &token, 3, &[3])).await;
+    assert_eq!(
+        fetched(&mut alice, &a).await,
+        [(1, vec![1u8]), (2, vec![3u8])],
+        "no echo of the post that skipped the poster's subscribed queue"
+    );
+    bob.request(subscribe(&b, false)).await;
+    assert_eq!(
+        fetched(&mut bob, &b).await,
+        [(1, vec![1u8]), (2, vec![2u8]), (3, vec![3u8])],
+        "every other route gets every post"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn pushes_arrive_in_order_and_complete_when_posts_outrun_the_subscriber() {
     // Most pushes are handed over from memory; more than an inbox holds falls back to the
     // store. Either way the subscriber sees every sequence number once, in order.

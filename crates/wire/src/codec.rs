@@ -103,9 +103,13 @@ mod tests {
                 posting_token: vec![3],
                 message_id: vec![4],
                 payload: vec![5],
+                skip_subscribed: true,
             })),
         };
-        assert_eq!(hex(&encode(&frame)), "0801720e0a010110021a01032201042a0105");
+        assert_eq!(
+            hex(&encode(&frame)),
+            "080172100a010110021a01032201042a01053001"
+        );
     }
 
     fn hex(b: &[u8]) -> String {

@@ -478,6 +478,12 @@ pub struct Post {
     /// The MLS message.
     #[prost(bytes = "vec", tag = "5")]
     pub payload: Vec<u8>,
+    /// When set, the message is not appended to routes this connection has subscribed to
+    /// (`Subscribe`, with or without push): the poster's own queue, whose echo the poster
+    /// would only skip. A poster that sets it gets no echo of this post. The server learns
+    /// nothing new: it already sees which queues the connection reads.
+    #[prost(bool, tag = "6")]
+    pub skip_subscribed: bool,
 }
 
 /// Keep-alive.

@@ -476,3 +476,27 @@ pub fn texts(items: &[Value]) -> Vec<String> {
 pub fn of_kind<'a>(items: &'a [Value], kind: &str) -> Vec<&'a Value> {
     items.iter().filter(|i| i["kind"] == kind).collect()
 }
+
+/// Messages the server still holds for any queue of a client profile.
+pub fn pending_for(server_data: &Path, profile: &Path) -> usize {
+    let client = rusqlite::Connection::open(profile.join("blindpost.sqlite3")).unwrap();
+    let mut st = client.prepare("SELECT id FROM bp_queues").unwrap();
+    let queues: Vec<Vec<u8>> = st
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let server = rusqlite::Connection::open(server_data.join("blindpost.sqlite3")).unwrap();
+    queues
+        .iter()
+        .map(|q| {
+            server
+                .query_row(
+                    "SELECT count(*) FROM messages WHERE queue_id = ?1",
+                    [q],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap() as usize
+        })
+        .sum()
+}

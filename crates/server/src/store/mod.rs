@@ -164,6 +164,9 @@ pub struct PostOp {
     /// Most pending payload bytes a queue may hold after the append; a post that would pass it
     /// on any route is refused whole (`LimitExceeded(QueueBytes)`).
     pub max_queue_bytes: u64,
+    /// Routes not to append to: the queues the posting connection has authenticated, when the
+    /// post asked to skip them (`Post.skip_subscribed`); usually empty or one queue.
+    pub skip: Vec<QueueId>,
 }
 
 /// Where one append landed.

@@ -686,22 +686,26 @@ fn appended_from_row(row: &tokio_postgres::Row) -> Result<Appended, Fail> {
 }
 
 /// Appends `payload` to every route of `group`, in one statement; returns where it landed.
+/// Appends `payload` to every route of `group` but those in `skip`.
 async fn append_to_routes(
     tx: &mut Tx<'_>,
     group: &GroupId,
     payload: &[u8],
+    skip: &[QueueId],
 ) -> Result<Vec<Appended>, Fail> {
     let day = tx.day;
+    let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
     let rows = tx
         .query(
             "WITH q AS (
                 UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
                 WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                  AND NOT (id = ANY($4))
                 RETURNING id, next_seq - 1 AS seq
              )
              INSERT INTO messages (queue_id, seq, payload, day)
              SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq",
-            &[&group.as_bytes(), &payload, &day],
+            &[&group.as_bytes(), &payload, &day, &skip],
         )
         .await?;
     rows.iter().map(appended_from_row).collect()
@@ -920,7 +924,7 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
         &c.remove_routes,
     )
     .await?;
-    let mut appended: Vec<QueueId> = append_to_routes(tx, &c.group_id, &c.commit)
+    let mut appended: Vec<QueueId> = append_to_routes(tx, &c.group_id, &c.commit, &[])
         .await?
         .into_iter()
         .map(|a| a.queue)
@@ -1008,10 +1012,10 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
         Room::Routes(&p.group_id),
         p.payload.len(),
         p.max_queue_bytes,
-        &[],
+        &p.skip,
     )
     .await?;
-    let appended = append_to_routes(tx, &p.group_id, &p.payload).await?;
+    let appended = append_to_routes(tx, &p.group_id, &p.payload, &p.skip).await?;
     tx.exec(
         "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
         &[&gid, &day],

@@ -810,6 +810,9 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     }
     let mut appended = Vec::new();
     for queue in routes_of(conn, &p.group_id)? {
+        if p.skip.contains(&queue) {
+            continue;
+        }
         if let Some(seq) = append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))? {
             appended.push(Appended { queue, seq });
         }
@@ -1570,6 +1573,7 @@ mod fixtures {
             message_id: MessageId::new(id),
             payload: payload.into(),
             max_queue_bytes: u64::MAX,
+            skip: Vec::new(),
         }
     }
 
