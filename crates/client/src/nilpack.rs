@@ -39,7 +39,9 @@ pub enum UnpackError {
 }
 
 /// `raw` packed, or `None` when it is shorter than [`MIN_PACKED_INPUT`] or packing would not
-/// make it smaller.
+/// save at least a quarter of it. (The codec packs keys too: a key holding random bytes, such
+/// as a public key, never qualifies, so its encoding stays what format 3 wrote and lookups of
+/// existing rows still match.)
 pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
     if raw.len() < MIN_PACKED_INPUT {
         return None;
@@ -63,7 +65,7 @@ pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
             return None;
         }
     }
-    (out.len() < raw.len()).then_some(out)
+    (out.len() <= raw.len() / 4 * 3).then_some(out)
 }
 
 /// How many bytes at the start of `s` are nil, eight at a time while they can be.
@@ -174,7 +176,8 @@ mod tests {
     #[test]
     fn short_or_incompressible_values_stay_as_they_are() {
         assert_eq!(pack(&[NIL; MIN_PACKED_INPUT - 1]), None);
-        // Isolated nils cost two bytes each when packed: not smaller, so left alone.
+        // Isolated nils cost two bytes each when packed: not smaller, so left alone; nor is a
+        // value that packing shrinks by less than a quarter.
         let mut alternating = Vec::new();
         for i in 0..2000u32 {
             alternating.push(if i % 2 == 0 { NIL } else { 1 });
@@ -182,6 +185,15 @@ mod tests {
         assert_eq!(pack(&alternating), None);
         let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 191) as u8).collect();
         assert_eq!(pack(&noise), None);
+        let mut mostly_noise = noise.clone();
+        mostly_noise.extend([NIL; 800]);
+        assert_eq!(
+            pack(&mostly_noise),
+            None,
+            "saves 796 of 4,896 bytes: under a quarter"
+        );
+        mostly_noise.extend([NIL; 1000]);
+        assert!(pack(&mostly_noise).is_some(), "saves 1,796 of 5,896 bytes");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 /// self-describing as openmls's types need (`tls_codec` reads byte strings with
 /// `deserialize_any`, which rules out postcard and bincode). JSON, before store format 3,
 /// spelled every byte as a number. From format 4, values of 1 KiB or more are stored with
-/// their runs of `nil` packed ([`crate::nilpack`]) when that makes them smaller: openmls
+/// their runs of `nil` packed ([`crate::nilpack`]) when that saves a quarter or more: openmls
 /// rewrites a group's message secrets (one mostly-empty slot per leaf) on every message.
 #[derive(Default)]
 pub struct MsgpackCodec;
