@@ -3,6 +3,7 @@
 //! Not for: connection state (see `session`) or bytes on the socket (see `ws`); the store does
 //! the checks that must be atomic with a write.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::kt::{KtError, Transparency};
@@ -387,7 +388,7 @@ impl Service {
     }
 
     /// `Post`; `skip` are the routes not to append to (see [`PostOp::skip`]).
-    pub async fn post(&self, req: Post, skip: Vec<QueueId>) -> ServiceResult<()> {
+    pub async fn post(&self, req: Post, skip: HashSet<QueueId>) -> ServiceResult<()> {
         let op = PostOp {
             group_id: GroupId::parse(&req.group_id)?,
             epoch: req.epoch,

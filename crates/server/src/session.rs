@@ -3,7 +3,7 @@
 //! budget. Handlers only call the service and build the wire answer.
 //! Not for: socket I/O (see `ws`) or domain rules (see `service`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,7 +204,7 @@ impl Session {
                 let skip = if r.skip_subscribed {
                     self.queues.keys().copied().collect()
                 } else {
-                    Vec::new()
+                    HashSet::new()
                 };
                 service.post(r, skip).await.map(ok)
             }

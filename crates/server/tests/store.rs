@@ -547,7 +547,7 @@ fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
         message_id: mid(id),
         payload: payload.into(),
         max_queue_bytes: u64::MAX,
-        skip: Vec::new(),
+        skip: HashSet::new(),
     }
 }
 
@@ -1224,7 +1224,7 @@ async fn a_post_skips_the_routes_it_names(b: &mut impl Backend) {
     // Queue 1 (the poster's own, say) is full: a post skipping it is not refused by it.
     let limited = |id: u32, len: usize, skip: Vec<QueueId>| PostOp {
         max_queue_bytes: 100,
-        skip,
+        skip: skip.into_iter().collect(),
         ..post(1, 0, 1, id, &vec![id as u8; len])
     };
     s.post(limited(1, 90, vec![qid(2)])).await.unwrap();

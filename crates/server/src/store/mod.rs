@@ -16,6 +16,7 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -165,8 +166,9 @@ pub struct PostOp {
     /// on any route is refused whole (`LimitExceeded(QueueBytes)`).
     pub max_queue_bytes: u64,
     /// Routes not to append to: the queues the posting connection has authenticated, when the
-    /// post asked to skip them (`Post.skip_subscribed`); usually empty or one queue.
-    pub skip: Vec<QueueId>,
+    /// post asked to skip them (`Post.skip_subscribed`). Usually empty or one queue, but a
+    /// connection may hold thousands, so it is a set: each route is looked up once.
+    pub skip: HashSet<QueueId>,
 }
 
 /// Where one append landed.

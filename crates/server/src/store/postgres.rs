@@ -1007,15 +1007,16 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     if fresh == 0 {
         return Ok(Posted::Duplicate);
     }
+    let skip: Vec<QueueId> = p.skip.iter().copied().collect();
     check_room(
         tx,
         Room::Routes(&p.group_id),
         p.payload.len(),
         p.max_queue_bytes,
-        &p.skip,
+        &skip,
     )
     .await?;
-    let appended = append_to_routes(tx, &p.group_id, &p.payload, &p.skip).await?;
+    let appended = append_to_routes(tx, &p.group_id, &p.payload, &skip).await?;
     tx.exec(
         "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
         &[&gid, &day],

@@ -1573,7 +1573,7 @@ mod fixtures {
             message_id: MessageId::new(id),
             payload: payload.into(),
             max_queue_bytes: u64::MAX,
-            skip: Vec::new(),
+            skip: Default::default(),
         }
     }
 
