@@ -1,6 +1,6 @@
 //! Entry points for the fuzz targets (`fuzz/`) and the hostile-server tests: each runs the
 //! very code the client runs on bytes from outside (directory entries, key packages, padded
-//! application payloads, queued MLS messages), and [`LiveGroup`] is a real three-member group
+//! application payloads, queued MLS messages, packed values read from the profile's file), and [`LiveGroup`] is a real three-member group
 //! whose member "alice" processes whatever it is handed, as a receive would. Hidden from the
 //! documented API; not for front ends.
 
@@ -27,6 +27,17 @@ pub fn directory_entry(username: &str, bytes: &[u8]) -> Result<()> {
 /// Parse a decrypted, padded application payload.
 pub fn app_payload(bytes: &[u8]) -> Option<AppMessage> {
     AppMessage::from_padded_bytes(bytes)
+}
+
+/// Pack a value as the profile store does before writing it (`None`: stored as it is).
+pub fn nil_pack(raw: &[u8]) -> Option<Vec<u8>> {
+    crate::nilpack::pack(raw)
+}
+
+/// Unpack a stored value as the profile store does when it starts with the packed marker;
+/// `None` for a damaged one.
+pub fn nil_unpack(packed: &[u8]) -> Option<Vec<u8>> {
+    crate::nilpack::unpack(packed).ok()
 }
 
 /// Checks key packages as ones claimed from the server are checked (against a fixed
