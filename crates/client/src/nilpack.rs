@@ -46,6 +46,8 @@ pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
     if raw.len() < MIN_PACKED_INPUT {
         return None;
     }
+    // Anything longer than this is not worth storing packed.
+    let limit = raw.len() / 4 * 3;
     let mut out = Vec::with_capacity(raw.len() / 4);
     out.push(PACKED);
     let mut rest = raw;
@@ -61,11 +63,11 @@ pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
         out.push(NIL);
         push_varint(&mut out, run);
         rest = &rest[run..];
-        if out.len() >= raw.len() {
+        if out.len() > limit {
             return None;
         }
     }
-    (out.len() <= raw.len() / 4 * 3).then_some(out)
+    (out.len() <= limit).then_some(out)
 }
 
 /// How many bytes at the start of `s` are nil, eight at a time while they can be.
