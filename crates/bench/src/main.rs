@@ -159,12 +159,14 @@ impl Drop for Spawned {
 
 fn spawn_server(bin: &PathBuf) -> Result<(Spawned, String)> {
     let data = tempfile::tempdir()?;
-    // The per-connection request rate limit guards against abusive clients; a load test's
-    // senders would hit it and measure the limit instead of the relay.
+    // The per-connection rate limits guard against abusive clients; a load test's senders
+    // would hit the request limit and measure it instead of the relay, and a group's creator
+    // claims a key package for every member on one connection.
     let config = data.path().join("bench.toml");
     std::fs::write(
         &config,
-        "requests_per_second = 1000000\nrequest_burst = 1000000\n",
+        "requests_per_second = 1000000\nrequest_burst = 1000000\n\
+         claims_per_minute = 1000000\nclaim_burst = 1000000\n",
     )?;
     let started = Instant::now();
     let mut child = Command::new(bin)

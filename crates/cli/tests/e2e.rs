@@ -81,6 +81,23 @@ fn a_message_is_not_echoed_to_the_senders_own_queue() {
 }
 
 #[test]
+fn a_group_larger_than_the_claim_burst_is_created_by_waiting_for_the_claim_limit() {
+    // One claim per connection at once, refilled every half second: creating a group of four
+    // meets the limit twice. The refused claims wait and ask again instead of failing.
+    let server = Server::start_configured("claim_burst = 1\nclaims_per_minute = 120\n");
+    let alice = User::setup(&server, "alice");
+    let others: Vec<User> = ["bob", "carol", "dave"]
+        .into_iter()
+        .map(|n| User::setup(&server, n))
+        .collect();
+    alice.ok(&["group", "create", "crowd", "@bob", "@carol", "@dave"]);
+    alice.ok(&["send", "crowd", "all here"]);
+    for u in &others {
+        assert_eq!(u.receive_texts(), vec!["all here"], "{}", u.name);
+    }
+}
+
+#[test]
 fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_after() {
     let server = Server::start();
     let alice = User::setup(&server, "alice");

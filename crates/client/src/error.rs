@@ -35,6 +35,13 @@ pub enum Error {
     /// The request makes no sense (adding an existing member, …).
     #[error("{0}")]
     Invalid(String),
+    /// A commit (with its Welcome) would not fit in one frame. Adding members splits the
+    /// additions by itself; a single member's commit this large cannot be sent.
+    #[error(
+        "this change makes a commit of {0} bytes, more than one message may carry; change \
+         fewer members at once"
+    )]
+    CommitTooLarge(usize),
 
     // --- the server -----------------------------------------------------------------------
     /// The server answered with an error.

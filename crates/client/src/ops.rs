@@ -11,7 +11,7 @@ use blindpost_wire::{
     ClaimKeyPackage, Commit, CreateGroup, CreateQueue, DIRECTORY_SIGNATURE_CONTEXT, DirectoryEntry,
     DirectoryHistory, DirectoryLookup, DirectoryRoot, ErrorCode, KeyPackageStatus, Post,
     PublishKeyPackages, RegisterUser, Request, Route, SignedDirectoryEntry, SignedRoot, limits,
-    response,
+    limits::MAX_PAYLOAD_BYTES, response,
 };
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use openmls::prelude::tls_codec::Serialize as _;
@@ -32,6 +32,14 @@ use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, r
 
 /// How often one operation retries after losing an epoch race before giving up.
 const MAX_ATTEMPTS: usize = 8;
+
+/// How long a refused key-package claim waits before asking again. The server's default claim
+/// rate per connection refills one claim a second after a burst of 20.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// Longest one claim waits for the server's rate limits (a box's default limit refills one
+/// claim a minute): past it, the refusal is the answer.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(75);
 
 /// What a profile knows about itself.
 pub(crate) struct Profile {
@@ -64,10 +72,54 @@ pub(crate) struct Session<'a> {
 }
 
 /// What a commit does.
-enum Change {
-    Add(Vec<CheckedKeyPackage>),
+enum Change<'a> {
+    Add(&'a [CheckedKeyPackage]),
     Remove(Vec<String>),
     PendingProposals,
+}
+
+/// Splits additions into commits that fit in a frame. A commit carries every new member's key
+/// package and its Welcome the whole ratchet tree, so a large group (a post-quantum one above
+/// about 300 members) is built in several commits. The first batch is everyone; a batch whose
+/// commit is too large is halved; the next batch starts at the size that last fitted (the
+/// tree only grows).
+#[derive(Debug)]
+struct Batches {
+    /// Additions committed so far.
+    done: usize,
+    /// Size of the next batch.
+    take: usize,
+    len: usize,
+}
+
+impl Batches {
+    fn new(len: usize) -> Self {
+        Self {
+            done: 0,
+            take: len,
+            len,
+        }
+    }
+
+    /// The next batch, or `None` once everything is committed.
+    fn next(&self) -> Option<std::ops::Range<usize>> {
+        (self.done < self.len).then(|| self.done..self.done + self.take)
+    }
+
+    /// The batch from [`Batches::next`] was committed.
+    fn committed(&mut self) {
+        self.done += self.take;
+        self.take = self.take.min(self.len - self.done);
+    }
+
+    /// The batch was too large: halves it, or returns false if it was one addition.
+    fn halve(&mut self) -> bool {
+        if self.take <= 1 {
+            return false;
+        }
+        self.take = self.take.div_ceil(2);
+        true
+    }
 }
 
 /// A commit prepared and persisted locally, ready to send.
@@ -325,7 +377,7 @@ impl Client {
             }
         }
         let kps = session.claim_all(members).await?;
-        session.commit(&gid, Change::Add(kps)).await?;
+        session.add(&gid, &kps).await?;
         let name = self.store.chat(&gid)?.and_then(|c| c.name);
         session.post_app(&gid, Body::Meta { name }).await?;
         session.conn.close().await;
@@ -880,13 +932,7 @@ impl Session<'_> {
             let entry = self.lookup(user).await?;
             self.check_confirmed(user, &entry)?;
             for device in &entry.devices {
-                let body = match self
-                    .conn
-                    .call(Request::ClaimKeyPackage(ClaimKeyPackage {
-                        box_id: device.box_id.clone(),
-                    }))
-                    .await
-                {
+                let body = match self.claim(&device.box_id).await {
                     Err(Error::Server {
                         code: ErrorCode::NotFound,
                         ..
@@ -913,6 +959,29 @@ impl Session<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// Claims one key package from `box_id`. A claim refused for a rate limit (the only limit
+    /// a claim can meet: per connection, per box, or requests per second) waits and asks
+    /// again, for up to [`CLAIM_PATIENCE`]: a group of more than the server's claim burst is
+    /// created more slowly, not refused halfway through its claims.
+    async fn claim(&mut self, box_id: &[u8]) -> Result<response::Body> {
+        let started = Instant::now();
+        loop {
+            let answer = self
+                .conn
+                .call(Request::ClaimKeyPackage(ClaimKeyPackage {
+                    box_id: box_id.to_vec(),
+                }))
+                .await;
+            match answer {
+                Err(Error::Server {
+                    code: ErrorCode::LimitExceeded,
+                    ..
+                }) if started.elapsed() < CLAIM_PATIENCE => tokio::time::sleep(CLAIM_RETRY).await,
+                other => return other,
+            }
+        }
     }
 
     /// Create a queue on the server and remember it; returns (id, send token).
@@ -960,7 +1029,7 @@ impl Session<'_> {
                 }],
             }))
             .await?;
-        self.commit(&gid, Change::Add(kps)).await?;
+        self.add(&gid, &kps).await?;
         self.post_app(
             &gid,
             Body::Meta {
@@ -971,8 +1040,21 @@ impl Session<'_> {
         Ok(gid)
     }
 
+    /// Adds everyone in `kps`, in as few commits as fit in a frame (see [`Batches`]).
+    async fn add(&mut self, gid: &[u8], kps: &[CheckedKeyPackage]) -> Result<()> {
+        let mut batches = Batches::new(kps.len());
+        while let Some(batch) = batches.next() {
+            match self.commit(gid, Change::Add(&kps[batch])).await {
+                Ok(()) => batches.committed(),
+                Err(Error::CommitTooLarge(_)) if batches.halve() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Submit a commit, rebasing and retrying when another member's commit wins the epoch.
-    async fn commit(&mut self, gid: &[u8], change: Change) -> Result<()> {
+    async fn commit(&mut self, gid: &[u8], change: Change<'_>) -> Result<()> {
         for _ in 0..MAX_ATTEMPTS {
             let prepared = self.prepare_commit(gid, &change)?;
             match self.conn.call(Request::Commit(prepared.request)).await {
@@ -1015,7 +1097,7 @@ impl Session<'_> {
         ))
     }
 
-    fn prepare_commit(&self, gid: &[u8], change: &Change) -> Result<PreparedCommit> {
+    fn prepare_commit(&self, gid: &[u8], change: &Change<'_>) -> Result<PreparedCommit> {
         self.client.store.tx(|s| {
             let provider = s.provider();
             let mut group = load_caught_up_group(s, gid)?;
@@ -1073,21 +1155,27 @@ impl Session<'_> {
                 None => Vec::new(),
             };
             let hash = sha256(&commit);
+            let request = Commit {
+                group_id: gid.to_vec(),
+                epoch,
+                posting_token,
+                commit,
+                next_posting_token_hash: sha256(&next),
+                add_routes,
+                remove_routes,
+                welcome,
+            };
+            // Refused before anything is kept: the transaction rolls the pending commit back.
+            let len = request.encoded_len();
+            if !blindpost_wire::request_fits(len)
+                || request.commit.len() > MAX_PAYLOAD_BYTES
+                || request.welcome.len() > MAX_PAYLOAD_BYTES
+            {
+                return Err(Error::CommitTooLarge(len));
+            }
             s.add_echo(&hash)?;
             s.keep_group(group);
-            Ok(PreparedCommit {
-                request: Commit {
-                    group_id: gid.to_vec(),
-                    epoch,
-                    posting_token,
-                    commit,
-                    next_posting_token_hash: sha256(&next),
-                    add_routes,
-                    remove_routes,
-                    welcome,
-                },
-                hash,
-            })
+            Ok(PreparedCommit { request, hash })
         })
     }
 
@@ -1484,5 +1572,61 @@ mod gossip_tests {
             check_root_against_seen(&store, &root(2, 5)),
             Err(Error::DirectoryAlarm(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use std::ops::Range;
+
+    use super::Batches;
+
+    /// Drives [`Batches`] as `Session::add` does, against a commit whose size is 3 units per
+    /// addition (key package and Welcome secrets) plus 1 per member of the grown group (the
+    /// ratchet tree in the Welcome), starting from `existing` members, and that fits up to
+    /// `limit` units. Returns the committed batches, or `None` if it gave up.
+    fn drive(len: usize, existing: usize, limit: usize) -> Option<Vec<Range<usize>>> {
+        let mut batches = Batches::new(len);
+        let mut committed: Vec<Range<usize>> = Vec::new();
+        while let Some(batch) = batches.next() {
+            let members = existing + batch.end;
+            if 3 * batch.len() + members <= limit {
+                committed.push(batch);
+                batches.committed();
+            } else if !batches.halve() {
+                return None;
+            }
+        }
+        Some(committed)
+    }
+
+    #[test]
+    fn additions_that_fit_go_in_one_commit() {
+        let everyone: Range<usize> = 0..999;
+        assert_eq!(drive(999, 1, 5_000), Some([everyone].to_vec()));
+        let one: Range<usize> = 0..1;
+        assert_eq!(drive(1, 1, 5), Some([one].to_vec()));
+    }
+
+    #[test]
+    fn a_commit_too_large_is_split_and_every_addition_is_committed_once_in_order() {
+        // As a post-quantum group: each commit carries the whole tree, so later batches fit
+        // fewer additions.
+        let batches = drive(999, 1, 2_000).expect("one addition always fits here");
+        let flat: Vec<usize> = batches.iter().flat_map(Clone::clone).collect();
+        assert_eq!(flat, (0..999).collect::<Vec<_>>());
+        // 999 and 500 are too large; then batches of 250 until the rest.
+        assert_eq!(batches, vec![0..250, 250..500, 500..750, 750..999]);
+        assert!(batches.windows(2).all(|w| w[0].end == w[1].start));
+    }
+
+    #[test]
+    fn nothing_to_add_makes_no_commit() {
+        assert_eq!(drive(0, 1, 10), Some(vec![]));
+    }
+
+    #[test]
+    fn a_single_addition_too_large_gives_up() {
+        assert_eq!(drive(3, 10, 13), None);
     }
 }

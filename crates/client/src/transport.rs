@@ -53,12 +53,20 @@ impl Connection {
     pub async fn call(&mut self, request: Request) -> Result<response::Body> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = ClientFrame {
+        let frame = wire::encode(&ClientFrame {
             id,
             request: Some(request),
-        };
+        });
+        // The server would drop the connection; say why instead.
+        if frame.len() > wire::limits::MAX_FRAME_BYTES {
+            return Err(Error::Invalid(format!(
+                "a request of {} bytes exceeds the frame limit of {} bytes",
+                frame.len(),
+                wire::limits::MAX_FRAME_BYTES
+            )));
+        }
         self.ws
-            .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+            .send(tungstenite::Message::Binary(frame.into()))
             .await
             .map_err(|e| Error::Unreachable(e.to_string()))?;
         let wait = async {

@@ -271,6 +271,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     group_route_limit_is_enforced_by_commit,
     akd_storage_passes_akds_own_storage_suite,
     directory_epochs_publish_prove_and_survive_reopen,
+    lookup_answers_are_reused_within_an_epoch_only,
 ]);
 
 // ---------------------------------------------------------------------------------------------
@@ -1553,6 +1554,30 @@ async fn directory_epochs_publish_prove_and_survive_reopen(b: &mut impl Backend)
     d_after_reopen_lookup(&kt).await;
 }
 
+async fn lookup_answers_are_reused_within_an_epoch_only(b: &mut impl Backend) {
+    let kt = Transparency::open(b.transparency(), b.data_dir())
+        .await
+        .unwrap();
+    let d = b.directory();
+    d.register_user(user("alice", 1, 1)).await.unwrap();
+    assert_eq!(kt.publish_pending().await.unwrap(), Some(1));
+    // Asked twice in one epoch: the same answer, and it verifies.
+    let first = kt.lookup("alice").await.unwrap();
+    assert_eq!(kt.lookup("alice").await.unwrap(), first);
+    assert_eq!(verified_lookup(&kt, "alice").await.1.entry, vec![1, 1]);
+    assert!(matches!(kt.lookup("carol").await, Err(KtError::NotFound)));
+    assert!(matches!(kt.lookup("carol").await, Err(KtError::NotFound)));
+
+    // A new epoch: neither the old value nor the old absence is served again.
+    d.register_user(user("alice", 1, 2)).await.unwrap();
+    d.register_user(user("carol", 3, 1)).await.unwrap();
+    assert_eq!(kt.publish_pending().await.unwrap(), Some(2));
+    let (root, alice) = verified_lookup(&kt, "alice").await;
+    assert_eq!((root.epoch, alice.entry), (2, vec![1, 2]));
+    let (root, carol) = verified_lookup(&kt, "carol").await;
+    assert_eq!((root.epoch, carol.entry), (2, vec![3, 1]));
+}
+
 async fn d_after_reopen_lookup(kt: &Transparency) {
     let (root, _) = kt.lookup("alice").await.unwrap();
     assert_eq!(root.epoch, 1);
@@ -1635,6 +1660,14 @@ async fn postgres_nodes_share_one_key_directory_and_publish_consistent_epochs() 
         latest.epoch
     );
     assert!(pg.store.pending_entries(100).await.unwrap().is_empty());
+    // Node 2 answered alice's lookup at epoch 1; once node 1 publishes her new value, node 2
+    // proves the new one (no node serves an answer from an older epoch).
+    pg.store.register_user(user("alice", 1, 2)).await.unwrap();
+    kt_1.publish_soon().await.unwrap();
+    let (root, value) = verified_lookup(&kt_2, "alice").await;
+    assert_eq!(value.entry, vec![1, 2]);
+    let latest = kt_1.latest_root().await.unwrap();
+    assert_eq!(root, latest);
     // The whole history audits, whichever node is asked.
     for epoch in 1..=latest.epoch {
         let kt = if epoch % 2 == 0 { &kt_1 } else { &kt_2 };

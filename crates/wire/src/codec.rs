@@ -21,6 +21,16 @@ pub enum DecodeError {
     Malformed(#[from] prost::DecodeError),
 }
 
+/// Most bytes a [`ClientFrame`] adds around its request: the id (at most 11) and the
+/// request's field tag and length (at most 2 and 5).
+const REQUEST_HEADROOM: usize = 18;
+
+/// Whether a request whose own encoding is `len` bytes fits in a frame under
+/// [`MAX_FRAME_BYTES`], whatever its id.
+pub fn request_fits(len: usize) -> bool {
+    len.saturating_add(REQUEST_HEADROOM) <= MAX_FRAME_BYTES
+}
+
 /// Encode any frame.
 pub fn encode(frame: &impl Message) -> Vec<u8> {
     frame.encode_to_vec()

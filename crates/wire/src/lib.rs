@@ -17,7 +17,7 @@ mod messages;
 
 pub mod limits;
 
-pub use codec::{DecodeError, decode_client, decode_server, encode};
+pub use codec::{DecodeError, decode_client, decode_server, encode, request_fits};
 pub use messages::*;
 
 /// Length in bytes of a queue id.

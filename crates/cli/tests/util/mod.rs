@@ -61,9 +61,24 @@ impl Server {
         Self::start_with(Some(&db.url))
     }
 
+    /// Started with `toml` as its configuration file (written into its data directory).
+    pub fn start_configured(toml: &str) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let config = data.path().join("test-config.toml");
+        std::fs::write(&config, toml).unwrap();
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", None, None, Some(&config));
+        Self {
+            child,
+            url: format!("ws://{addr}"),
+            addr,
+            data,
+            log: None,
+        }
+    }
+
     fn start_with(database: Option<&str>) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database, None);
+        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database, None, None);
         Self {
             child,
             url: format!("ws://{addr}"),
@@ -83,6 +98,7 @@ impl Server {
             &format!("{ip}:0"),
             None,
             Some((log.as_path(), level)),
+            None,
         );
         Self {
             child,
@@ -109,7 +125,7 @@ impl Server {
         self.stop();
         assert!(self.log.is_none(), "restart of a logged server");
         tamper(self.data.path());
-        let (child, addr) = spawn_server(self.data.path(), &self.addr, None, None);
+        let (child, addr) = spawn_server(self.data.path(), &self.addr, None, None, None);
         assert_eq!(addr, self.addr);
         self.child = child;
     }
@@ -148,6 +164,7 @@ fn spawn_server(
     listen: &str,
     database: Option<&str>,
     log: Option<(&Path, &str)>,
+    config: Option<&Path>,
 ) -> (Child, String) {
     // The port of a just-stopped server may linger briefly; retry binding a few times.
     for attempt in 0..50 {
@@ -158,6 +175,9 @@ fn spawn_server(
             .stdout(Stdio::piped());
         if let Some(url) = database {
             command.args(["--database", url]);
+        }
+        if let Some(file) = config {
+            command.arg("--config").arg(file);
         }
         match log {
             Some((file, level)) => {

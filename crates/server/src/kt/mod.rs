@@ -13,6 +13,10 @@
 //! proof is against an epoch whose signed root is stored, and one node publishes at a time.
 //! With a shared store nothing of the tree is cached: every proof reads the epoch the last
 //! publishing node (any node) left.
+//!
+//! **Lookup answers** are kept per epoch ([`LookupCache`]): a proof for a name at an epoch
+//! never changes, and when a large group forms every member looks up every other member, so
+//! the same proofs are asked for hundreds of times within seconds.
 
 pub mod codec;
 pub mod keys;
@@ -20,8 +24,8 @@ pub mod storage;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use akd::configuration::DomainLabel;
@@ -57,6 +61,9 @@ pub type KtDirectory = Directory<KtConfig, AkdStorage, keys::VrfKey>;
 /// Most queued registrations one epoch publishes. Bounds the epoch's append-only proof
 /// (about 0.7 MB per 1,000 updates on 100,000 names, BENCHMARKS.md) well under the frame limit.
 pub const MAX_EPOCH_UPDATES: usize = 2_000;
+
+/// Most bytes of lookup answers kept for the current epoch; the cache starts over when full.
+const LOOKUP_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// How long a registration waits for the epoch that publishes it.
 const PUBLISH_WAIT: Duration = Duration::from_secs(30);
@@ -102,6 +109,44 @@ pub struct Transparency {
     /// The request count the last successful publication covered.
     covered: watch::Sender<u64>,
     wake: Notify,
+    lookups: Mutex<LookupCache>,
+}
+
+/// Lookup answers (the proof, or `None` for a name not in the directory) for one epoch.
+/// Everything here is what any client may ask for; it only saves making the proof again.
+#[derive(Default)]
+struct LookupCache {
+    epoch: u64,
+    root: Option<SignedRoot>,
+    answers: HashMap<String, Option<Arc<Vec<u8>>>>,
+    bytes: usize,
+}
+
+impl LookupCache {
+    fn get(&self, epoch: u64, username: &str) -> Option<Result<(SignedRoot, Vec<u8>), KtError>> {
+        if self.epoch != epoch {
+            return None;
+        }
+        let root = self.root.clone()?;
+        match self.answers.get(username)? {
+            Some(proof) => Some(Ok((root, proof.to_vec()))),
+            None => Some(Err(KtError::NotFound)),
+        }
+    }
+
+    fn put(&mut self, root: &SignedRoot, username: &str, proof: Option<&[u8]>) {
+        let size = username.len() + proof.map_or(0, <[u8]>::len);
+        if self.epoch != root.epoch || self.bytes + size > LOOKUP_CACHE_BYTES {
+            *self = Self {
+                epoch: root.epoch,
+                root: Some(root.clone()),
+                ..Self::default()
+            };
+        }
+        self.bytes += size;
+        self.answers
+            .insert(username.to_string(), proof.map(|p| Arc::new(p.to_vec())));
+    }
 }
 
 impl Transparency {
@@ -142,6 +187,7 @@ impl Transparency {
             requested: AtomicU64::new(0),
             covered,
             wake: Notify::new(),
+            lookups: Mutex::new(LookupCache::default()),
         };
         let EpochHash(epoch, hash) = kt.directory.get_epoch_hash().await.map_err(akd_err)?;
         if kt.store.epoch_root(epoch).await?.is_none() {
@@ -280,10 +326,16 @@ impl Transparency {
     pub async fn lookup(&self, username: &str) -> Result<(SignedRoot, Vec<u8>), KtError> {
         let _epoch = self.epoch_lock.read().await;
         let _nodes = self.store.epoch_lock(false).await?;
+        let EpochHash(current, _) = self.directory.get_epoch_hash().await.map_err(akd_err)?;
+        if let Some(answer) = self.cached_lookups().get(current, username) {
+            return answer;
+        }
         let label = AkdLabel(username.as_bytes().to_vec());
         let (proof, EpochHash(epoch, _)) = match self.directory.lookup(label).await {
             Ok(found) => found,
             Err(akd::errors::AkdError::Storage(akd::errors::StorageError::NotFound(_))) => {
+                let root = self.signed_root(current).await?;
+                self.cached_lookups().put(&root, username, None);
                 return Err(KtError::NotFound);
             }
             Err(e) => return Err(akd_err(e)),
@@ -291,7 +343,16 @@ impl Transparency {
         let bytes = akd::proto::specs::types::LookupProof::from(&proof)
             .write_to_bytes()
             .map_err(|e| KtError::Akd(e.to_string()))?;
-        Ok((self.signed_root(epoch).await?, bytes))
+        let root = self.signed_root(epoch).await?;
+        self.cached_lookups().put(&root, username, Some(&bytes));
+        Ok((root, bytes))
+    }
+
+    fn cached_lookups(&self) -> std::sync::MutexGuard<'_, LookupCache> {
+        // A panic while holding this lock leaves at worst a partly filled map of valid answers.
+        self.lookups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// akd's key-history proof for `username` (its most recent values) and the signed root.
