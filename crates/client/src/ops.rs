@@ -80,9 +80,9 @@ enum Change<'a> {
 
 /// Splits additions into commits that fit in a frame. A commit carries every new member's key
 /// package and its Welcome the whole ratchet tree, so a large group (a post-quantum one above
-/// about 300 members) is built in several commits. The first batch is everyone; a batch whose
-/// commit is too large is halved; the next batch starts at the size that last fitted (the
-/// tree only grows).
+/// several hundred members) is built in several commits. The first batch is everyone; a batch
+/// whose commit is too large is halved; the next batch starts at the size that last fitted
+/// (the tree only grows).
 #[derive(Debug)]
 struct Batches {
     /// Additions committed so far.
