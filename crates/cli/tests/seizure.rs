@@ -342,7 +342,11 @@ fn a_seized_server_yields_only_what_seizure_md_lists() {
         .map(|(_, q)| q.clone())
         .expect("dave's chat routes to a queue of carol's");
     let sizes: Vec<i64> = db
-        .prepare("SELECT length(payload) FROM messages WHERE queue_id = ?1 ORDER BY seq")
+        .prepare(
+            "SELECT CASE WHEN shared IS NULL THEN length(payload)
+                 ELSE (SELECT length(data) FROM payloads WHERE id = shared) END
+             FROM messages WHERE queue_id = ?1 ORDER BY seq",
+        )
         .unwrap()
         .query_map([&carol_queue], |r| r.get(0))
         .unwrap()

@@ -44,6 +44,8 @@ trait Backend: Sized {
     fn set_day(&self, day: Day);
     /// Closes the store and opens the same database again.
     fn reopen(&mut self) -> impl Future<Output = ()>;
+    /// Rows of the `payloads` table (payloads stored once for several queues), read directly.
+    fn shared_payload_rows(&self) -> impl Future<Output = i64>;
 }
 
 struct Sqlite {
@@ -88,6 +90,16 @@ impl Backend for Sqlite {
     async fn reopen(&mut self) {
         self.store.close().await.unwrap();
         self.store = Arc::new(SqliteStore::open(self.dir.path(), clock(&self.day)).unwrap());
+    }
+    async fn shared_payload_rows(&self) -> i64 {
+        let path = self
+            .dir
+            .path()
+            .join(blindpost_server::store::sqlite::DATABASE_FILE);
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM payloads", [], |r| r.get(0))
+            .unwrap()
     }
 }
 
@@ -227,6 +239,15 @@ impl Backend for Postgres {
         self.store.close().await.unwrap();
         self.store = Arc::new(PgStore::open(&self.db.url, clock(&self.day)).await.unwrap());
     }
+    async fn shared_payload_rows(&self) -> i64 {
+        admin_client(&self.db.url)
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM payloads", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
 }
 
 macro_rules! backend_suite {
@@ -268,6 +289,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     everything_acknowledged_survives_reopen,
     a_full_queue_refuses_posts_whole_until_acknowledged,
     a_post_skips_the_routes_it_names,
+    a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_message,
     group_route_limit_is_enforced_by_commit,
     akd_storage_passes_akds_own_storage_suite,
     directory_epochs_publish_prove_and_survive_reopen,
@@ -1253,6 +1275,68 @@ async fn a_post_skips_the_routes_it_names(b: &mut impl Backend) {
         s.post(limited(4, 1, vec![])).await.unwrap(),
         Posted::Duplicate
     );
+}
+
+async fn a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_message(
+    b: &mut impl Backend,
+) {
+    let s = b.store();
+    for n in 1..=3 {
+        queue(&*s, n).await;
+    }
+    group(&*s, 1, 0, 1, &[1, 2, 3]).await;
+    s.post(post(1, 0, 1, 1, b"to three")).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(payloads(&*s, qid(n)).await, vec![b"to three".to_vec()]);
+    }
+    assert_eq!(
+        b.shared_payload_rows().await,
+        1,
+        "stored once for three queues"
+    );
+    // A post that reaches one queue is stored in its message row.
+    let one = PostOp {
+        skip: [qid(2), qid(3)].into_iter().collect(),
+        ..post(1, 0, 1, 2, b"to one")
+    };
+    s.post(one).await.unwrap();
+    assert_eq!(b.shared_payload_rows().await, 1);
+    assert_eq!(
+        payloads(&*s, qid(1)).await,
+        vec![b"to three".to_vec(), b"to one".to_vec()]
+    );
+    // The shared payload stays until the last queue holding it acknowledges it.
+    s.ack(qid(1), 2).await.unwrap();
+    s.ack(qid(2), 1).await.unwrap();
+    assert_eq!(b.shared_payload_rows().await, 1);
+    assert_eq!(payloads(&*s, qid(3)).await, vec![b"to three".to_vec()]);
+    s.ack(qid(3), 1).await.unwrap();
+    assert_eq!(
+        b.shared_payload_rows().await,
+        0,
+        "gone with its last message"
+    );
+    // Retention releases it too, and so does deleting a queue.
+    s.post(post(1, 0, 1, 3, b"expires")).await.unwrap();
+    assert_eq!(b.shared_payload_rows().await, 1);
+    s.expire(Expiry {
+        messages_before: 20_001,
+        posted_ids_before: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        b.shared_payload_rows().await,
+        0,
+        "expired with its messages"
+    );
+    assert!(payloads(&*s, qid(1)).await.is_empty());
+    s.post(post(1, 0, 1, 4, b"deleted")).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(b.shared_payload_rows().await, 1);
+        s.delete_queue(qid(n), receive_secret(n)).await.unwrap();
+    }
+    assert_eq!(b.shared_payload_rows().await, 0, "deleted with its queues");
 }
 
 async fn group_route_limit_is_enforced_by_commit(b: &mut impl Backend) {

@@ -167,7 +167,50 @@ const MIGRATIONS: &[&str] = &[
         vrf_key BYTEA NOT NULL,
         signing_key BYTEA NOT NULL
     );",
+    // 4: as SQLite's migration 5: a payload appended to several queues is stored once, in
+    // `payloads`, named by its message rows (`shared`, with an empty `payload`); the trigger
+    // releases it with its last message. Acknowledgements of one payload on several nodes
+    // serialise on its row (the `UPDATE`).
+    "CREATE TABLE payloads (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        data BYTEA NOT NULL,
+        refs INTEGER NOT NULL
+    );
+    ALTER TABLE messages ADD COLUMN shared BIGINT;
+    CREATE FUNCTION release_payload() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE payloads SET refs = refs - 1 WHERE id = OLD.shared;
+        DELETE FROM payloads WHERE id = OLD.shared AND refs <= 0;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER messages_release AFTER DELETE ON messages
+        FOR EACH ROW WHEN (OLD.shared IS NOT NULL) EXECUTE FUNCTION release_payload();",
 ];
+
+/// Inserts the rows of `q` (`id`, `seq`: queues and their new sequence numbers) into
+/// `messages` with payload `$2` on day `$3`: inline for one queue, else stored once in
+/// `payloads` with one reference per row. The tail of the append statements.
+macro_rules! insert_appended {
+    () => {
+        ", p AS (
+            INSERT INTO payloads (data, refs)
+            SELECT $2, n FROM (SELECT count(*)::INTEGER AS n FROM q) c WHERE n > 1
+            RETURNING id
+         )
+         INSERT INTO messages (queue_id, seq, payload, day, shared)
+         SELECT q.id, q.seq, CASE WHEN p.id IS NULL THEN $2 ELSE ''::BYTEA END, $3, p.id
+         FROM q LEFT JOIN p ON TRUE
+         RETURNING queue_id, seq"
+    };
+}
+
+/// A message row's payload length, whichever way it is held (`m` is the row).
+macro_rules! body_len {
+    () => {
+        "CASE WHEN m.shared IS NULL THEN octet_length(m.payload)
+         ELSE (SELECT octet_length(data) FROM payloads WHERE id = m.shared) END"
+    };
+}
 
 /// Where the listener delivers other nodes' wake-ups (implemented by the hub).
 pub trait Wakeups: Send + Sync + 'static {
@@ -665,12 +708,13 @@ async fn append_many(
     let day = tx.day;
     let rows = tx
         .query(
-            "WITH q AS (
-                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
-                WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
-             )
-             INSERT INTO messages (queue_id, seq, payload, day)
-             SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq",
+            concat!(
+                "WITH q AS (
+                    UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                    WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
+                 )",
+                insert_appended!()
+            ),
             &[&queues, &payload, &day],
         )
         .await?;
@@ -697,14 +741,15 @@ async fn append_to_routes(
     let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
     let rows = tx
         .query(
-            "WITH q AS (
-                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
-                WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
-                  AND NOT (id = ANY($4))
-                RETURNING id, next_seq - 1 AS seq
-             )
-             INSERT INTO messages (queue_id, seq, payload, day)
-             SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq",
+            concat!(
+                "WITH q AS (
+                    UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                    WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                      AND NOT (id = ANY($4))
+                    RETURNING id, next_seq - 1 AS seq
+                 )",
+                insert_appended!()
+            ),
             &[&group.as_bytes(), &payload, &day, &skip],
         )
         .await?;
@@ -731,18 +776,26 @@ async fn check_room(
     let rows = match room {
         Room::Routes(group) => {
             tx.query(
-                "SELECT r.queue_id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
-                 FROM routes r LEFT JOIN messages m ON m.queue_id = r.queue_id
-                 WHERE r.group_id = $1 GROUP BY r.queue_id",
+                concat!(
+                    "SELECT r.queue_id, COALESCE(SUM(",
+                    body_len!(),
+                    "), 0)::BIGINT
+                     FROM routes r LEFT JOIN messages m ON m.queue_id = r.queue_id
+                     WHERE r.group_id = $1 GROUP BY r.queue_id"
+                ),
                 &[&group.as_bytes()],
             )
             .await?
         }
         Room::Queues(queues) => {
             tx.query(
-                "SELECT q.id, COALESCE(SUM(octet_length(m.payload)), 0)::BIGINT
-                 FROM unnest($1::BYTEA[]) AS q(id) LEFT JOIN messages m ON m.queue_id = q.id
-                 GROUP BY q.id",
+                concat!(
+                    "SELECT q.id, COALESCE(SUM(",
+                    body_len!(),
+                    "), 0)::BIGINT
+                     FROM unnest($1::BYTEA[]) AS q(id) LEFT JOIN messages m ON m.queue_id = q.id
+                     GROUP BY q.id"
+                ),
                 &[&queues],
             )
             .await?
@@ -1217,8 +1270,12 @@ async fn read_fetch(
     // Sizes first, so payloads beyond the byte budget are never loaded.
     let sizes = tx
         .query(
-            "SELECT seq, octet_length(payload)::BIGINT FROM messages
-             WHERE queue_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            concat!(
+                "SELECT m.seq, (",
+                body_len!(),
+                ")::BIGINT FROM messages m
+                 WHERE m.queue_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"
+            ),
             &[&qid, &after, &(i64::from(limit.max_messages) + 1)],
         )
         .await?;
@@ -1240,8 +1297,10 @@ async fn read_fetch(
     };
     let rows = tx
         .query(
-            "SELECT seq, payload FROM messages WHERE queue_id = $1 AND seq > $2 AND seq <= $3
-             ORDER BY seq",
+            "SELECT m.seq, CASE WHEN m.shared IS NULL THEN m.payload
+                 ELSE (SELECT data FROM payloads WHERE id = m.shared) END
+             FROM messages m WHERE m.queue_id = $1 AND m.seq > $2 AND m.seq <= $3
+             ORDER BY m.seq",
             &[&qid, &after, &last],
         )
         .await?;

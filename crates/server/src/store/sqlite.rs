@@ -141,6 +141,21 @@ const MIGRATIONS: &[&str] = &[
     // page of the index as well as of the table (the index is as large as the table); retention
     // sweeps the table in key order instead, in slices (`expire_posted_ids`).
     "DROP INDEX posted_ids_by_day;",
+    // 5: a payload appended to several queues (a group's post, commit or Welcome) is stored
+    // once, in `payloads`; each of its message rows names it in `shared` and holds an empty
+    // `payload`. The trigger releases it with its last message, however that message goes
+    // (acknowledgement, retention, queue deletion).
+    "CREATE TABLE payloads (
+        id INTEGER PRIMARY KEY,
+        data BLOB NOT NULL,
+        refs INTEGER NOT NULL
+    );
+    ALTER TABLE messages ADD COLUMN shared INTEGER;
+    CREATE TRIGGER messages_release AFTER DELETE ON messages WHEN old.shared IS NOT NULL
+    BEGIN
+        UPDATE payloads SET refs = refs - 1 WHERE id = old.shared;
+        DELETE FROM payloads WHERE id = old.shared AND refs <= 0;
+    END;",
 ];
 
 impl From<rusqlite::Error> for StoreError {
@@ -565,23 +580,46 @@ fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
 /// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
 /// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
 /// `max_queue_bytes` (`None`: no limit).
+/// What a message row holds: the payload itself, or the id of the `payloads` row that holds
+/// it for several queues, and its length.
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    Inline(&'a [u8]),
+    Shared { id: i64, len: usize },
+}
+
+/// A message row's payload length, whichever way it is held (`m` is the row). A macro so
+/// the statements using it stay `&'static str` (no formatting on the hot path).
+macro_rules! body_len {
+    () => {
+        "CASE WHEN m.shared IS NULL THEN length(m.payload) \
+         ELSE (SELECT length(data) FROM payloads WHERE id = m.shared) END"
+    };
+}
+
 fn append(
     conn: &Connection,
     day: Day,
     queue: &QueueId,
-    payload: &[u8],
+    body: Body<'_>,
     max_queue_bytes: Option<u64>,
 ) -> StoreResult<Option<u64>> {
+    let len = match body {
+        Body::Inline(payload) => payload.len(),
+        Body::Shared { len, .. } => len,
+    };
     if let Some(max) = max_queue_bytes {
         // O(pending messages of this queue); bounded by the limit itself.
         let pending: i64 = conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(length(payload)), 0) FROM messages WHERE queue_id = ?1",
-            )?
+            .prepare_cached(concat!(
+                "SELECT COALESCE(SUM(",
+                body_len!(),
+                "), 0) FROM messages m WHERE m.queue_id = ?1"
+            ))?
             .query_row([queue.as_bytes()], |r| r.get(0))?;
         let after = u64::try_from(pending)
             .unwrap_or(u64::MAX)
-            .saturating_add(payload.len() as u64);
+            .saturating_add(len as u64);
         if after > max {
             return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
         }
@@ -594,11 +632,57 @@ fn append(
         .query_row(params![queue.as_bytes(), day], |r| r.get(0))
         .optional()?;
     let Some(seq) = seq else { return Ok(None) };
-    conn.prepare_cached(
-        "INSERT INTO messages (queue_id, seq, payload, day) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![queue.as_bytes(), seq, payload, day])?;
+    match body {
+        Body::Inline(payload) => conn
+            .prepare_cached(
+                "INSERT INTO messages (queue_id, seq, payload, day) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![queue.as_bytes(), seq, payload, day])?,
+        Body::Shared { id, .. } => conn
+            .prepare_cached(
+                "INSERT INTO messages (queue_id, seq, payload, day, shared)
+                 VALUES (?1, ?2, X'', ?3, ?4)",
+            )?
+            .execute(params![queue.as_bytes(), seq, day, id])?,
+    };
     Ok(Some(seq_from_sql(seq)))
+}
+
+/// Appends `payload` to each of `queues` (with its byte limit, if any), in order, storing it
+/// once when more than one queue is to get it. A queue that no longer exists is passed over.
+/// Returns where it went.
+fn append_to(
+    conn: &Connection,
+    day: Day,
+    queues: &[(QueueId, Option<u64>)],
+    payload: &[u8],
+) -> StoreResult<Vec<Appended>> {
+    let mut appended = Vec::with_capacity(queues.len());
+    if let [(queue, limit)] = queues {
+        if let Some(seq) = append(conn, day, queue, Body::Inline(payload), *limit)? {
+            appended.push(Appended { queue: *queue, seq });
+        }
+        return Ok(appended);
+    }
+    conn.prepare_cached("INSERT INTO payloads (data, refs) VALUES (?1, 0)")?
+        .execute([payload])?;
+    let id = conn.last_insert_rowid();
+    let body = Body::Shared {
+        id,
+        len: payload.len(),
+    };
+    for (queue, limit) in queues {
+        if let Some(seq) = append(conn, day, queue, body, *limit)? {
+            appended.push(Appended { queue: *queue, seq });
+        }
+    }
+    conn.prepare_cached("UPDATE payloads SET refs = ?2 WHERE id = ?1")?
+        .execute(params![id, appended.len() as i64])?;
+    if appended.is_empty() {
+        conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(appended)
 }
 
 fn queue_hashes(
@@ -748,12 +832,20 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
     let mut appended: Vec<QueueId> = Vec::new();
     // The commit reaches every current route, removed ones included (exempt from the queue
     // size limit, so a full queue cannot block its own removal).
-    for queue in routes_of(conn, &c.group_id)? {
-        let limit = (!c.remove_routes.contains(&queue)).then_some(c.max_queue_bytes);
-        if append(conn, day, &queue, &c.commit, limit)?.is_some() {
-            appended.push(queue);
-        }
-    }
+    let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &c.group_id)?
+        .into_iter()
+        .map(|q| {
+            (
+                q,
+                (!c.remove_routes.contains(&q)).then_some(c.max_queue_bytes),
+            )
+        })
+        .collect();
+    appended.extend(
+        append_to(conn, day, &fanout, &c.commit)?
+            .into_iter()
+            .map(|a| a.queue),
+    );
     for queue in &c.remove_routes {
         conn.prepare_cached("DELETE FROM routes WHERE group_id = ?1 AND queue_id = ?2")?
             .execute(params![gid, queue.as_bytes()])?;
@@ -769,11 +861,16 @@ fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed
         return Err(Refusal::LimitExceeded(Limit::GroupRoutes).into());
     }
     if let Some(welcome) = &c.welcome {
-        for grant in &c.add_routes {
-            if append(conn, day, &grant.queue_id, welcome, Some(c.max_queue_bytes))?.is_some() {
-                appended.push(grant.queue_id);
-            }
-        }
+        let joiners: Vec<(QueueId, Option<u64>)> = c
+            .add_routes
+            .iter()
+            .map(|g| (g.queue_id, Some(c.max_queue_bytes)))
+            .collect();
+        appended.extend(
+            append_to(conn, day, &joiners, welcome)?
+                .into_iter()
+                .map(|a| a.queue),
+        );
     }
     conn.prepare_cached(
         "UPDATE groups SET epoch = ?2, posting_token_hash = ?3, last_used_day = ?4 WHERE id = ?1",
@@ -808,15 +905,12 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     if fresh == 0 {
         return Ok(Posted::Duplicate);
     }
-    let mut appended = Vec::new();
-    for queue in routes_of(conn, &p.group_id)? {
-        if p.skip.contains(&queue) {
-            continue;
-        }
-        if let Some(seq) = append(conn, day, &queue, &p.payload, Some(p.max_queue_bytes))? {
-            appended.push(Appended { queue, seq });
-        }
-    }
+    let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &p.group_id)?
+        .into_iter()
+        .filter(|q| !p.skip.contains(q))
+        .map(|q| (q, Some(p.max_queue_bytes)))
+        .collect();
+    let appended = append_to(conn, day, &fanout, &p.payload)?;
     conn.prepare_cached(
         "UPDATE groups SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
     )?
@@ -970,9 +1064,11 @@ fn read_fetch(
     let qid = queue.as_bytes();
     let (last, more) = {
         // Sizes first, so payloads beyond the byte budget are never loaded.
-        let mut sizes = tx.prepare_cached(
-            "SELECT seq, length(payload) FROM messages WHERE queue_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
+        let mut sizes = tx.prepare_cached(concat!(
+            "SELECT m.seq, ",
+            body_len!(),
+            " FROM messages m WHERE m.queue_id = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
+        ))?;
         let mut rows = sizes.query(params![qid, after, i64::from(limit.max_messages) + 1])?;
         let (mut count, mut bytes, mut last, mut more) = (0u32, 0usize, None, false);
         while let Some(row) = rows.next()? {
@@ -996,7 +1092,9 @@ fn read_fetch(
     let mut messages = Vec::new();
     {
         let mut stmt = tx.prepare_cached(
-            "SELECT seq, payload FROM messages WHERE queue_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+            "SELECT m.seq, CASE WHEN m.shared IS NULL THEN m.payload
+                 ELSE (SELECT data FROM payloads WHERE id = m.shared) END
+             FROM messages m WHERE m.queue_id = ?1 AND m.seq > ?2 AND m.seq <= ?3 ORDER BY m.seq",
         )?;
         let rows = stmt.query_map(params![qid, after, last], |r| {
             Ok(StoredMessage {
