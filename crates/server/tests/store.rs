@@ -22,8 +22,8 @@ use blindpost_server::store::postgres::{self, Wakeups};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     Appended, CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore,
-    PostOp, Posted, PublishOp, RouteGrant, SqliteStore, Store, StoreError, TransparencyStore,
-    UserRecord,
+    PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, SqliteStore, Store, StoreError,
+    TransparencyStore, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 use blindpost_wire::{SignedDirectoryEntry, SignedRoot, root_signature_message};
@@ -1285,9 +1285,20 @@ async fn a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_mess
         queue(&*s, n).await;
     }
     group(&*s, 1, 0, 1, &[1, 2, 3]).await;
-    s.post(post(1, 0, 1, 1, b"to three")).await.unwrap();
+    let big = |c: u8| vec![c; SHARE_FROM_BYTES];
+    // Below the threshold a payload is copied into each queue's row.
+    s.post(post(1, 0, 1, 1, b"small")).await.unwrap();
+    assert_eq!(
+        b.shared_payload_rows().await,
+        0,
+        "small payloads are copied"
+    );
     for n in 1..=3 {
-        assert_eq!(payloads(&*s, qid(n)).await, vec![b"to three".to_vec()]);
+        s.ack(qid(n), 1).await.unwrap();
+    }
+    s.post(post(1, 0, 1, 2, &big(1))).await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(payloads(&*s, qid(n)).await, vec![big(1)]);
     }
     assert_eq!(
         b.shared_payload_rows().await,
@@ -1297,27 +1308,24 @@ async fn a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_mess
     // A post that reaches one queue is stored in its message row.
     let one = PostOp {
         skip: [qid(2), qid(3)].into_iter().collect(),
-        ..post(1, 0, 1, 2, b"to one")
+        ..post(1, 0, 1, 3, &big(2))
     };
     s.post(one).await.unwrap();
     assert_eq!(b.shared_payload_rows().await, 1);
-    assert_eq!(
-        payloads(&*s, qid(1)).await,
-        vec![b"to three".to_vec(), b"to one".to_vec()]
-    );
+    assert_eq!(payloads(&*s, qid(1)).await, vec![big(1), big(2)]);
     // The shared payload stays until the last queue holding it acknowledges it.
-    s.ack(qid(1), 2).await.unwrap();
-    s.ack(qid(2), 1).await.unwrap();
+    s.ack(qid(1), 3).await.unwrap();
+    s.ack(qid(2), 2).await.unwrap();
     assert_eq!(b.shared_payload_rows().await, 1);
-    assert_eq!(payloads(&*s, qid(3)).await, vec![b"to three".to_vec()]);
-    s.ack(qid(3), 1).await.unwrap();
+    assert_eq!(payloads(&*s, qid(3)).await, vec![big(1)]);
+    s.ack(qid(3), 2).await.unwrap();
     assert_eq!(
         b.shared_payload_rows().await,
         0,
         "gone with its last message"
     );
-    // Retention releases it too, and so does deleting a queue.
-    s.post(post(1, 0, 1, 3, b"expires")).await.unwrap();
+    // Retention releases it too, and so does deleting its queues.
+    s.post(post(1, 0, 1, 4, &big(3))).await.unwrap();
     assert_eq!(b.shared_payload_rows().await, 1);
     s.expire(Expiry {
         messages_before: 20_001,
@@ -1331,7 +1339,7 @@ async fn a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_mess
         "expired with its messages"
     );
     assert!(payloads(&*s, qid(1)).await.is_empty());
-    s.post(post(1, 0, 1, 4, b"deleted")).await.unwrap();
+    s.post(post(1, 0, 1, 5, &big(4))).await.unwrap();
     for n in 1..=3 {
         assert_eq!(b.shared_payload_rows().await, 1);
         s.delete_queue(qid(n), receive_secret(n)).await.unwrap();

@@ -24,6 +24,13 @@ use std::sync::Arc;
 use crate::error::Refusal;
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
+/// Smallest payload stored once for several queues (`payloads`); a smaller one is copied into
+/// each queue's message row. Sharing costs every acknowledgement of such a row an update (and
+/// the last one a delete) of the `payloads` row; with 674-byte group messages to 999 queues
+/// that made fan-out slower than copying (BENCHMARKS.md), while commits and Welcomes of
+/// hundreds of KB are what copies made expensive.
+pub const SHARE_FROM_BYTES: usize = 4096;
+
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -187,21 +187,42 @@ const MIGRATIONS: &[&str] = &[
         FOR EACH ROW WHEN (OLD.shared IS NOT NULL) EXECUTE FUNCTION release_payload();",
 ];
 
-/// Inserts the rows of `q` (`id`, `seq`: queues and their new sequence numbers) into
-/// `messages` with payload `$2` on day `$3`: inline for one queue, else stored once in
-/// `payloads` with one reference per row. The tail of the append statements.
-macro_rules! insert_appended {
-    () => {
-        ", p AS (
-            INSERT INTO payloads (data, refs)
-            SELECT $2, n FROM (SELECT count(*)::INTEGER AS n FROM q) c WHERE n > 1
-            RETURNING id
-         )
-         INSERT INTO messages (queue_id, seq, payload, day, shared)
-         SELECT q.id, q.seq, CASE WHEN p.id IS NULL THEN $2 ELSE ''::BYTEA END, $3, p.id
-         FROM q LEFT JOIN p ON TRUE
-         RETURNING queue_id, seq"
+/// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
+/// `seq`: queues and their new sequence numbers): `[inline, shared]`. Both insert a message
+/// row per queue with payload `$2` on day `$3`; the shared form stores a payload for more
+/// than one queue once, in `payloads`, with one reference per row
+/// ([`super::SHARE_FROM_BYTES`] chooses).
+macro_rules! append_statements {
+    ($targets:literal) => {
+        [
+            concat!(
+                $targets,
+                " INSERT INTO messages (queue_id, seq, payload, day)
+                  SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq"
+            ),
+            concat!(
+                $targets,
+                ", p AS (
+                    INSERT INTO payloads (data, refs)
+                    SELECT $2, n FROM (SELECT count(*)::INTEGER AS n FROM q) c WHERE n > 1
+                    RETURNING id
+                 )
+                 INSERT INTO messages (queue_id, seq, payload, day, shared)
+                 SELECT q.id, q.seq, CASE WHEN p.id IS NULL THEN $2 ELSE ''::BYTEA END, $3, p.id
+                 FROM q LEFT JOIN p ON TRUE
+                 RETURNING queue_id, seq"
+            ),
+        ]
     };
+}
+
+/// The form of an append statement for `payload` (see [`append_statements`]).
+fn append_form<'a>([inline, shared]: [&'a str; 2], payload: &[u8]) -> &'a str {
+    if payload.len() >= super::SHARE_FROM_BYTES {
+        shared
+    } else {
+        inline
+    }
 }
 
 /// A message row's payload length, whichever way it is held (`m` is the row).
@@ -708,12 +729,14 @@ async fn append_many(
     let day = tx.day;
     let rows = tx
         .query(
-            concat!(
-                "WITH q AS (
-                    UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
-                    WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
-                 )",
-                insert_appended!()
+            append_form(
+                append_statements!(
+                    "WITH q AS (
+                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                        WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
+                     )"
+                ),
+                payload,
             ),
             &[&queues, &payload, &day],
         )
@@ -741,14 +764,16 @@ async fn append_to_routes(
     let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
     let rows = tx
         .query(
-            concat!(
-                "WITH q AS (
-                    UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
-                    WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
-                      AND NOT (id = ANY($4))
-                    RETURNING id, next_seq - 1 AS seq
-                 )",
-                insert_appended!()
+            append_form(
+                append_statements!(
+                    "WITH q AS (
+                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                        WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                          AND NOT (id = ANY($4))
+                        RETURNING id, next_seq - 1 AS seq
+                     )"
+                ),
+                payload,
             ),
             &[&group.as_bytes(), &payload, &day, &skip],
         )

@@ -25,8 +25,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
-    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
-    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
+    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, Store,
+    StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -649,8 +649,8 @@ fn append(
 }
 
 /// Appends `payload` to each of `queues` (with its byte limit, if any), in order, storing it
-/// once when more than one queue is to get it. A queue that no longer exists is passed over.
-/// Returns where it went.
+/// once when more than one queue is to get it and it is at least [`SHARE_FROM_BYTES`]. A
+/// queue that no longer exists is passed over. Returns where it went.
 fn append_to(
     conn: &Connection,
     day: Day,
@@ -658,9 +658,11 @@ fn append_to(
     payload: &[u8],
 ) -> StoreResult<Vec<Appended>> {
     let mut appended = Vec::with_capacity(queues.len());
-    if let [(queue, limit)] = queues {
-        if let Some(seq) = append(conn, day, queue, Body::Inline(payload), *limit)? {
-            appended.push(Appended { queue: *queue, seq });
+    if queues.len() < 2 || payload.len() < SHARE_FROM_BYTES {
+        for (queue, limit) in queues {
+            if let Some(seq) = append(conn, day, queue, Body::Inline(payload), *limit)? {
+                appended.push(Appended { queue: *queue, seq });
+            }
         }
         return Ok(appended);
     }
