@@ -53,32 +53,33 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
     /// A node on a shared PostgreSQL database.
     pub fn start_on(db: &PgDatabase) -> Self {
-        Self::start_with(Some(&db.url))
+        Self::start_with(Some(&db.url), None)
     }
 
     /// Started with `toml` as its configuration file (written into its data directory).
     pub fn start_configured(toml: &str) -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let config = data.path().join("test-config.toml");
-        std::fs::write(&config, toml).unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", None, None, Some(&config));
-        Self {
-            child,
-            url: format!("ws://{addr}"),
-            addr,
-            data,
-            log: None,
-        }
+        Self::start_with(None, Some(toml))
     }
 
-    fn start_with(database: Option<&str>) -> Self {
+    fn start_with(database: Option<&str>, toml: Option<&str>) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let (child, addr) = spawn_server(data.path(), "127.0.0.1:0", database, None, None);
+        let config = toml.map(|toml| {
+            let file = data.path().join("test-config.toml");
+            std::fs::write(&file, toml).unwrap();
+            file
+        });
+        let (child, addr) = spawn_server(
+            data.path(),
+            "127.0.0.1:0",
+            database,
+            None,
+            config.as_deref(),
+        );
         Self {
             child,
             url: format!("ws://{addr}"),

@@ -167,7 +167,7 @@ const MIGRATIONS: &[&str] = &[
         vrf_key BYTEA NOT NULL,
         signing_key BYTEA NOT NULL
     );",
-    // 4: as SQLite's migration 5: a payload appended to several queues is stored once, in
+    // 4: as SQLite's migration 5: a large payload appended to several queues is stored once in
     // `payloads`, named by its message rows (`shared`, with an empty `payload`); the trigger
     // releases it with its last message. Acknowledgements of one payload on several nodes
     // serialise on its row (the `UPDATE`).
@@ -752,8 +752,8 @@ fn appended_from_row(row: &tokio_postgres::Row) -> Result<Appended, Fail> {
     })
 }
 
-/// Appends `payload` to every route of `group`, in one statement; returns where it landed.
-/// Appends `payload` to every route of `group` but those in `skip`.
+/// Appends `payload` to every route of `group` but those in `skip`, in one statement; returns
+/// where it landed.
 async fn append_to_routes(
     tx: &mut Tx<'_>,
     group: &GroupId,

@@ -141,10 +141,10 @@ const MIGRATIONS: &[&str] = &[
     // page of the index as well as of the table (the index is as large as the table); retention
     // sweeps the table in key order instead, in slices (`expire_posted_ids`).
     "DROP INDEX posted_ids_by_day;",
-    // 5: a payload appended to several queues (a group's post, commit or Welcome) is stored
-    // once, in `payloads`; each of its message rows names it in `shared` and holds an empty
-    // `payload`. The trigger releases it with its last message, however that message goes
-    // (acknowledgement, retention, queue deletion).
+    // 5: a payload of at least `SHARE_FROM_BYTES` appended to several queues (a group's
+    // commit, Welcome or large post) is stored once, in `payloads`; each of its message rows
+    // names it in `shared` and holds an empty `payload`. The trigger releases it with its last
+    // message, however that message goes (acknowledgement, retention, queue deletion).
     "CREATE TABLE payloads (
         id INTEGER PRIMARY KEY,
         data BLOB NOT NULL,
@@ -577,9 +577,6 @@ fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
         .map_err(|_| StoreError::Backend("stored hash has the wrong length".into()))
 }
 
-/// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
-/// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
-/// `max_queue_bytes` (`None`: no limit).
 /// What a message row holds: the payload itself, or the id of the `payloads` row that holds
 /// it for several queues, and its length.
 #[derive(Clone, Copy)]
@@ -597,6 +594,9 @@ macro_rules! body_len {
     };
 }
 
+/// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
+/// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
+/// `max_queue_bytes` (`None`: no limit).
 fn append(
     conn: &Connection,
     day: Day,
