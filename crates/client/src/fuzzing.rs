@@ -1,8 +1,8 @@
 //! Entry points for the fuzz targets (`fuzz/`) and the hostile-server tests: each runs the
 //! very code the client runs on bytes from outside (directory entries, key packages, padded
-//! application payloads, queued MLS messages, packed values read from the profile's file), and [`LiveGroup`] is a real three-member group
-//! whose member "alice" processes whatever it is handed, as a receive would. Hidden from the
-//! documented API; not for front ends.
+//! application payloads, queued MLS messages, packed values read from the profile's file), and
+//! [`LiveGroup`] is a real three-member group whose member "alice" processes whatever it is
+//! handed, as a receive would. Hidden from the documented API; not for front ends.
 
 use std::path::Path;
 

@@ -118,7 +118,7 @@ pub struct Transparency {
 struct LookupCache {
     epoch: u64,
     root: Option<SignedRoot>,
-    answers: HashMap<String, Option<Arc<Vec<u8>>>>,
+    answers: HashMap<String, Option<Vec<u8>>>,
     bytes: usize,
 }
 
@@ -129,7 +129,7 @@ impl LookupCache {
         }
         let root = self.root.clone()?;
         match self.answers.get(username)? {
-            Some(proof) => Some(Ok((root, proof.to_vec()))),
+            Some(proof) => Some(Ok((root, proof.clone()))),
             None => Some(Err(KtError::NotFound)),
         }
     }
@@ -145,7 +145,7 @@ impl LookupCache {
         }
         self.bytes += size;
         self.answers
-            .insert(username.to_string(), proof.map(|p| Arc::new(p.to_vec())));
+            .insert(username.to_string(), proof.map(<[u8]>::to_vec));
     }
 }
 
