@@ -1219,6 +1219,9 @@ async fn a_full_queue_refuses_posts_whole_until_acknowledged(b: &mut impl Backen
     // Refused whole: neither route got it, and the id is not burnt.
     assert_eq!(payloads(&*s, qid(1)).await.len(), 2);
     assert_eq!(payloads(&*s, qid(2)).await.len(), 2);
+    // A retry of a stored post is a duplicate, although the queues filled up since.
+    assert_eq!(s.post(limited(2, 40)).await.unwrap(), Posted::Duplicate);
+    assert_eq!(payloads(&*s, qid(1)).await.len(), 2);
     // Queue 1's reader catches up; queue 2's still blocks the post.
     s.ack(qid(1), 2).await.unwrap();
     assert_eq!(

@@ -218,7 +218,7 @@ impl SqliteStore {
         // checkpoint that starts while another runs, and a key-package claim's scrub must not
         // be skipped because the background checkpointer happened to be running.
         let checkpoint_lock = Arc::new(Mutex::new(()));
-        let checkpointer = Checkpointer::start(&path, Arc::clone(&checkpoint_lock))?;
+        let checkpointer = Checkpointer::start(&path, Arc::clone(&checkpoint_lock), durability)?;
         let (jobs, receiver) = mpsc::channel(WRITE_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -326,6 +326,11 @@ enum Wrap {
     /// Runs one writing statement, which SQLite rolls back alone if it fails: no savepoint
     /// (acks, two of every three write operations under load).
     OneStatement,
+    /// Makes every check (and so every refusal) before its first write: no savepoint. Any
+    /// other failure fails the whole batch, since it may have written part of the operation
+    /// (posts: a savepoint copies every page the post touches first, and a random idempotency
+    /// key touches a page of its own; ~8 % of relay throughput, BENCHMARKS.md).
+    ChecksFirst,
     /// A savepoint, and once the batch commits the WAL is checkpointed and truncated.
     SavepointThenScrub,
 }
@@ -340,6 +345,9 @@ trait WriteJob: Send {
     fn scrubs(&self) -> bool;
     /// Whether the operation runs inside a savepoint of its own.
     fn needs_savepoint(&self) -> bool;
+    /// Whether the operation failed in a way that may have left part of it written, so the
+    /// whole batch must be rolled back (only for operations without a savepoint).
+    fn must_not_fail(&self) -> bool;
     /// Answers the caller once the batch's fate (`outcome`) is known.
     fn finish(self: Box<Self>, outcome: StoreResult<()>);
 }
@@ -375,7 +383,15 @@ where
     }
 
     fn needs_savepoint(&self) -> bool {
-        self.wrap != Wrap::OneStatement
+        matches!(self.wrap, Wrap::Savepoint | Wrap::SavepointThenScrub)
+    }
+
+    fn must_not_fail(&self) -> bool {
+        self.wrap == Wrap::ChecksFirst
+            && matches!(
+                self.result,
+                Some(Err(StoreError::Backend(_) | StoreError::Full(_)))
+            )
     }
 
     fn finish(self: Box<Self>, outcome: StoreResult<()>) {
@@ -451,6 +467,11 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
             }));
         }
         if !savepoint {
+            if job.must_not_fail() {
+                return Err(job.error().unwrap_or_else(|| {
+                    StoreError::Backend("an operation failed part-way".into())
+                }));
+            }
             continue;
         }
         if ok {
@@ -470,29 +491,60 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// With `durability = "process"`: how often the checkpointer flushes the WAL and the database
+/// file to the disk (see [`Checkpointer`]).
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)` every
-/// [`CHECKPOINT_EVERY`]: copying WAL frames into the database file (and, with
-/// `synchronous=FULL`, flushing it) then happens beside the writer instead of inside its
-/// commits, where perf showed it taking ~13 % of the writer thread under load. A passive
-/// checkpoint never blocks the writer. SQLite's automatic checkpoint (every 1000 WAL pages)
-/// stays on in the writer as the backstop that lets the WAL restart from its beginning: it
-/// finds the frames already copied, so it is cheap.
+/// [`CHECKPOINT_EVERY`]: copying WAL frames into the database file then happens beside the
+/// writer instead of inside its commits, where perf showed it taking ~13 % of the writer
+/// thread under load. A passive checkpoint never blocks the writer. Under steady load it also
+/// never completes (the writer appends while it copies), and only a complete checkpoint flushes
+/// the database file and lets the WAL restart from its beginning; so SQLite's automatic
+/// checkpoint stays on in the writer as the backstop ([`WAL_BACKSTOP_PAGES`]), and finds the
+/// frames already copied.
+///
+/// That backstop flushes the WAL and the database file inside a commit. With
+/// `synchronous=FULL` the WAL is flushed by every commit anyway; with `NORMAL` (`process`) it
+/// held everything written since the last flush, and the backstop stalled the writer for
+/// 5–15 ms every ~0.4 s at half the maximum rate (`perf trace`), which made `process`'s p99
+/// twice `machine`'s. So with `process` this thread also flushes both files every
+/// [`FLUSH_EVERY`] (p99 at half rate 8.4–13.2 ms → 3.2–3.9 ms, BENCHMARKS.md). It takes no
+/// lock: a flush only writes out what the OS already holds.
 struct Checkpointer {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Checkpointer {
-    fn start(path: &Path, lock: Arc<Mutex<()>>) -> StoreResult<Self> {
+    fn start(path: &Path, lock: Arc<Mutex<()>>, durability: Durability) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_millis(100))?;
+        let files = match durability {
+            Durability::Machine => None,
+            Durability::Process => Some(Flusher::new(path)),
+        };
+        let tick = match files {
+            Some(_) => FLUSH_EVERY,
+            None => CHECKPOINT_EVERY,
+        };
+        let ticks_per_checkpoint = (CHECKPOINT_EVERY.as_millis() / tick.as_millis()).max(1);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
+                let mut files = files;
+                let mut ticks = 0u128;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                    stopped.recv_timeout(tick)
                 {
+                    if let Some(files) = &mut files {
+                        files.flush();
+                    }
+                    ticks += 1;
+                    if ticks % ticks_per_checkpoint != 0 {
+                        continue;
+                    }
                     let _checkpointing = lock
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -512,6 +564,47 @@ impl Checkpointer {
     fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.thread.join();
+    }
+}
+
+/// The database file and its WAL, opened to flush them ([`FLUSH_EVERY`]).
+struct Flusher {
+    database: PathBuf,
+    wal: PathBuf,
+    open: Option<(std::fs::File, std::fs::File)>,
+}
+
+impl Flusher {
+    fn new(database: &Path) -> Self {
+        let mut wal = database.as_os_str().to_owned();
+        wal.push("-wal");
+        Self {
+            database: database.to_owned(),
+            wal: PathBuf::from(wal),
+            open: None,
+        }
+    }
+
+    /// Flushes both files; opens them first if they are not yet. A failure is logged and
+    /// retried at the next tick: commits do not depend on it.
+    fn flush(&mut self) {
+        if self.open.is_none() {
+            let open = |p: &Path| std::fs::File::open(p);
+            match (open(&self.database), open(&self.wal)) {
+                (Ok(db), Ok(wal)) => self.open = Some((db, wal)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(error = %e, "cannot open the database files to flush them");
+                    return;
+                }
+            }
+        }
+        if let Some((db, wal)) = &self.open {
+            for file in [wal, db] {
+                if let Err(e) = file.sync_data() {
+                    tracing::warn!(error = %e, "flushing the database files failed");
+                }
+            }
+        }
     }
 }
 
@@ -578,11 +671,11 @@ fn hash_from_sql(bytes: Vec<u8>) -> StoreResult<SecretHash> {
 }
 
 /// What a message row holds: the payload itself, or the id of the `payloads` row that holds
-/// it for several queues, and its length.
+/// it for several queues.
 #[derive(Clone, Copy)]
 enum Body<'a> {
     Inline(&'a [u8]),
-    Shared { id: i64, len: usize },
+    Shared(i64),
 }
 
 /// A message row's payload length, whichever way it is held (`m` is the row). A macro so
@@ -602,28 +695,7 @@ fn append(
     day: Day,
     queue: &QueueId,
     body: Body<'_>,
-    max_queue_bytes: Option<u64>,
 ) -> StoreResult<Option<u64>> {
-    let len = match body {
-        Body::Inline(payload) => payload.len(),
-        Body::Shared { len, .. } => len,
-    };
-    if let Some(max) = max_queue_bytes {
-        // O(pending messages of this queue); bounded by the limit itself.
-        let pending: i64 = conn
-            .prepare_cached(concat!(
-                "SELECT COALESCE(SUM(",
-                body_len!(),
-                "), 0) FROM messages m WHERE m.queue_id = ?1"
-            ))?
-            .query_row([queue.as_bytes()], |r| r.get(0))?;
-        let after = u64::try_from(pending)
-            .unwrap_or(u64::MAX)
-            .saturating_add(len as u64);
-        if after > max {
-            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
-        }
-    }
     let seq: Option<i64> = conn
         .prepare_cached(
             "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2 WHERE id = ?1
@@ -638,7 +710,7 @@ fn append(
                 "INSERT INTO messages (queue_id, seq, payload, day) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![queue.as_bytes(), seq, payload, day])?,
-        Body::Shared { id, .. } => conn
+        Body::Shared(id) => conn
             .prepare_cached(
                 "INSERT INTO messages (queue_id, seq, payload, day, shared)
                  VALUES (?1, ?2, X'', ?3, ?4)",
@@ -648,41 +720,70 @@ fn append(
     Ok(Some(seq_from_sql(seq)))
 }
 
-/// Appends `payload` to each of `queues` (with its byte limit, if any), in order, storing it
-/// once when more than one queue is to get it and it is at least [`SHARE_FROM_BYTES`]. A
-/// queue that no longer exists is passed over. Returns where it went.
+/// Refuses (`LimitExceeded`) if `len` more bytes would take any of `queues` past its byte
+/// limit, if it has one. Reads only.
+fn check_room(conn: &Connection, queues: &[(QueueId, Option<u64>)], len: usize) -> StoreResult<()> {
+    for (queue, max) in queues {
+        let Some(max) = max else { continue };
+        // O(pending messages of this queue); bounded by the limit itself.
+        let pending: i64 = conn
+            .prepare_cached(concat!(
+                "SELECT COALESCE(SUM(",
+                body_len!(),
+                "), 0) FROM messages m WHERE m.queue_id = ?1"
+            ))?
+            .query_row([queue.as_bytes()], |r| r.get(0))?;
+        let after = u64::try_from(pending)
+            .unwrap_or(u64::MAX)
+            .saturating_add(len as u64);
+        if after > *max {
+            return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
+        }
+    }
+    Ok(())
+}
+
+/// Appends `payload` to each of `queues`, in order, storing it once when more than one queue
+/// is to get it and it is at least [`SHARE_FROM_BYTES`]. A queue that no longer exists is
+/// passed over. Refuses (before writing anything) if it would take a queue past its byte
+/// limit. Returns where it went.
 fn append_to(
     conn: &Connection,
     day: Day,
     queues: &[(QueueId, Option<u64>)],
     payload: &[u8],
 ) -> StoreResult<Vec<Appended>> {
+    check_room(conn, queues, payload.len())?;
+    append_unchecked(conn, day, queues.iter().map(|(q, _)| q), payload)
+}
+
+/// [`append_to`] without the byte limits: the caller checked them ([`check_room`]).
+fn append_unchecked<'q>(
+    conn: &Connection,
+    day: Day,
+    queues: impl ExactSizeIterator<Item = &'q QueueId>,
+    payload: &[u8],
+) -> StoreResult<Vec<Appended>> {
     let mut appended = Vec::with_capacity(queues.len());
-    if queues.len() < 2 || payload.len() < SHARE_FROM_BYTES {
-        for (queue, limit) in queues {
-            if let Some(seq) = append(conn, day, queue, Body::Inline(payload), *limit)? {
-                appended.push(Appended { queue: *queue, seq });
-            }
-        }
-        return Ok(appended);
-    }
-    conn.prepare_cached("INSERT INTO payloads (data, refs) VALUES (?1, 0)")?
-        .execute([payload])?;
-    let id = conn.last_insert_rowid();
-    let body = Body::Shared {
-        id,
-        len: payload.len(),
+    let body = if queues.len() < 2 || payload.len() < SHARE_FROM_BYTES {
+        Body::Inline(payload)
+    } else {
+        conn.prepare_cached("INSERT INTO payloads (data, refs) VALUES (?1, 0)")?
+            .execute([payload])?;
+        Body::Shared(conn.last_insert_rowid())
     };
-    for (queue, limit) in queues {
-        if let Some(seq) = append(conn, day, queue, body, *limit)? {
+    for queue in queues {
+        if let Some(seq) = append(conn, day, queue, body)? {
             appended.push(Appended { queue: *queue, seq });
         }
     }
-    conn.prepare_cached("UPDATE payloads SET refs = ?2 WHERE id = ?1")?
-        .execute(params![id, appended.len() as i64])?;
-    if appended.is_empty() {
-        conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")?
-            .execute([id])?;
+    if let Body::Shared(id) = body {
+        conn.prepare_cached("UPDATE payloads SET refs = ?2 WHERE id = ?1")?
+            .execute(params![id, appended.len() as i64])?;
+        if appended.is_empty() {
+            conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")?
+                .execute([id])?;
+        }
     }
     Ok(appended)
 }
@@ -895,9 +996,28 @@ fn dedup(queues: &mut Vec<QueueId>) {
     queues.retain(|q| seen.insert(*q));
 }
 
+/// Every check comes before the first write (the idempotency key), so a refused post changed
+/// nothing and needs no savepoint ([`Wrap::ChecksFirst`]).
 fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
     let gid = p.group_id.as_bytes();
+    let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &p.group_id)?
+        .into_iter()
+        .filter(|q| !p.skip.contains(q))
+        .map(|q| (q, Some(p.max_queue_bytes)))
+        .collect();
+    if let Err(refused) = check_room(conn, &fanout, p.payload.len()) {
+        // A retry of a post that was stored is a duplicate, whether or not a queue filled up
+        // since.
+        let seen: Option<i64> = conn
+            .prepare_cached("SELECT 1 FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?
+            .query_row(params![gid, p.message_id.as_bytes()], |r| r.get(0))
+            .optional()?;
+        return match seen {
+            Some(_) => Ok(Posted::Duplicate),
+            None => Err(refused),
+        };
+    }
     let fresh = conn
         .prepare_cached(
             "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)
@@ -907,12 +1027,7 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     if fresh == 0 {
         return Ok(Posted::Duplicate);
     }
-    let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &p.group_id)?
-        .into_iter()
-        .filter(|q| !p.skip.contains(q))
-        .map(|q| (q, Some(p.max_queue_bytes)))
-        .collect();
-    let appended = append_to(conn, day, &fanout, &p.payload)?;
+    let appended = append_unchecked(conn, day, fanout.iter().map(|(q, _)| q), &p.payload)?;
     conn.prepare_cached(
         "UPDATE groups SET last_used_day = ?2 WHERE id = ?1 AND last_used_day < ?2",
     )?
@@ -1292,7 +1407,7 @@ impl Store for SqliteStore {
     }
 
     fn post(&self, post: PostOp) -> StoreFuture<'_, Posted> {
-        Box::pin(self.write(move |c, day| op_post(c, day, &post)))
+        Box::pin(self.write_op(move |c, day| op_post(c, day, &post), Wrap::ChecksFirst))
     }
 
     fn publish_key_packages(&self, publish: PublishOp) -> StoreFuture<'_, KeyPackageCount> {
@@ -1616,10 +1731,17 @@ mod tests {
 
     #[tokio::test]
     async fn committed_pages_reach_the_database_file_without_waiting_for_a_full_wal() {
+        for durability in [Durability::Machine, Durability::Process] {
+            committed_pages_reach_the_database_file(durability).await;
+        }
+    }
+
+    async fn committed_pages_reach_the_database_file(durability: Durability) {
         // A few pages are far below the writer's own checkpoint (`WAL_BACKSTOP_PAGES`): only the
-        // background checkpointer copies them into the main file.
+        // background checkpointer copies them into the main file (with `process` on every
+        // fifth of its ticks, between flushes).
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        let store = SqliteStore::open_with(dir.path(), Arc::new(|| 1), durability).unwrap();
         let marker = b"checkpointed-marker-6f1d2a".to_vec();
         let row = marker.clone();
         store
@@ -1639,11 +1761,29 @@ mod tests {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the committed row never reached the database file"
+                "{durability:?}: the committed row never reached the database file"
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         store.close().await.unwrap();
+    }
+
+    #[test]
+    fn the_flusher_waits_for_both_files_and_then_flushes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join(DATABASE_FILE);
+        let mut flusher = Flusher::new(&database);
+        assert_eq!(flusher.wal, dir.path().join(format!("{DATABASE_FILE}-wal")));
+        // Neither file yet, then only one: nothing to flush, no panic, tried again later.
+        flusher.flush();
+        assert!(flusher.open.is_none());
+        std::fs::write(&database, b"db").unwrap();
+        flusher.flush();
+        assert!(flusher.open.is_none());
+        std::fs::write(&flusher.wal, b"wal").unwrap();
+        flusher.flush();
+        assert!(flusher.open.is_some(), "both files exist: kept open");
+        flusher.flush();
     }
 }
 
