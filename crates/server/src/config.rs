@@ -108,10 +108,11 @@ pub enum Durability {
     /// crash of the server, of the operating system, or a power loss.
     #[default]
     Machine,
-    /// Commits are written to the operating system and flushed to the disk at checkpoints:
-    /// an acknowledged write survives a crash or `kill -9` of blindpostd, but a power loss or
-    /// kernel crash can lose the writes of the last moments (what NATS JetStream promises by
-    /// default). Several times the throughput on a disk with slow flushes.
+    /// Commits are written to the operating system and flushed to the disk by a background
+    /// thread every 20 ms: an acknowledged write survives a crash or `kill -9` of blindpostd,
+    /// but a power loss or kernel crash can lose the writes of the last moments (what NATS
+    /// JetStream promises by default). Several times the throughput on a disk with slow
+    /// flushes.
     Process,
 }
 
