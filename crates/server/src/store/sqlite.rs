@@ -329,7 +329,7 @@ enum Wrap {
     /// Makes every check (and so every refusal) before its first write: no savepoint. Any
     /// other failure fails the whole batch, since it may have written part of the operation
     /// (posts: a savepoint copies every page the post touches first, and a random idempotency
-    /// key touches a page of its own; ~8 % of relay throughput, BENCHMARKS.md).
+    /// key touches a page of its own; +4 % relay throughput, BENCHMARKS.md).
     ChecksFirst,
     /// A savepoint, and once the batch commits the WAL is checkpointed and truncated.
     SavepointThenScrub,
@@ -509,7 +509,7 @@ const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 /// held everything written since the last flush, and the backstop stalled the writer for
 /// 5–15 ms every ~0.4 s at half the maximum rate (`perf trace`), which made `process`'s p99
 /// twice `machine`'s. So with `process` this thread also flushes both files every
-/// [`FLUSH_EVERY`] (p99 at half rate 8.4–13.2 ms → 3.2–3.9 ms, BENCHMARKS.md). It takes no
+/// [`FLUSH_EVERY`] (p99 at 11,500 posts/s 7.5–9.4 ms → 3.3–4.2 ms, BENCHMARKS.md). It takes no
 /// lock: a flush only writes out what the OS already holds.
 struct Checkpointer {
     stop: std::sync::mpsc::Sender<()>,
@@ -572,6 +572,8 @@ struct Flusher {
     database: PathBuf,
     wal: PathBuf,
     open: Option<(std::fs::File, std::fs::File)>,
+    /// Whether the last flush failed (a failure is logged as a warning once, not every tick).
+    failing: bool,
 }
 
 impl Flusher {
@@ -582,6 +584,7 @@ impl Flusher {
             database: database.to_owned(),
             wal: PathBuf::from(wal),
             open: None,
+            failing: false,
         }
     }
 
@@ -599,10 +602,14 @@ impl Flusher {
             }
         }
         if let Some((db, wal)) = &self.open {
-            for file in [wal, db] {
-                if let Err(e) = file.sync_data() {
+            let flushed = wal.sync_data().and_then(|()| db.sync_data());
+            match (flushed, self.failing) {
+                (Ok(()), _) => self.failing = false,
+                (Err(e), false) => {
                     tracing::warn!(error = %e, "flushing the database files failed");
+                    self.failing = true;
                 }
+                (Err(e), true) => tracing::debug!(error = %e, "flushing still fails"),
             }
         }
     }
@@ -1784,6 +1791,7 @@ mod tests {
         flusher.flush();
         assert!(flusher.open.is_some(), "both files exist: kept open");
         flusher.flush();
+        assert!(!flusher.failing);
     }
 }
 
