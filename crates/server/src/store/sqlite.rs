@@ -542,7 +542,7 @@ impl Checkpointer {
                         files.flush();
                     }
                     ticks += 1;
-                    if ticks % ticks_per_checkpoint != 0 {
+                    if !ticks.is_multiple_of(ticks_per_checkpoint) {
                         continue;
                     }
                     let _checkpointing = lock
