@@ -6,9 +6,9 @@
 //! **Group commit.** Every write goes through one writer thread that owns the write connection.
 //! It takes every operation waiting in its channel (up to [`MAX_BATCH_OPS`]), runs them in ONE
 //! transaction, each inside its own `SAVEPOINT` so a refused operation is rolled back without
-//! undoing the others (an operation of one writing statement, an ack, needs none: SQLite undoes
-//! a failed statement by itself), commits once (one fsync for the batch), and only then answers each
-//! caller. If the transaction fails, every operation of the batch fails: nothing is ever
+//! undoing the others (an ack, one writing statement, needs none: SQLite undoes a failed
+//! statement by itself; nor does a post, which makes every check before its first write),
+//! commits once (one fsync for the batch), and only then answers each caller. If the transaction fails, every operation of the batch fails: nothing is ever
 //! acknowledged before its commit is durable.
 //!
 //! **Reads** (fetch, status, lookup, health) go through a small pool of read-only connections
@@ -347,7 +347,7 @@ trait WriteJob: Send {
     fn needs_savepoint(&self) -> bool;
     /// Whether the operation failed in a way that may have left part of it written, so the
     /// whole batch must be rolled back (only for operations without a savepoint).
-    fn must_not_fail(&self) -> bool;
+    fn failed_part_way(&self) -> bool;
     /// Answers the caller once the batch's fate (`outcome`) is known.
     fn finish(self: Box<Self>, outcome: StoreResult<()>);
 }
@@ -386,7 +386,7 @@ where
         matches!(self.wrap, Wrap::Savepoint | Wrap::SavepointThenScrub)
     }
 
-    fn must_not_fail(&self) -> bool {
+    fn failed_part_way(&self) -> bool {
         self.wrap == Wrap::ChecksFirst
             && matches!(
                 self.result,
@@ -467,7 +467,7 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
             }));
         }
         if !savepoint {
-            if job.must_not_fail() {
+            if job.failed_part_way() {
                 return Err(job.error().unwrap_or_else(|| {
                     StoreError::Backend("an operation failed part-way".into())
                 }));
