@@ -492,7 +492,7 @@ fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>], day: Day) -> St
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// With `durability = "process"`: how often the checkpointer flushes the WAL and the database
-/// file to the disk (see [`Checkpointer`]).
+/// file to the disk, and then checkpoints (see [`Checkpointer`]).
 const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A thread with its own connection that runs `PRAGMA wal_checkpoint(PASSIVE)` every
@@ -508,9 +508,13 @@ const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 /// `synchronous=FULL` the WAL is flushed by every commit anyway; with `NORMAL` (`process`) it
 /// held everything written since the last flush, and the backstop stalled the writer for
 /// 5–15 ms every ~0.4 s at half the maximum rate (`perf trace`), which made `process`'s p99
-/// twice `machine`'s. So with `process` this thread also flushes both files every
-/// [`FLUSH_EVERY`] (p99 at 11,500 posts/s 7.5–9.4 ms → 3.3–4.2 ms, BENCHMARKS.md). It takes no
-/// lock: a flush only writes out what the OS already holds.
+/// twice `machine`'s. So with `process` this thread flushes both files every [`FLUSH_EVERY`]
+/// and checkpoints right after, leaving the backstop little to flush or copy (p99 at 11,500
+/// posts/s 7.5–9.4 ms → 3.3–4.2 ms with the flush alone; at 14,244/s 4.4–6.8 → 3.7–4.6 ms
+/// with the checkpoint at the same pace; BENCHMARKS.md). The flush takes no lock: it only
+/// writes out what the OS already holds. With `machine` every commit flushes the WAL, and a
+/// checkpoint's own flush of it would only compete with the writer's, so it stays at
+/// [`CHECKPOINT_EVERY`].
 struct Checkpointer {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -520,30 +524,20 @@ impl Checkpointer {
     fn start(path: &Path, lock: Arc<Mutex<()>>, durability: Durability) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_millis(100))?;
-        let files = match durability {
-            Durability::Machine => None,
-            Durability::Process => Some(Flusher::new(path)),
+        let (tick, files) = match durability {
+            Durability::Machine => (CHECKPOINT_EVERY, None),
+            Durability::Process => (FLUSH_EVERY, Some(Flusher::new(path))),
         };
-        let tick = match files {
-            Some(_) => FLUSH_EVERY,
-            None => CHECKPOINT_EVERY,
-        };
-        let ticks_per_checkpoint = (CHECKPOINT_EVERY.as_millis() / tick.as_millis()).max(1);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 let mut files = files;
-                let mut ticks = 0u128;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(tick)
                 {
                     if let Some(files) = &mut files {
                         files.flush();
-                    }
-                    ticks += 1;
-                    if !ticks.is_multiple_of(ticks_per_checkpoint) {
-                        continue;
                     }
                     let _checkpointing = lock
                         .lock()
@@ -1745,8 +1739,8 @@ mod tests {
 
     async fn committed_pages_reach_the_database_file(durability: Durability) {
         // A few pages are far below the writer's own checkpoint (`WAL_BACKSTOP_PAGES`): only the
-        // background checkpointer copies them into the main file (with `process` on every
-        // fifth of its ticks, between flushes).
+        // background checkpointer copies them into the main file (with `process` after each
+        // flush).
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open_with(dir.path(), Arc::new(|| 1), durability).unwrap();
         let marker = b"checkpointed-marker-6f1d2a".to_vec();
