@@ -8,8 +8,9 @@
 //! transaction, each inside its own `SAVEPOINT` so a refused operation is rolled back without
 //! undoing the others (an ack, one writing statement, needs none: SQLite undoes a failed
 //! statement by itself; nor does a post, which makes every check before its first write),
-//! commits once (one fsync for the batch), and only then answers each caller. If the transaction fails, every operation of the batch fails: nothing is ever
-//! acknowledged before its commit is durable.
+//! commits once (one fsync for the batch), and only then answers each caller. If the
+//! transaction fails, every operation of the batch fails: nothing is ever acknowledged before
+//! its commit is durable.
 //!
 //! **Reads** (fetch, status, lookup, health) go through a small pool of read-only connections
 //! on blocking threads; WAL lets them run beside the writer and see only committed data.
@@ -586,8 +587,10 @@ impl Flusher {
     /// retried at the next tick: commits do not depend on it.
     fn flush(&mut self) {
         if self.open.is_none() {
-            let open = |p: &Path| std::fs::File::open(p);
-            match (open(&self.database), open(&self.wal)) {
+            match (
+                std::fs::File::open(&self.database),
+                std::fs::File::open(&self.wal),
+            ) {
                 (Ok(db), Ok(wal)) => self.open = Some((db, wal)),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::debug!(error = %e, "cannot open the database files to flush them");
@@ -689,8 +692,7 @@ macro_rules! body_len {
 }
 
 /// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
-/// Refused with `LimitExceeded(QueueBytes)` if the queue's pending bytes would pass
-/// `max_queue_bytes` (`None`: no limit).
+/// Checks no byte limit: callers do first ([`check_room`]).
 fn append(
     conn: &Connection,
     day: Day,
