@@ -16,6 +16,7 @@ mod error;
 pub mod fuzzing;
 pub mod kt;
 mod mls;
+mod msgpack;
 mod nilpack;
 mod ops;
 mod payload;

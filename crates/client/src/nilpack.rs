@@ -41,33 +41,161 @@ pub enum UnpackError {
 /// `raw` packed, or `None` when it is shorter than [`MIN_PACKED_INPUT`] or packing would not
 /// save at least a quarter of it. (The codec packs keys too: a key holding random bytes, such
 /// as a public key, never qualifies, so its encoding stays what format 3 wrote and lookups of
-/// existing rows still match.)
+/// existing rows still match.) The codec packs as it encodes ([`Packer`]); this is the same
+/// packing of bytes already written out (for tests and the fuzz target).
 pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() < MIN_PACKED_INPUT {
-        return None;
-    }
-    // Anything longer than this is not worth storing packed.
-    let limit = raw.len() / 4 * 3;
-    let mut out = Vec::with_capacity(raw.len() / 4);
-    out.push(PACKED);
-    let mut rest = raw;
-    while !rest.is_empty() {
-        // Literal bytes up to the next nil.
-        let lit = rest.iter().position(|&b| b == NIL).unwrap_or(rest.len());
-        out.extend_from_slice(&rest[..lit]);
-        rest = &rest[lit..];
-        if rest.is_empty() {
-            break;
+    let mut p = Packer::default();
+    p.bytes(raw);
+    p.into_packed()
+}
+
+/// Packs bytes as they are written, so a large value is never held unpacked: the store's
+/// encoder ([`crate::msgpack`]) writes into one. Its result is what [`pack`] makes of the same
+/// bytes. Below [`MIN_PACKED_INPUT`] it only collects them (runs of `nil` are still counted,
+/// not written, until a value is known to stay short), so small values cost what a plain
+/// buffer does.
+pub struct Packer {
+    /// Until [`MIN_PACKED_INPUT`] bytes have been written, the bytes as written; from then on
+    /// (`packing`) [`PACKED`] and the packed bytes so far, without the pending run.
+    out: Vec<u8>,
+    packing: bool,
+    /// `nil` bytes written since the last other byte, not yet in `out`.
+    nils: usize,
+    /// `nil` bytes written in the runs already in `out`.
+    run_nils: usize,
+    /// Bytes those runs take in `out`.
+    run_bytes: usize,
+}
+
+impl Default for Packer {
+    fn default() -> Self {
+        Self {
+            out: Vec::with_capacity(256),
+            packing: false,
+            nils: 0,
+            run_nils: 0,
+            run_bytes: 0,
         }
-        let run = nil_run(rest);
-        out.push(NIL);
-        push_varint(&mut out, run);
-        rest = &rest[run..];
-        if out.len() > limit {
-            return None;
+    }
+}
+
+impl Packer {
+    /// Write one `nil`.
+    #[inline]
+    pub fn nil(&mut self) {
+        self.nils += 1;
+    }
+
+    /// Write one byte.
+    #[inline]
+    pub fn byte(&mut self, b: u8) {
+        if b == NIL {
+            self.nils += 1;
+        } else {
+            if self.nils > 0 {
+                self.end_run();
+            }
+            self.out.push(b);
         }
     }
-    (out.len() <= limit).then_some(out)
+
+    /// Write bytes.
+    pub fn bytes(&mut self, mut rest: &[u8]) {
+        if !self.packing {
+            if self.out.len() + self.nils + rest.len() < MIN_PACKED_INPUT {
+                self.out.resize(self.out.len() + self.nils, NIL);
+                self.nils = 0;
+                self.out.extend_from_slice(rest);
+                return;
+            }
+            self.start_packing();
+        }
+        while !rest.is_empty() {
+            // Literal bytes up to the next nil.
+            let lit = rest.iter().position(|&b| b == NIL).unwrap_or(rest.len());
+            if lit > 0 {
+                self.end_run();
+                self.out.extend_from_slice(&rest[..lit]);
+                rest = &rest[lit..];
+            }
+            let run = nil_run(rest);
+            self.nils += run;
+            rest = &rest[run..];
+        }
+    }
+
+    /// Pack what was collected and go on packing. The pending run follows it.
+    #[cold]
+    fn start_packing(&mut self) {
+        let pending = std::mem::take(&mut self.nils);
+        let raw = std::mem::replace(&mut self.out, Vec::with_capacity(MIN_PACKED_INPUT / 2));
+        self.out.push(PACKED);
+        self.packing = true;
+        self.bytes(&raw);
+        self.nils += pending;
+    }
+
+    /// Put the pending run in `out`: packed, or as it is while collecting (unless that makes
+    /// the value long enough to pack).
+    #[cold]
+    fn end_run(&mut self) {
+        if self.nils == 0 {
+            return;
+        }
+        if !self.packing {
+            if self.out.len() + self.nils < MIN_PACKED_INPUT {
+                self.out.resize(self.out.len() + self.nils, NIL);
+                self.nils = 0;
+                return;
+            }
+            self.start_packing();
+        }
+        let before = self.out.len();
+        self.out.push(NIL);
+        push_varint(&mut self.out, self.nils);
+        self.run_bytes += self.out.len() - before;
+        self.run_nils += self.nils;
+        self.nils = 0;
+    }
+
+    /// Finish: `Ok` with the packed value when packing saves at least a quarter of a value of
+    /// [`MIN_PACKED_INPUT`] bytes or more, else `Err` with the packer.
+    fn packed(mut self) -> Result<Vec<u8>, Self> {
+        if !self.packing && self.out.len() + self.nils >= MIN_PACKED_INPUT {
+            self.start_packing();
+        }
+        self.end_run();
+        if !self.packing {
+            return Err(self);
+        }
+        let raw_len = self.out.len() - 1 - self.run_bytes + self.run_nils;
+        if self.out.len() <= raw_len / 4 * 3 {
+            Ok(self.out)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// The packed value, or `None` when it is not worth it.
+    fn into_packed(self) -> Option<Vec<u8>> {
+        self.packed().ok()
+    }
+
+    /// The value as the codec stores it: packed when that is worth it (as [`pack`] decides),
+    /// otherwise the bytes as written.
+    pub fn finish(self) -> Result<Vec<u8>, UnpackError> {
+        self.packed().or_else(Self::into_raw)
+    }
+
+    /// Everything written, unpacked.
+    pub fn into_raw(mut self) -> Result<Vec<u8>, UnpackError> {
+        self.end_run();
+        if self.packing {
+            unpack(&self.out)
+        } else {
+            Ok(self.out)
+        }
+    }
 }
 
 /// How many bytes at the start of `s` are nil, eight at a time while they can be.
@@ -207,6 +335,76 @@ mod tests {
             if let Some(p) = pack(&raw) {
                 assert_eq!(unpack(&p).unwrap(), raw, "run {run}");
             }
+        }
+    }
+
+    /// Packing written out plainly, byte by byte: the oracle the packer is checked against.
+    fn reference_pack(raw: &[u8]) -> Option<Vec<u8>> {
+        let mut out = vec![PACKED];
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == NIL {
+                let run = raw[i..].iter().take_while(|&&b| b == NIL).count();
+                out.push(NIL);
+                push_varint(&mut out, run);
+                i += run;
+            } else {
+                out.push(raw[i]);
+                i += 1;
+            }
+        }
+        (raw.len() >= MIN_PACKED_INPUT && out.len() <= raw.len() / 4 * 3).then_some(out)
+    }
+
+    /// One way of writing to a [`Packer`].
+    #[derive(Debug, Clone)]
+    enum Write {
+        Nils(usize),
+        Byte(u8),
+        Bytes(Vec<u8>),
+    }
+
+    fn write() -> impl proptest::strategy::Strategy<Value = Write> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1usize..2000).prop_map(Write::Nils),
+            prop_oneof![Just(NIL), any::<u8>()].prop_map(Write::Byte),
+            proptest::collection::vec(prop_oneof![Just(NIL), any::<u8>()], 0..1500)
+                .prop_map(Write::Bytes),
+        ]
+    }
+
+    proptest::proptest! {
+        /// However the bytes arrive (nils counted, single bytes, slices, across the point
+        /// where collecting turns into packing), the packer stores what packing them all at
+        /// once makes (as `pack` does), and gives them back unpacked.
+        #[test]
+        fn packing_as_written_equals_packing_afterwards(
+            writes in proptest::collection::vec(write(), 0..40)
+        ) {
+            let (mut p, mut q, mut raw) = (Packer::default(), Packer::default(), Vec::new());
+            for w in &writes {
+                match w {
+                    Write::Nils(n) => {
+                        (0..*n).for_each(|_| { p.nil(); q.nil(); });
+                        raw.extend(std::iter::repeat_n(NIL, *n));
+                    }
+                    Write::Byte(b) => {
+                        p.byte(*b);
+                        q.byte(*b);
+                        raw.push(*b);
+                    }
+                    Write::Bytes(s) => {
+                        p.bytes(s);
+                        q.bytes(s);
+                        raw.extend_from_slice(s);
+                    }
+                }
+            }
+            let stored = reference_pack(&raw).unwrap_or(raw.clone());
+            proptest::prop_assert_eq!(pack(&raw).unwrap_or(raw.clone()), stored.clone());
+            proptest::prop_assert_eq!(p.finish().unwrap(), stored);
+            proptest::prop_assert_eq!(q.into_raw().unwrap(), raw);
         }
     }
 

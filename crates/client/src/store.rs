@@ -27,6 +27,8 @@ use crate::error::{Error, Result};
 /// spelled every byte as a number. From format 4, values of 1 KiB or more are stored with
 /// their runs of `nil` packed ([`crate::nilpack`]) when that saves a quarter or more: openmls
 /// rewrites a group's message secrets (one mostly-empty slot per leaf) on every message.
+/// Encoded by [`crate::msgpack`] (the bytes `rmp_serde` writes, packed as they are written),
+/// decoded by `rmp_serde`.
 #[derive(Default)]
 pub struct MsgpackCodec;
 
@@ -39,8 +41,7 @@ impl Codec for MsgpackCodec {
     type Error = CodecError;
 
     fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        let raw = rmp_serde::to_vec_named(value).map_err(|e| CodecError(e.to_string()))?;
-        Ok(crate::nilpack::pack(&raw).unwrap_or(raw))
+        crate::msgpack::to_vec(value).map_err(|e| CodecError(e.to_string()))
     }
 
     fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
