@@ -59,6 +59,43 @@ fn one_to_one_chat_works_both_ways_and_each_item_is_shown_once() {
     assert_eq!(bob.receive_texts(), vec!["from stdin\nsecond line"]);
 }
 
+/// The epoch the server holds for the only group it has.
+fn only_group_epoch(server: &Server) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("blindpost.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    db.query_row("SELECT epoch FROM groups", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_member_who_joined_replaces_its_key_package_leaf_once_before_its_first_post() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    alice.ok(&["send", "@bob", "hello bob"]);
+    assert_eq!(bob.receive_texts(), vec!["hello bob"]);
+    let joined = only_group_epoch(&server);
+
+    bob.ok(&["send", "@alice", "hi"]);
+    assert_eq!(
+        only_group_epoch(&server),
+        joined + 1,
+        "bob's first post comes after a commit of his own"
+    );
+    bob.ok(&["send", "@alice", "again"]);
+    alice.ok(&["send", "@bob", "both read"]);
+    assert_eq!(
+        only_group_epoch(&server),
+        joined + 1,
+        "once only, and alice's leaf came from her own commit"
+    );
+    assert_eq!(alice.receive_texts(), vec!["hi", "again"]);
+    assert_eq!(bob.receive_texts(), vec!["both read"]);
+}
+
 #[test]
 fn a_message_is_not_echoed_to_the_senders_own_queue() {
     let server = Server::start();

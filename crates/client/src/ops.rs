@@ -76,6 +76,8 @@ enum Change<'a> {
     Add(&'a [CheckedKeyPackage]),
     Remove(Vec<String>),
     PendingProposals,
+    /// Fresh keys for our own leaf (and our path), nothing else.
+    SelfUpdate,
 }
 
 /// Splits additions into commits that fit in a frame. A commit carries every new member's key
@@ -1062,7 +1064,7 @@ impl Session<'_> {
                     let me = self.profile.username.clone();
                     // What the user asked for is shown by the command itself; what we did
                     // on others' behalf (committing a leave) is news for the next receive.
-                    let shown = !matches!(change, Change::PendingProposals);
+                    let shown = !matches!(change, Change::PendingProposals | Change::SelfUpdate);
                     return self.client.store.tx(|s| {
                         let mut group = load_group(s, gid)?;
                         merge_own_commit(s, &mut group, &me, &prepared.hash, shown)?;
@@ -1140,6 +1142,13 @@ impl Session<'_> {
                         .map_err(Error::mls)?;
                     (c, w, Vec::new())
                 }
+                Change::SelfUpdate => {
+                    let (c, w, _) = group
+                        .self_update(&provider, signer, LeafNodeParameters::default())
+                        .map_err(Error::mls)?
+                        .into_messages();
+                    (c, w, Vec::new())
+                }
             };
             let staged = group
                 .pending_commit()
@@ -1182,6 +1191,7 @@ impl Session<'_> {
     /// Encrypt and post an application message, re-encrypting after catching up if the group
     /// moved on.
     async fn post_app(&mut self, gid: &[u8], body: Body) -> Result<AppMessage> {
+        self.refresh_joined_leaf(gid).await?;
         let message_id = random_bytes::<16>();
         // Our counter in this group; consumed only once a post succeeds (a post whose outcome
         // is unknown may reuse it, which receivers take as a late message, not a gap).
@@ -1230,6 +1240,41 @@ impl Session<'_> {
         Err(Error::Invalid(
             "gave up: the group changed too often while sending; try again".into(),
         ))
+    }
+
+    /// Before our first post in a group we joined, replace the leaf we joined with (made with
+    /// our key package, which may have waited on the server for days) by fresh keys in a
+    /// commit of our own: post-compromise security from our first word, and our path in the
+    /// tree filled, so later commits encrypt to one node there instead of to every leaf below
+    /// it. On the first post rather than on joining, so the members of a large new group do
+    /// not all race to commit at once. A group too large for that commit to fit in a frame
+    /// (a sparse post-quantum tree) is posted to without it; a later commit fills the path.
+    async fn refresh_joined_leaf(&mut self, gid: &[u8]) -> Result<()> {
+        let store = &self.client.store;
+        let Some(group) = store.take_group(&GroupId::from_slice(gid))? else {
+            return Ok(());
+        };
+        let joined_leaf = group.is_active()
+            && group.own_leaf_node().is_some_and(|l| {
+                matches!(
+                    l.leaf_node_source(),
+                    openmls::treesync::LeafNodeSource::KeyPackage(_)
+                )
+            });
+        store.keep_group(group);
+        if !joined_leaf {
+            return Ok(());
+        }
+        match self.commit(gid, Change::SelfUpdate).await {
+            Err(Error::CommitTooLarge(len)) => {
+                tracing::info!(
+                    len,
+                    "own-leaf update too large for a frame; posting without it"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Ask the group to remove us.
