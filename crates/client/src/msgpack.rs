@@ -412,73 +412,57 @@ impl ser::SerializeMap for Compound<'_> {
     }
 }
 
-impl ser::SerializeTuple for &mut Encoder {
-    type Ok = ();
-    type Error = EncodeError;
+/// Tuples, tuple structs and tuple variants: their elements in order, after the header
+/// `serialize_*` wrote.
+macro_rules! elements {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for &mut Encoder {
+            type Ok = ();
+            type Error = EncodeError;
 
-    #[inline]
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result {
-        v.serialize(&mut **self)
-    }
+            #[inline]
+            fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result {
+                v.serialize(&mut **self)
+            }
 
-    fn end(self) -> Result {
-        Ok(())
-    }
+            fn end(self) -> Result {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTupleStruct for &mut Encoder {
-    type Ok = ();
-    type Error = EncodeError;
+elements!(
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result {
-        v.serialize(&mut **self)
-    }
+/// Structs and struct variants: each field as its name and its value, after the map header
+/// `serialize_*` wrote.
+macro_rules! named_fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for &mut Encoder {
+            type Ok = ();
+            type Error = EncodeError;
 
-    fn end(self) -> Result {
-        Ok(())
-    }
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                v: &T,
+            ) -> Result {
+                self.str(key);
+                v.serialize(&mut **self)
+            }
+
+            fn end(self) -> Result {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTupleVariant for &mut Encoder {
-    type Ok = ();
-    type Error = EncodeError;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result {
-        v.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for &mut Encoder {
-    type Ok = ();
-    type Error = EncodeError;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Result {
-        self.str(key);
-        v.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for &mut Encoder {
-    type Ok = ();
-    type Error = EncodeError;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Result {
-        self.str(key);
-        v.serialize(&mut **self)
-    }
-
-    fn end(self) -> Result {
-        Ok(())
-    }
-}
+named_fields!(SerializeStruct, SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {
