@@ -1247,8 +1247,9 @@ impl Session<'_> {
     /// commit of our own: post-compromise security from our first word, and our path in the
     /// tree filled, so later commits encrypt to one node there instead of to every leaf below
     /// it. On the first post rather than on joining, so the members of a large new group do
-    /// not all race to commit at once. A group too large for that commit to fit in a frame
-    /// (a sparse post-quantum tree) is posted to without it; a later commit fills the path.
+    /// not all race to commit at once. In a group where that commit does not fit in a frame
+    /// (a sparse post-quantum tree of thousands of leaves) we post without it, and do not try
+    /// again there; other members' commits fill the tree.
     async fn refresh_joined_leaf(&mut self, gid: &[u8]) -> Result<()> {
         let store = &self.client.store;
         let Some(group) = store.take_group(&GroupId::from_slice(gid))? else {
@@ -1262,7 +1263,9 @@ impl Session<'_> {
                 )
             });
         store.keep_group(group);
-        if !joined_leaf {
+        // Building a commit that turned out too large took seconds; not again in this group.
+        let too_large = format!("leaf_refresh_too_large/{}", hex::encode(gid));
+        if !joined_leaf || store.get(&too_large)?.is_some() {
             return Ok(());
         }
         match self.commit(gid, Change::SelfUpdate).await {
@@ -1271,7 +1274,7 @@ impl Session<'_> {
                     len,
                     "own-leaf update too large for a frame; posting without it"
                 );
-                Ok(())
+                store.set(&too_large, &[])
             }
             other => other,
         }
