@@ -49,11 +49,11 @@ pub fn pack(raw: &[u8]) -> Option<Vec<u8>> {
     p.into_packed()
 }
 
-/// Packs bytes as they are written, so a large value is never held unpacked: the store's
-/// encoder ([`crate::msgpack`]) writes into one. Its result is what [`pack`] makes of the same
-/// bytes. Below [`MIN_PACKED_INPUT`] it only collects them (runs of `nil` are still counted,
-/// not written, until a value is known to stay short), so small values cost what a plain
-/// buffer does.
+/// Packs bytes as they are written, so a long run of `nil` is counted, never written out: the
+/// store's encoder ([`crate::msgpack`]) writes into one. Its result is what [`pack`] makes of
+/// the same bytes. Until a value reaches [`MIN_PACKED_INPUT`] bytes it only collects them (a
+/// pending run is written out plainly when the next other byte comes and the value is still
+/// short), so small values cost what a plain buffer does.
 pub struct Packer {
     /// Until [`MIN_PACKED_INPUT`] bytes have been written, the bytes as written; from then on
     /// (`packing`) [`PACKED`] and the packed bytes so far, without the pending run.

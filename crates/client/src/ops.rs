@@ -1263,7 +1263,7 @@ impl Session<'_> {
                 )
             });
         store.keep_group(group);
-        // Building a commit that turned out too large took seconds; not again in this group.
+        // A self-update too large for a frame takes seconds to build: not again in this group.
         let too_large = format!("leaf_refresh_too_large/{}", hex::encode(gid));
         if !joined_leaf || store.get(&too_large)?.is_some() {
             return Ok(());
