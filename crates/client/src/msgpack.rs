@@ -138,6 +138,8 @@ impl Encoder {
 /// its own and counted, then written after its header (as `rmp_serde` does).
 struct Compound<'a> {
     e: &'a mut Encoder,
+    /// Writes the header: an array's or a map's length.
+    header: fn(&mut Encoder, usize),
     unknown: Option<(Encoder, usize)>,
 }
 
@@ -150,7 +152,7 @@ impl<'a> Compound<'a> {
             }
             None => Some((Encoder::default(), 0)),
         };
-        Self { e, unknown }
+        Self { e, header, unknown }
     }
 
     /// Write an element, or a map's key (`counts`) or value.
@@ -164,9 +166,9 @@ impl<'a> Compound<'a> {
         }
     }
 
-    fn end(self, header: fn(&mut Encoder, usize)) -> Result {
+    fn finish(self) -> Result {
         if let Some((buf, count)) = self.unknown {
-            header(self.e, count);
+            (self.header)(self.e, count);
             self.e.out.bytes(&buf.out.into_raw()?);
         }
         Ok(())
@@ -315,18 +317,16 @@ impl<'a> ser::Serializer for &'a mut Encoder {
         I: IntoIterator,
         I::Item: Serialize,
     {
-        let iter = iter.into_iter();
+        let mut iter = iter.into_iter();
         match iter.size_hint() {
             (lo, Some(hi)) if lo == hi => {
                 self.array_len(lo);
-                iter.into_iter()
-                    .try_for_each(|item| item.serialize(&mut *self))
+                iter.try_for_each(|item| item.serialize(&mut *self))
             }
             _ => {
                 let mut seq = Compound::new(self, None, Encoder::array_len);
-                iter.into_iter()
-                    .try_for_each(|item| seq.item(&item, true))?;
-                ser::SerializeSeq::end(seq)
+                iter.try_for_each(|item| seq.item(&item, true))?;
+                seq.finish()
             }
         }
     }
@@ -391,7 +391,7 @@ impl ser::SerializeSeq for Compound<'_> {
     }
 
     fn end(self) -> Result {
-        Compound::end(self, Encoder::array_len)
+        self.finish()
     }
 }
 
@@ -408,7 +408,7 @@ impl ser::SerializeMap for Compound<'_> {
     }
 
     fn end(self) -> Result {
-        Compound::end(self, Encoder::map_len)
+        self.finish()
     }
 }
 
