@@ -31,6 +31,76 @@ use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 /// hundreds of KB are what copies made expensive.
 pub const SHARE_FROM_BYTES: usize = 4096;
 
+/// Message ids of a group's latest posts that the store remembers (`groups.recent_posts`), so
+/// a retried post is stored once. A retry that comes after this many other posts to the group
+/// is stored again; members' clients drop the second copy (a replay under a new sequence
+/// number is never shown twice), so the window only bounds wasted queue space. Why a window in
+/// the group row and not a table of every id for days: ids are random, so such a table wrote a
+/// random B-tree page per post, the largest cost of a post (ARCHITECTURE.md, "Idempotency").
+pub const RECENT_POSTS: usize = 32;
+
+/// The stored form of a group's latest message ids: up to [`RECENT_POSTS`] ids of
+/// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the layout both backends store.
+pub(crate) mod recent_posts {
+    use super::RECENT_POSTS;
+    use crate::types::MessageId;
+
+    const MESSAGE_ID_LEN: usize = MessageId::LEN;
+
+    /// Whether `id` is among the ids in `stored` (a trailing partial id is ignored).
+    pub fn contains(stored: &[u8], id: &MessageId) -> bool {
+        stored
+            .chunks_exact(MESSAGE_ID_LEN)
+            .any(|c| c == id.as_bytes())
+    }
+
+    /// `stored` with `id` appended and the oldest ids dropped beyond [`RECENT_POSTS`].
+    pub fn push(stored: &[u8], id: &MessageId) -> Vec<u8> {
+        let whole = stored.len() - stored.len() % MESSAGE_ID_LEN;
+        let keep = whole.min((RECENT_POSTS - 1) * MESSAGE_ID_LEN);
+        let mut next = Vec::with_capacity(keep + MESSAGE_ID_LEN);
+        next.extend_from_slice(&stored[whole - keep..whole]);
+        next.extend_from_slice(id.as_bytes());
+        next
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn id(n: u8) -> MessageId {
+            MessageId::new([n; MESSAGE_ID_LEN])
+        }
+
+        #[test]
+        fn the_window_holds_the_latest_ids_and_forgets_the_oldest() {
+            let mut stored = Vec::new();
+            for n in 0..RECENT_POSTS as u8 + 3 {
+                assert!(!contains(&stored, &id(n)));
+                stored = push(&stored, &id(n));
+                assert!(contains(&stored, &id(n)));
+            }
+            assert_eq!(stored.len(), RECENT_POSTS * MESSAGE_ID_LEN);
+            for n in 0..3 {
+                assert!(!contains(&stored, &id(n)), "id {n} is older than the window");
+            }
+            for n in 3..RECENT_POSTS as u8 + 3 {
+                assert!(contains(&stored, &id(n)), "id {n} is within the window");
+            }
+        }
+
+        #[test]
+        fn a_damaged_value_loses_only_its_partial_id() {
+            let mut stored = push(&push(&[], &id(1)), &id(2));
+            stored.extend_from_slice(&[2; 5]);
+            assert!(contains(&stored, &id(1)) && contains(&stored, &id(2)));
+            let next = push(&stored, &id(3));
+            assert_eq!(next.len(), 3 * MESSAGE_ID_LEN);
+            assert!(contains(&next, &id(1)) && contains(&next, &id(3)));
+        }
+    }
+}
+
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -233,13 +303,11 @@ pub struct ClaimedKeyPackage {
     pub last_resort: bool,
 }
 
-/// Cut-off days for retention: rows from days strictly before these are deleted.
+/// The cut-off day for retention: messages from days strictly before it are deleted.
 #[derive(Debug, Clone, Copy)]
 pub struct Expiry {
     /// Messages stored before this day are deleted.
     pub messages_before: Day,
-    /// Post idempotency keys recorded before this day are deleted.
-    pub posted_ids_before: Day,
 }
 
 /// What retention deleted.
@@ -247,8 +315,6 @@ pub struct Expiry {
 pub struct Expired {
     /// Messages deleted.
     pub messages: u64,
-    /// Post idempotency keys deleted.
-    pub posted_ids: u64,
 }
 
 /// A directory entry as stored.

@@ -45,7 +45,7 @@ use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
-    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
+    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord, recent_posts,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
@@ -185,6 +185,11 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER messages_release AFTER DELETE ON messages
         FOR EACH ROW WHEN (OLD.shared IS NOT NULL) EXECUTE FUNCTION release_payload();",
+    // 5: as SQLite's migration 6: a group's latest message ids live in its row
+    // (`store::recent_posts`); posts to a group already serialise on that row (`check_group`
+    // locks it).
+    "DROP TABLE posted_ids;
+    ALTER TABLE groups ADD COLUMN recent_posts BYTEA NOT NULL DEFAULT ''::bytea;",
 ];
 
 /// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
@@ -1071,18 +1076,18 @@ fn dedup(queues: &mut Vec<QueueId>) {
     queues.retain(|q| seen.insert(*q));
 }
 
+/// A retry of one of the group's latest posts is a duplicate, whether or not a queue filled up
+/// since. `check_group` locks the group row, so posts to a group read and write
+/// `recent_posts` one at a time.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
     let gid = p.group_id.as_bytes();
     let day = tx.day;
-    let fresh = tx
-        .exec(
-            "INSERT INTO posted_ids (group_id, message_id, day) VALUES ($1, $2, $3)
-             ON CONFLICT (group_id, message_id) DO NOTHING",
-            &[&gid, &p.message_id.as_bytes(), &day],
-        )
-        .await?;
-    if fresh == 0 {
+    let recent: Vec<u8> = tx
+        .one("SELECT recent_posts FROM groups WHERE id = $1", &[&gid])
+        .await?
+        .try_get(0)?;
+    if recent_posts::contains(&recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }
     let skip: Vec<QueueId> = p.skip.iter().copied().collect();
@@ -1096,8 +1101,9 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     .await?;
     let appended = append_to_routes(tx, &p.group_id, &p.payload, &skip).await?;
     tx.exec(
-        "UPDATE groups SET last_used_day = $2 WHERE id = $1 AND last_used_day < $2",
-        &[&gid, &day],
+        "UPDATE groups SET recent_posts = $2, last_used_day = GREATEST(last_used_day, $3)
+         WHERE id = $1",
+        &[&gid, &recent_posts::push(&recent, &p.message_id), &day],
     )
     .await?;
     let queues: Vec<QueueId> = appended.iter().map(|a| a.queue).collect();
@@ -1385,16 +1391,7 @@ async fn op_expire(tx: &mut Tx<'_>, expiry: &Expiry) -> Result<Expired, Fail> {
             &[&expiry.messages_before],
         )
         .await?;
-    let posted_ids = tx
-        .exec(
-            "DELETE FROM posted_ids WHERE day < $1",
-            &[&expiry.posted_ids_before],
-        )
-        .await?;
-    Ok(Expired {
-        messages,
-        posted_ids,
-    })
+    Ok(Expired { messages })
 }
 
 // ---------------------------------------------------------------------------------------------
