@@ -28,6 +28,8 @@ pub struct Config {
     pub durability: Durability,
     /// Days an unacknowledged message is kept before deletion. Default 30.
     pub retention_days: u32,
+    /// Days a post's message id is remembered for idempotent retries. Default 7.
+    pub posted_id_retention_days: u32,
     /// Most simultaneous WebSocket connections. Default 10 000.
     pub max_connections: u32,
     /// Key-package claims one connection may make per minute, on average. Default 60.
@@ -76,6 +78,7 @@ impl Default for Config {
             database: "sqlite".to_owned(),
             durability: Durability::Machine,
             retention_days: 30,
+            posted_id_retention_days: 7,
             max_connections: 10_000,
             claims_per_minute: 60,
             claim_burst: 20,

@@ -125,6 +125,7 @@ pub async fn run(
     let retention = tokio::spawn(retention::run(
         Arc::clone(&service),
         config.retention_days,
+        config.posted_id_retention_days,
         stop_rx.clone(),
     ));
 

@@ -410,10 +410,17 @@ impl Service {
         Ok(())
     }
 
-    /// Deletes messages older than `retention_days`, counted back from `today`.
-    pub async fn expire(&self, today: Day, retention_days: u32) -> ServiceResult<Expired> {
+    /// Deletes messages older than `retention_days` and idempotency keys older than
+    /// `posted_id_days`, counted back from `today`.
+    pub async fn expire(
+        &self,
+        today: Day,
+        retention_days: u32,
+        posted_id_days: u32,
+    ) -> ServiceResult<Expired> {
         let expiry = Expiry {
             messages_before: today - Day::from(retention_days),
+            posted_ids_before: today - Day::from(posted_id_days),
         };
         Ok(self.store.expire(expiry).await?)
     }

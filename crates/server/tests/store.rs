@@ -23,8 +23,7 @@ use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     Appended, CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore,
     PostOp, Posted, PublishOp, RECENT_POSTS, RouteGrant, SHARE_FROM_BYTES, SqliteStore, Store,
-    StoreError,
-    TransparencyStore, UserRecord,
+    StoreError, TransparencyStore, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 use blindpost_wire::{SignedDirectoryEntry, SignedRoot, root_signature_message};
@@ -286,7 +285,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     key_package_publish_status_and_limits,
     concurrent_claims_never_hand_out_a_package_twice,
     directory_register_update_and_conflicts,
-    retention_expires_old_messages,
+    retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
     a_full_queue_refuses_posts_whole_until_acknowledged,
     a_post_skips_the_routes_it_names,
@@ -927,30 +926,24 @@ async fn posts_are_idempotent_by_message_id(b: &mut impl Backend) {
         s.post(post(1, 0, 1, 8, b"c")).await.unwrap(),
         Posted::Stored { .. }
     ));
-    // The group remembers its latest RECENT_POSTS ids, across a restart; a retry from before
-    // them is stored again (members' clients drop the second copy).
-    let latest = 100..100 + RECENT_POSTS as u32;
-    for id in latest.clone() {
-        s.post(post(1, 0, 1, id, b"d")).await.unwrap();
+    // Ids the group row holds and ids moved on to `posted_ids` (RECENT_POSTS at a time) are
+    // remembered alike, across a restart.
+    let more = 100..100 + 2 * RECENT_POSTS as u32 + 3;
+    for id in more.clone() {
+        assert!(matches!(
+            s.post(post(1, 0, 1, id, b"d")).await.unwrap(),
+            Posted::Stored { .. }
+        ));
     }
     b.reopen().await;
     let s = b.store();
-    for id in latest {
+    for id in [7, 8].into_iter().chain(more) {
         assert_eq!(
             s.post(post(1, 0, 1, id, b"d")).await.unwrap(),
             Posted::Duplicate,
-            "id {id} is among the latest"
+            "id {id}"
         );
     }
-    assert!(matches!(
-        s.post(post(1, 0, 1, 8, b"c")).await.unwrap(),
-        Posted::Stored { .. }
-    ));
-    // Group 2's window is its own.
-    assert_eq!(
-        s.post(post(2, 0, 1, 7, b"b")).await.unwrap(),
-        Posted::Duplicate
-    );
 }
 
 async fn create_group_checks_routes(b: &mut impl Backend) {
@@ -1136,21 +1129,42 @@ async fn directory_register_update_and_conflicts(b: &mut impl Backend) {
     );
 }
 
-async fn retention_expires_old_messages(b: &mut impl Backend) {
+async fn retention_expires_old_messages_and_posted_ids(b: &mut impl Backend) {
     let s = b.store();
     queue(&*s, 1).await;
     group(&*s, 1, 0, 1, &[1]).await;
     b.set_day(100);
-    s.post(post(1, 0, 1, 1, b"old")).await.unwrap();
+    // The last of these moves the first RECENT_POSTS ids from the group row to `posted_ids`.
+    let old = RECENT_POSTS as u32 + 1;
+    for id in 1..=old {
+        s.post(post(1, 0, 1, id, b"old")).await.unwrap();
+    }
     b.set_day(110);
-    s.post(post(1, 0, 1, 2, b"new")).await.unwrap();
+    s.post(post(1, 0, 1, 1000, b"new")).await.unwrap();
     let expiry = Expiry {
         messages_before: 105,
+        posted_ids_before: 105,
     };
-    assert_eq!(s.expire(expiry).await.unwrap().messages, 1);
+    let expired = s.expire(expiry).await.unwrap();
+    assert_eq!(
+        (expired.messages, expired.posted_ids),
+        (u64::from(old), RECENT_POSTS as u64)
+    );
     assert_eq!(payloads(&*s, qid(1)).await, [b"new".to_vec()]);
-    assert_eq!(s.expire(expiry).await.unwrap().messages, 0);
-    assert_eq!(payloads(&*s, qid(1)).await, [b"new".to_vec()]);
+    // An expired id is forgotten; the group's latest ids stay in its row, however old.
+    assert!(matches!(
+        s.post(post(1, 0, 1, 1, b"again")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    for id in [old, 1000] {
+        assert_eq!(
+            s.post(post(1, 0, 1, id, b"x")).await.unwrap(),
+            Posted::Duplicate,
+            "id {id}"
+        );
+    }
+    let expired = s.expire(expiry).await.unwrap();
+    assert_eq!((expired.messages, expired.posted_ids), (0, 0));
 }
 
 async fn everything_acknowledged_survives_reopen(b: &mut impl Backend) {
@@ -1338,6 +1352,7 @@ async fn a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_mess
     assert_eq!(b.shared_payload_rows().await, 1);
     s.expire(Expiry {
         messages_before: 20_001,
+        posted_ids_before: 0,
     })
     .await
     .unwrap();

@@ -31,37 +31,42 @@ use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 /// hundreds of KB are what copies made expensive.
 pub const SHARE_FROM_BYTES: usize = 4096;
 
-/// Message ids of a group's latest posts that the store remembers (`groups.recent_posts`), so
-/// a retried post is stored once. A retry that comes after this many other posts to the group
-/// is stored again; members' clients drop the second copy (a replay under a new sequence
-/// number is never shown twice), so the window only bounds wasted queue space. Why a window in
-/// the group row and not a table of every id for days: ids are random, so such a table wrote a
-/// random B-tree page per post, the largest cost of a post (ARCHITECTURE.md, "Idempotency").
+/// Message ids a group's row holds (`groups.recent_posts`) before they move to `posted_ids`.
+/// Why: ids are random, so writing each post's id to `posted_ids` as it came wrote a B-tree
+/// page of its own, the largest cost of a post; the group row is read and written by every
+/// post anyway, and a group's ids moved together land in its own key range, on a few pages
+/// (ARCHITECTURE.md, "Idempotency keys").
 pub const RECENT_POSTS: usize = 32;
 
 /// The stored form of a group's latest message ids: up to [`RECENT_POSTS`] ids of
-/// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the layout both backends store.
+/// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the
+/// layout both backends store. A post is a duplicate if its id is here or in `posted_ids`.
 pub(crate) mod recent_posts {
     use super::RECENT_POSTS;
     use crate::types::MessageId;
 
-    const MESSAGE_ID_LEN: usize = MessageId::LEN;
+    const ID_LEN: usize = MessageId::LEN;
 
     /// Whether `id` is among the ids in `stored` (a trailing partial id is ignored).
     pub fn contains(stored: &[u8], id: &MessageId) -> bool {
-        stored
-            .chunks_exact(MESSAGE_ID_LEN)
-            .any(|c| c == id.as_bytes())
+        stored.chunks_exact(ID_LEN).any(|c| c == id.as_bytes())
     }
 
-    /// `stored` with `id` appended and the oldest ids dropped beyond [`RECENT_POSTS`].
-    pub fn push(stored: &[u8], id: &MessageId) -> Vec<u8> {
-        let whole = stored.len() - stored.len() % MESSAGE_ID_LEN;
-        let keep = whole.min((RECENT_POSTS - 1) * MESSAGE_ID_LEN);
-        let mut next = Vec::with_capacity(keep + MESSAGE_ID_LEN);
-        next.extend_from_slice(&stored[whole - keep..whole]);
+    /// Records `id`: the value to store next and, when `stored` was full, the ids that must
+    /// move to `posted_ids` (all of them, so the next value holds `id` alone).
+    pub fn record<'a>(
+        stored: &'a [u8],
+        id: &MessageId,
+    ) -> (Vec<u8>, Option<impl Iterator<Item = &'a [u8]> + use<'a>>) {
+        let ids = stored.chunks_exact(ID_LEN);
+        if ids.len() >= RECENT_POSTS {
+            return (id.as_bytes().to_vec(), Some(ids));
+        }
+        let whole = ids.len() * ID_LEN;
+        let mut next = Vec::with_capacity(whole + ID_LEN);
+        next.extend_from_slice(&stored[..whole]);
         next.extend_from_slice(id.as_bytes());
-        next
+        (next, None)
     }
 
     #[cfg(test)]
@@ -69,33 +74,39 @@ pub(crate) mod recent_posts {
         use super::*;
 
         fn id(n: u8) -> MessageId {
-            MessageId::new([n; MESSAGE_ID_LEN])
+            MessageId::new([n; ID_LEN])
         }
 
         #[test]
-        fn the_window_holds_the_latest_ids_and_forgets_the_oldest() {
+        fn a_full_window_hands_over_every_id_and_starts_again_with_the_new_one() {
             let mut stored = Vec::new();
-            for n in 0..RECENT_POSTS as u8 + 3 {
+            for n in 0..RECENT_POSTS as u8 {
                 assert!(!contains(&stored, &id(n)));
-                stored = push(&stored, &id(n));
+                stored = {
+                    let (next, moved) = record(&stored, &id(n));
+                    assert!(moved.is_none(), "not full before id {n}");
+                    next
+                };
                 assert!(contains(&stored, &id(n)));
             }
-            assert_eq!(stored.len(), RECENT_POSTS * MESSAGE_ID_LEN);
-            for n in 0..3 {
-                assert!(!contains(&stored, &id(n)), "id {n} is older than the window");
+            let (next, moved) = record(&stored, &id(200));
+            let moved: Vec<&[u8]> = moved.expect("full").collect();
+            assert_eq!(moved.len(), RECENT_POSTS);
+            for n in 0..RECENT_POSTS as u8 {
+                assert_eq!(moved[usize::from(n)], id(n).as_bytes());
+                assert!(!contains(&next, &id(n)));
             }
-            for n in 3..RECENT_POSTS as u8 + 3 {
-                assert!(contains(&stored, &id(n)), "id {n} is within the window");
-            }
+            assert_eq!(next, id(200).as_bytes());
         }
 
         #[test]
         fn a_damaged_value_loses_only_its_partial_id() {
-            let mut stored = push(&push(&[], &id(1)), &id(2));
+            let (mut stored, _) = record(&[], &id(1));
             stored.extend_from_slice(&[2; 5]);
-            assert!(contains(&stored, &id(1)) && contains(&stored, &id(2)));
-            let next = push(&stored, &id(3));
-            assert_eq!(next.len(), 3 * MESSAGE_ID_LEN);
+            assert!(contains(&stored, &id(1)));
+            let (next, moved) = record(&stored, &id(3));
+            assert!(moved.is_none());
+            assert_eq!(next.len(), 2 * ID_LEN);
             assert!(contains(&next, &id(1)) && contains(&next, &id(3)));
         }
     }
@@ -303,11 +314,13 @@ pub struct ClaimedKeyPackage {
     pub last_resort: bool,
 }
 
-/// The cut-off day for retention: messages from days strictly before it are deleted.
+/// Cut-off days for retention: rows from days strictly before these are deleted.
 #[derive(Debug, Clone, Copy)]
 pub struct Expiry {
     /// Messages stored before this day are deleted.
     pub messages_before: Day,
+    /// Post idempotency keys recorded before this day are deleted.
+    pub posted_ids_before: Day,
 }
 
 /// What retention deleted.
@@ -315,6 +328,8 @@ pub struct Expiry {
 pub struct Expired {
     /// Messages deleted.
     pub messages: u64,
+    /// Post idempotency keys deleted.
+    pub posted_ids: u64,
 }
 
 /// A directory entry as stored.

@@ -185,11 +185,10 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER messages_release AFTER DELETE ON messages
         FOR EACH ROW WHEN (OLD.shared IS NOT NULL) EXECUTE FUNCTION release_payload();",
-    // 5: as SQLite's migration 6: a group's latest message ids live in its row
-    // (`store::recent_posts`); posts to a group already serialise on that row (`check_group`
-    // locks it).
-    "DROP TABLE posted_ids;
-    ALTER TABLE groups ADD COLUMN recent_posts BYTEA NOT NULL DEFAULT ''::bytea;",
+    // 5: as SQLite's migration 6: a group's latest message ids are kept in its row
+    // (`store::recent_posts`) and moved to `posted_ids` 32 at a time. Posts to a group already
+    // serialise on that row (`check_group` locks it).
+    "ALTER TABLE groups ADD COLUMN recent_posts BYTEA NOT NULL DEFAULT ''::bytea;",
 ];
 
 /// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
@@ -1076,9 +1075,8 @@ fn dedup(queues: &mut Vec<QueueId>) {
     queues.retain(|q| seen.insert(*q));
 }
 
-/// A retry of one of the group's latest posts is a duplicate, whether or not a queue filled up
-/// since. `check_group` locks the group row, so posts to a group read and write
-/// `recent_posts` one at a time.
+/// A retry of a stored post is a duplicate. `check_group` locks the group row, so posts to a
+/// group read and write `recent_posts` one at a time.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
     let gid = p.group_id.as_bytes();
@@ -1088,6 +1086,15 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
         .await?
         .try_get(0)?;
     if recent_posts::contains(&recent, &p.message_id) {
+        return Ok(Posted::Duplicate);
+    }
+    let posted = tx
+        .opt(
+            "SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2",
+            &[&gid, &p.message_id.as_bytes()],
+        )
+        .await?;
+    if posted.is_some() {
         return Ok(Posted::Duplicate);
     }
     let skip: Vec<QueueId> = p.skip.iter().copied().collect();
@@ -1100,10 +1107,21 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     )
     .await?;
     let appended = append_to_routes(tx, &p.group_id, &p.payload, &skip).await?;
+    let (recent, moved) = recent_posts::record(&recent, &p.message_id);
+    if let Some(moved) = moved {
+        let ids: Vec<&[u8]> = moved.collect();
+        tx.exec(
+            "INSERT INTO posted_ids (group_id, message_id, day)
+             SELECT $1, id, $3 FROM unnest($2::bytea[]) AS id
+             ON CONFLICT (group_id, message_id) DO NOTHING",
+            &[&gid, &ids, &day],
+        )
+        .await?;
+    }
     tx.exec(
         "UPDATE groups SET recent_posts = $2, last_used_day = GREATEST(last_used_day, $3)
          WHERE id = $1",
-        &[&gid, &recent_posts::push(&recent, &p.message_id), &day],
+        &[&gid, &recent, &day],
     )
     .await?;
     let queues: Vec<QueueId> = appended.iter().map(|a| a.queue).collect();
@@ -1391,7 +1409,16 @@ async fn op_expire(tx: &mut Tx<'_>, expiry: &Expiry) -> Result<Expired, Fail> {
             &[&expiry.messages_before],
         )
         .await?;
-    Ok(Expired { messages })
+    let posted_ids = tx
+        .exec(
+            "DELETE FROM posted_ids WHERE day < $1",
+            &[&expiry.posted_ids_before],
+        )
+        .await?;
+    Ok(Expired {
+        messages,
+        posted_ids,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, Store,
-    recent_posts,
     StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
+    recent_posts,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -141,7 +141,7 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX messages_by_day;",
     // 4: no index on posted_ids.day either. Message ids are random, so every post wrote a leaf
     // page of the index as well as of the table (the index is as large as the table); retention
-    // sweeps the table in key order instead, in slices (until migration 6 dropped the table).
+    // sweeps the table in key order instead, in slices (`expire_posted_ids`).
     "DROP INDEX posted_ids_by_day;",
     // 5: a payload of at least `SHARE_FROM_BYTES` appended to several queues (a group's
     // commit, Welcome or large post) is stored once, in `payloads`; each of its message rows
@@ -158,12 +158,11 @@ const MIGRATIONS: &[&str] = &[
         UPDATE payloads SET refs = refs - 1 WHERE id = old.shared;
         DELETE FROM payloads WHERE id = old.shared AND refs <= 0;
     END;",
-    // 6: idempotency keys live in the group row, the latest `RECENT_POSTS` of them
-    // (`store::recent_posts`), instead of a table of every message id for days: ids are random,
-    // so each post wrote a B-tree page of `posted_ids` of its own, the largest cost of a post;
-    // the group row is read by every post already.
-    "DROP TABLE posted_ids;
-    ALTER TABLE groups ADD COLUMN recent_posts BLOB NOT NULL DEFAULT x'';",
+    // 6: a group's latest message ids are kept in its row (`store::recent_posts`) and moved
+    // to `posted_ids` 32 at a time: ids are random, so writing each to `posted_ids` as it
+    // came wrote a B-tree page per post, the largest cost of a post; a group's 32 ids land
+    // in its own key range, on a few pages.
+    "ALTER TABLE groups ADD COLUMN recent_posts BLOB NOT NULL DEFAULT x'';",
 ];
 
 impl From<rusqlite::Error> for StoreError {
@@ -1007,8 +1006,8 @@ fn dedup(queues: &mut Vec<QueueId>) {
 }
 
 /// Every check comes before the first write, so a refused post changed nothing and needs no
-/// savepoint ([`Wrap::ChecksFirst`]). A retry of one of the group's latest posts is a
-/// duplicate, whether or not a queue filled up since.
+/// savepoint ([`Wrap::ChecksFirst`]). A retry of a stored post is a duplicate, whether or not
+/// a queue filled up since.
 fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
     let gid = p.group_id.as_bytes();
@@ -1018,6 +1017,13 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     if recent_posts::contains(&recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }
+    let posted: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?
+        .query_row(params![gid, p.message_id.as_bytes()], |r| r.get(0))
+        .optional()?;
+    if posted.is_some() {
+        return Ok(Posted::Duplicate);
+    }
     let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &p.group_id)?
         .into_iter()
         .filter(|q| !p.skip.contains(q))
@@ -1025,10 +1031,20 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
         .collect();
     check_room(conn, &fanout, p.payload.len())?;
     let appended = append_unchecked(conn, day, fanout.iter().map(|(q, _)| q), &p.payload)?;
+    let (recent, moved) = recent_posts::record(&recent, &p.message_id);
+    if let Some(moved) = moved {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)
+             ON CONFLICT (group_id, message_id) DO NOTHING",
+        )?;
+        for id in moved {
+            insert.execute(params![gid, id, day])?;
+        }
+    }
     conn.prepare_cached(
         "UPDATE groups SET recent_posts = ?2, last_used_day = max(last_used_day, ?3) WHERE id = ?1",
     )?
-    .execute(params![gid, recent_posts::push(&recent, &p.message_id), day])?;
+    .execute(params![gid, recent, day])?;
     Ok(Posted::Stored { appended })
 }
 
@@ -1251,6 +1267,57 @@ fn expire_messages(conn: &Connection, before: Day) -> StoreResult<u64> {
     Ok(deleted as u64)
 }
 
+/// Idempotency keys [`expire_posted_ids`] visits per call.
+const SWEEP_SLICE: i64 = 4096;
+
+/// A `posted_ids` primary key: (group id, message id).
+type PostedKey = (Vec<u8>, Vec<u8>);
+
+/// Deletes the idempotency keys recorded before `before` among the next [`SWEEP_SLICE`] keys
+/// after `after` (from the first if `None`), in key order. Returns how many it deleted and the
+/// key to continue after, `None` once the table is done. The table has no index on `day`
+/// (migration 4): an index on a random key costs every post a leaf-page write, while this
+/// sweep reads each key once per retention pass.
+fn expire_posted_ids(
+    conn: &Connection,
+    before: Day,
+    after: Option<&PostedKey>,
+) -> StoreResult<(u64, Option<PostedKey>)> {
+    let mut keys: Vec<(PostedKey, Day)> = Vec::new();
+    let mut stmt = match after {
+        None => conn.prepare_cached(
+            "SELECT group_id, message_id, day FROM posted_ids
+             ORDER BY group_id, message_id LIMIT ?1",
+        )?,
+        Some(_) => conn.prepare_cached(
+            "SELECT group_id, message_id, day FROM posted_ids
+             WHERE (group_id, message_id) > (?1, ?2)
+             ORDER BY group_id, message_id LIMIT ?3",
+        )?,
+    };
+    let mut rows = match after {
+        None => stmt.query([SWEEP_SLICE])?,
+        Some((group, message)) => stmt.query(params![group, message, SWEEP_SLICE])?,
+    };
+    while let Some(row) = rows.next()? {
+        keys.push(((row.get(0)?, row.get(1)?), row.get(2)?));
+    }
+    drop(rows);
+    let mut deleted = 0;
+    let mut delete =
+        conn.prepare_cached("DELETE FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?;
+    for ((group, message), day) in &keys {
+        if *day < before {
+            deleted += delete.execute(params![group, message])? as u64;
+        }
+    }
+    let next = if keys.len() < SWEEP_SLICE as usize {
+        None
+    } else {
+        keys.pop().map(|(key, _)| key)
+    };
+    Ok((deleted, next))
+}
 
 fn read_status(
     conn: &mut Connection,
@@ -1377,7 +1444,27 @@ impl Store for SqliteStore {
             let messages = self
                 .write(move |c, _| expire_messages(c, expiry.messages_before))
                 .await?;
-            Ok(Expired { messages })
+            // Slice by slice, each its own write operation, so posts and acks interleave with
+            // the sweep instead of waiting for one long transaction.
+            let mut posted_ids = 0;
+            let mut cursor: Option<PostedKey> = None;
+            loop {
+                let after = cursor.take();
+                let (deleted, next) = self
+                    .write(move |c, _| {
+                        expire_posted_ids(c, expiry.posted_ids_before, after.as_ref())
+                    })
+                    .await?;
+                posted_ids += deleted;
+                match next {
+                    Some(key) => cursor = Some(key),
+                    None => break,
+                }
+            }
+            Ok(Expired {
+                messages,
+                posted_ids,
+            })
         })
     }
 
@@ -1883,6 +1970,7 @@ mod expiry {
 
         let expired = |before| Expiry {
             messages_before: before,
+            posted_ids_before: 0,
         };
         assert_eq!(store.expire(expired(1)).await.unwrap().messages, 0);
         assert_eq!(store.expire(expired(3)).await.unwrap().messages, 4);
@@ -1896,6 +1984,53 @@ mod expiry {
                 .messages
                 .is_empty()
         );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn expiry_sweeps_posted_ids_across_slices_and_keeps_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        // More than two slices of keys, days 1 and 2 interleaved in key order.
+        let total = 2 * SWEEP_SLICE + 100;
+        store
+            .write(move |c, _| {
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)",
+                )?;
+                for n in 0..total {
+                    let key = n.to_be_bytes();
+                    insert.execute(params![[7u8; 16], key, 1 + n % 2])?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let count = |store: &SqliteStore, day: Day| {
+            let store = store.readers.clone();
+            async move {
+                store
+                    .run(move |c| {
+                        Ok(c.query_row(
+                            "SELECT COUNT(*) FROM posted_ids WHERE day = ?1",
+                            [day],
+                            |r| r.get::<_, i64>(0),
+                        )?)
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let expired = store
+            .expire(Expiry {
+                messages_before: 0,
+                posted_ids_before: 2,
+            })
+            .await
+            .unwrap();
+        assert_eq!(expired.posted_ids, (total / 2) as u64);
+        assert_eq!(count(&store, 1).await, 0, "every day-1 key is gone");
+        assert_eq!(count(&store, 2).await, total / 2, "every day-2 key stays");
         store.close().await.unwrap();
     }
 }
