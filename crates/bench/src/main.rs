@@ -94,6 +94,10 @@ struct Args {
     json: bool,
 }
 
+/// The name blindpostd gives its SQLite writer thread (`store/sqlite.rs`): the thread whose
+/// CPU time per message `server_writer_cpu_us_per_message` reports.
+const WRITER_THREAD: &str = "sqlite-writer";
+
 /// The summary of a load run (the contract scripts rely on).
 #[derive(Serialize)]
 struct Summary {
@@ -117,6 +121,12 @@ struct Summary {
     decrypt_checked: usize,
     decrypt_failed: usize,
     server_cpu_percent: Option<f64>,
+    /// Server CPU time from the window's start until every delivery was counted, per message
+    /// delivered in that time: steadier than `delivered_per_sec` where the machine is shared.
+    server_cpu_us_per_message: Option<f64>,
+    /// The same for the SQLite writer thread alone (absent on PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_writer_cpu_us_per_message: Option<f64>,
     server_peak_rss_kib: Option<u64>,
     server_hwm_rss_kib: Option<u64>,
     server_start_to_ready_ms: Option<f64>,
@@ -286,6 +296,7 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     // blindpost's window, with the server sampled alongside.
     let counters = Arc::new(Counters::default());
     let before = stats::sample_all(&args.server_pid);
+    let writer_before = stats::thread_ticks_all(&args.server_pid, WRITER_THREAD);
     let (outcome, peak_rss) = rt.block_on(async {
         let progress = tokio::spawn(progress(counters.clone(), "blindpost"));
         let peak = Arc::new(AtomicU64::new(0));
@@ -305,7 +316,16 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     });
     let mut outcome = outcome?;
     let after = stats::sample_all(&args.server_pid);
+    let writer_after = stats::thread_ticks_all(&args.server_pid, WRITER_THREAD);
     let measured = !args.server_pid.is_empty();
+    let per_message = |ticks: u64| {
+        ticks as f64 / stats::TICKS_PER_SEC * 1e6 / outcome.delivered_total.max(1) as f64
+    };
+    let server_cpu_us_per_message =
+        measured.then(|| per_message(after.cpu_ticks.saturating_sub(before.cpu_ticks)));
+    let server_writer_cpu_us_per_message = writer_before
+        .zip(writer_after)
+        .map(|(b, a)| per_message(a.saturating_sub(b)));
     let server_cpu_percent = measured.then(|| {
         after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64
             / stats::TICKS_PER_SEC
@@ -341,6 +361,8 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
         decrypt_checked,
         decrypt_failed,
         server_cpu_percent,
+        server_cpu_us_per_message,
+        server_writer_cpu_us_per_message,
         server_peak_rss_kib: measured.then_some(peak_rss.max(after.rss_kib)),
         server_hwm_rss_kib: measured.then_some(after.hwm_kib),
         server_start_to_ready_ms: spawned.map(|s| s.ready_ms),

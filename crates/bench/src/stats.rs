@@ -71,9 +71,8 @@ pub struct ProcSample {
 /// architecture we run on).
 pub const TICKS_PER_SEC: f64 = 100.0;
 
-/// Read `/proc/<pid>/stat` and `/proc/<pid>/status`.
-pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+/// User + system CPU ticks from the text of a `/proc/…/stat` file (0 where unreadable).
+fn stat_ticks(stat: &str) -> u64 {
     // Fields after the command name (which may contain spaces) start at field 3 (`state`).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -83,7 +82,29 @@ pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let cpu_ticks = num(11) + num(12); // utime (field 14) + stime (field 15)
+    num(11) + num(12) // utime (field 14) + stime (field 15)
+}
+
+/// CPU ticks of the threads of `pid` named `name` (`/proc/<pid>/task/*/comm`); `None` if it
+/// has no such thread (a server on PostgreSQL has no SQLite writer).
+pub fn thread_ticks(pid: u32, name: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut found = None;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+            *found.get_or_insert(0) += stat_ticks(&stat);
+        }
+    }
+    found
+}
+
+/// Read `/proc/<pid>/stat` and `/proc/<pid>/status`.
+pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let cpu_ticks = stat_ticks(&stat);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| {
         status
@@ -98,6 +119,14 @@ pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     })
+}
+
+/// CPU ticks of the threads named `name` summed over several processes; `None` if none has
+/// such a thread.
+pub fn thread_ticks_all(pids: &[u32], name: &str) -> Option<u64> {
+    pids.iter()
+        .filter_map(|&pid| thread_ticks(pid, name))
+        .reduce(|a, b| a + b)
 }
 
 /// Sum of samples over several processes (several server nodes).
@@ -116,6 +145,23 @@ pub fn sample_all(pids: &[u32]) -> ProcSample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_ticks_add_user_and_system_time_after_a_command_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime ...
+        let stat = "42 (sqlite writer) S 1 42 42 0 -1 4194304 10 0 0 0 250 17 0 0 20 0";
+        assert_eq!(stat_ticks(stat), 267);
+        assert_eq!(stat_ticks("garbage"), 0);
+    }
+
+    #[test]
+    fn this_process_threads_are_found_by_name() {
+        let me = std::process::id();
+        let name = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        assert!(thread_ticks(me, name.trim_end()).is_some());
+        assert_eq!(thread_ticks(me, "no-such-thread-name"), None);
+    }
 
     #[test]
     fn percentiles_pick_the_nearest_rank() {
