@@ -840,16 +840,17 @@ async fn check_room(
     Ok(())
 }
 
-/// Locks the group row and checks epoch (first) and posting token (second).
+/// Locks the group row and checks epoch (first) and posting token (second). Returns the epoch
+/// and the group's latest message ids (`recent_posts`, which a post needs).
 async fn check_group(
     tx: &mut Tx<'_>,
     group: &GroupId,
     epoch: u64,
     token: &SecretHash,
-) -> Result<u64, Fail> {
+) -> Result<(u64, Vec<u8>), Fail> {
     let row = tx
         .opt(
-            "SELECT epoch, posting_token_hash FROM groups WHERE id = $1 FOR UPDATE",
+            "SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = $1 FOR UPDATE",
             &[&group.as_bytes()],
         )
         .await?;
@@ -866,7 +867,7 @@ async fn check_group(
     if !hash_from_sql(row.try_get(1)?)?.matches(token) {
         return Err(Refusal::Forbidden(Credential::PostingToken).into());
     }
-    Ok(current)
+    Ok((current, row.try_get(2)?))
 }
 
 /// A queue's receive-secret hash, send-token hash and next sequence number.
@@ -988,7 +989,7 @@ async fn op_create_group(tx: &mut Tx<'_>, g: &NewGroup) -> Result<(), Fail> {
 }
 
 async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
-    let epoch = check_group(tx, &c.group_id, c.epoch, &c.posting_token_hash).await?;
+    let (epoch, _) = check_group(tx, &c.group_id, c.epoch, &c.posting_token_hash).await?;
     let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
         current_epoch: epoch,
     })?;
@@ -1078,13 +1079,9 @@ fn dedup(queues: &mut Vec<QueueId>) {
 /// A retry of a stored post is a duplicate. `check_group` locks the group row, so posts to a
 /// group read and write `recent_posts` one at a time.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
-    check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
+    let (_, recent) = check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
     let gid = p.group_id.as_bytes();
     let day = tx.day;
-    let recent: Vec<u8> = tx
-        .one("SELECT recent_posts FROM groups WHERE id = $1", &[&gid])
-        .await?
-        .try_get(0)?;
     if recent_posts::contains(&recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }

@@ -834,17 +834,20 @@ fn routes_of(conn: &Connection, group: &GroupId) -> StoreResult<Vec<QueueId>> {
 }
 
 /// Loads a group and checks epoch (first) and posting token (second), as the wire specifies.
+/// Returns the epoch and the group's latest message ids (`recent_posts`, which a post needs).
 fn check_group(
     conn: &Connection,
     group: &GroupId,
     epoch: u64,
     token: &SecretHash,
-) -> StoreResult<u64> {
-    let row: Option<(i64, Vec<u8>)> = conn
-        .prepare_cached("SELECT epoch, posting_token_hash FROM groups WHERE id = ?1")?
-        .query_row([group.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))
+) -> StoreResult<(u64, Vec<u8>)> {
+    let row: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .prepare_cached("SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = ?1")?
+        .query_row([group.as_bytes()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
-    let Some((current, hash)) = row else {
+    let Some((current, hash, recent)) = row else {
         return Err(Refusal::NotFound(Entity::Group).into());
     };
     let current = seq_from_sql(current);
@@ -857,7 +860,7 @@ fn check_group(
     if !hash_from_sql(hash)?.matches(token) {
         return Err(Refusal::Forbidden(Credential::PostingToken).into());
     }
-    Ok(current)
+    Ok((current, recent))
 }
 
 fn op_create_queue(conn: &Connection, day: Day, q: &NewQueue) -> StoreResult<()> {
@@ -933,7 +936,7 @@ fn op_create_group(conn: &Connection, day: Day, g: &NewGroup) -> StoreResult<()>
 }
 
 fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed> {
-    let epoch = check_group(conn, &c.group_id, c.epoch, &c.posting_token_hash)?;
+    let (epoch, _) = check_group(conn, &c.group_id, c.epoch, &c.posting_token_hash)?;
     let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
         current_epoch: epoch,
     })?;
@@ -1009,11 +1012,8 @@ fn dedup(queues: &mut Vec<QueueId>) {
 /// savepoint ([`Wrap::ChecksFirst`]). A retry of a stored post is a duplicate, whether or not
 /// a queue filled up since.
 fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
-    check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
+    let (_, recent) = check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
     let gid = p.group_id.as_bytes();
-    let recent: Vec<u8> = conn
-        .prepare_cached("SELECT recent_posts FROM groups WHERE id = ?1")?
-        .query_row([gid], |r| r.get(0))?;
     if recent_posts::contains(&recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }
