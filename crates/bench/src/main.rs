@@ -318,20 +318,14 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     let after = stats::sample_all(&args.server_pid);
     let writer_after = stats::thread_ticks_all(&args.server_pid, WRITER_THREAD);
     let measured = !args.server_pid.is_empty();
-    let per_message = |ticks: u64| {
-        ticks as f64 / stats::TICKS_PER_SEC * 1e6 / outcome.delivered_total.max(1) as f64
-    };
-    let server_cpu_us_per_message =
-        measured.then(|| per_message(after.cpu_ticks.saturating_sub(before.cpu_ticks)));
+    let server_secs =
+        after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / stats::TICKS_PER_SEC;
+    let per_message = |secs: f64| secs * 1e6 / outcome.delivered_total.max(1) as f64;
+    let server_cpu_percent = measured.then(|| server_secs / args.duration * 100.0);
+    let server_cpu_us_per_message = measured.then(|| per_message(server_secs));
     let server_writer_cpu_us_per_message = writer_before
         .zip(writer_after)
-        .map(|(b, a)| per_message(a.saturating_sub(b)));
-    let server_cpu_percent = measured.then(|| {
-        after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64
-            / stats::TICKS_PER_SEC
-            / args.duration
-            * 100.0
-    });
+        .map(|(b, a)| per_message(a.saturating_sub(b) as f64 / stats::TICKS_PER_SEC));
 
     // Decryption check through the real client, after the window.
     let (decrypt_checked, decrypt_failed) = check_samples(&convs, &outcome, args.check_receivers)?;
