@@ -76,6 +76,9 @@ struct Args {
     /// Run the same workload on NATS JetStream (file storage, acked) and report the ratio.
     #[arg(long, value_name = "URL")]
     compare_jetstream: Option<String>,
+    /// PID of the nats-server process, to report its CPU time per message beside the server's.
+    #[arg(long, value_name = "PID", requires = "compare_jetstream")]
+    jetstream_pid: Option<u32>,
     /// Connection-hold mode: open this many idle subscribed connections (0: as many as the
     /// file-descriptor limit allows) and report server RSS per connection.
     #[arg(long, value_name = "N")]
@@ -127,6 +130,9 @@ struct Summary {
     /// The same for the SQLite writer thread alone (absent on PostgreSQL).
     #[serde(skip_serializing_if = "Option::is_none")]
     server_writer_cpu_us_per_message: Option<f64>,
+    /// This tool's own CPU time over the same span, per delivered message: it shares the
+    /// machine with the server, so what it spends the server does not get.
+    tool_cpu_us_per_message: f64,
     server_peak_rss_kib: Option<u64>,
     server_hwm_rss_kib: Option<u64>,
     server_start_to_ready_ms: Option<f64>,
@@ -137,6 +143,13 @@ struct Summary {
     jetstream_latency_ms: Option<Percentiles>,
     #[serde(skip_serializing_if = "Option::is_none")]
     jetstream_errors: Option<u64>,
+    /// nats-server's CPU time per delivered message (with `--jetstream-pid`), to set beside
+    /// `server_cpu_us_per_message`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jetstream_server_cpu_us_per_message: Option<f64>,
+    /// This tool's CPU time per delivered message during the JetStream window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jetstream_tool_cpu_us_per_message: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
 }
@@ -295,6 +308,7 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
 
     // blindpost's window, with the server sampled alongside.
     let counters = Arc::new(Counters::default());
+    let tool_before = own_cpu_ticks();
     let before = stats::sample_all(&args.server_pid);
     let writer_before = stats::thread_ticks_all(&args.server_pid, WRITER_THREAD);
     let (outcome, peak_rss) = rt.block_on(async {
@@ -316,16 +330,16 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     });
     let mut outcome = outcome?;
     let after = stats::sample_all(&args.server_pid);
+    let tool_secs = ticks_to_secs(own_cpu_ticks().saturating_sub(tool_before));
     let writer_after = stats::thread_ticks_all(&args.server_pid, WRITER_THREAD);
     let measured = !args.server_pid.is_empty();
-    let server_secs =
-        after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / stats::TICKS_PER_SEC;
-    let per_message = |secs: f64| secs * 1e6 / outcome.delivered_total.max(1) as f64;
+    let server_secs = ticks_to_secs(after.cpu_ticks.saturating_sub(before.cpu_ticks));
+    let per_delivered = |secs: f64| per_message(secs, outcome.delivered_total);
     let server_cpu_percent = measured.then(|| server_secs / args.duration * 100.0);
-    let server_cpu_us_per_message = measured.then(|| per_message(server_secs));
+    let server_cpu_us_per_message = measured.then(|| per_delivered(server_secs));
     let server_writer_cpu_us_per_message = writer_before
         .zip(writer_after)
-        .map(|(b, a)| per_message(a.saturating_sub(b) as f64 / stats::TICKS_PER_SEC));
+        .map(|(b, a)| per_delivered(ticks_to_secs(a.saturating_sub(b))));
 
     // Decryption check through the real client, after the window.
     let (decrypt_checked, decrypt_failed) = check_samples(&convs, &outcome, args.check_receivers)?;
@@ -357,6 +371,7 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
         server_cpu_percent,
         server_cpu_us_per_message,
         server_writer_cpu_us_per_message,
+        tool_cpu_us_per_message: per_delivered(tool_secs),
         server_peak_rss_kib: measured.then_some(peak_rss.max(after.rss_kib)),
         server_hwm_rss_kib: measured.then_some(after.hwm_kib),
         server_start_to_ready_ms: spawned.map(|s| s.ready_ms),
@@ -364,12 +379,18 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
         jetstream_delivered_per_sec: None,
         jetstream_latency_ms: None,
         jetstream_errors: None,
+        jetstream_server_cpu_us_per_message: None,
+        jetstream_tool_cpu_us_per_message: None,
         ratio: None,
     };
     drop(convs);
 
     if let Some(url) = &args.compare_jetstream {
         let counters = Arc::new(Counters::default());
+        let tool_before = own_cpu_ticks();
+        let nats_before = args
+            .jetstream_pid
+            .map(|pid| stats::sample_all(&[pid]).cpu_ticks);
         let js = rt.block_on(async {
             let progress = tokio::spawn(progress(counters.clone(), "jetstream"));
             let r = jetstream::run(
@@ -385,6 +406,14 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
             progress.abort();
             r
         })?;
+        let delivered = counters.delivered.load(Ordering::Relaxed);
+        let tool_secs = ticks_to_secs(own_cpu_ticks().saturating_sub(tool_before));
+        summary.jetstream_tool_cpu_us_per_message = Some(per_message(tool_secs, delivered));
+        summary.jetstream_server_cpu_us_per_message =
+            args.jetstream_pid.zip(nats_before).map(|(pid, before)| {
+                let after = stats::sample_all(&[pid]).cpu_ticks;
+                per_message(ticks_to_secs(after.saturating_sub(before)), delivered)
+            });
         let mut lat = js.latencies;
         let js_rate = js.delivered_in_window as f64 / args.duration;
         summary.jetstream_delivered_per_sec = Some(js_rate);
@@ -394,6 +423,20 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
         eprintln!("jetstream: {} published", js.published);
     }
     Ok(summary)
+}
+
+/// CPU ticks this process has used so far (0 if `/proc` cannot be read).
+fn own_cpu_ticks() -> u64 {
+    stats::sample(std::process::id()).map_or(0, |s| s.cpu_ticks)
+}
+
+fn ticks_to_secs(ticks: u64) -> f64 {
+    ticks as f64 / stats::TICKS_PER_SEC
+}
+
+/// Microseconds of CPU per delivered message.
+fn per_message(cpu_secs: f64, delivered: u64) -> f64 {
+    cpu_secs * 1e6 / delivered.max(1) as f64
 }
 
 /// Decrypt the sampled payloads at up to `receivers` receiving devices, through the real
