@@ -288,6 +288,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     retention_expires_old_messages_and_posted_ids,
     everything_acknowledged_survives_reopen,
     a_full_queue_refuses_posts_whole_until_acknowledged,
+    the_byte_limit_counts_shared_payloads_and_frees_on_ack_expiry_and_reopen,
     a_post_skips_the_routes_it_names,
     a_payload_for_several_queues_is_stored_once_and_goes_with_its_last_message,
     group_route_limit_is_enforced_by_commit,
@@ -1262,6 +1263,60 @@ async fn a_full_queue_refuses_posts_whole_until_acknowledged(b: &mut impl Backen
     assert_eq!(payloads(&*s, qid(2)).await.last().unwrap(), b"commit");
 }
 
+/// The byte limit holds exactly however a queue's messages are held (inline, or one shared
+/// payload) and however they go (acknowledgement, retention), across a reopen.
+async fn the_byte_limit_counts_shared_payloads_and_frees_on_ack_expiry_and_reopen(
+    b: &mut impl Backend,
+) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    queue(&*s, 2).await;
+    group(&*s, 1, 0, 1, &[1, 2]).await;
+    let big = SHARE_FROM_BYTES;
+    let max = big + 300;
+    let limited = |id: u32, len: usize| PostOp {
+        max_queue_bytes: max as u64,
+        ..post(1, 0, 1, id, &vec![id as u8; len])
+    };
+    // Does a post of `len` fit? A refused post changes nothing.
+    let fits = |s: Arc<dyn Store>, id: u32, len: usize| async move {
+        match s.post(limited(id, len)).await {
+            Ok(_) => true,
+            Err(StoreError::Refused(Refusal::LimitExceeded(Limit::QueueBytes))) => false,
+            Err(e) => panic!("post {id}: {e}"),
+        }
+    };
+    b.set_day(100);
+    s.post(limited(1, big)).await.unwrap();
+    assert_eq!(b.shared_payload_rows().await, 1);
+    s.post(limited(2, 100)).await.unwrap();
+    assert!(!fits(Arc::clone(&s), 3, 201).await);
+    b.set_day(110);
+    assert!(fits(Arc::clone(&s), 3, 200).await);
+    assert!(!fits(Arc::clone(&s), 4, 1).await);
+    // Queue 1 acknowledges the shared payload; queue 2 still holds it and stays full.
+    s.ack(qid(1), 1).await.unwrap();
+    assert!(!fits(Arc::clone(&s), 4, 1).await);
+    s.ack(qid(2), 2).await.unwrap();
+    // Queue 1 holds posts 2 and 3 (300 bytes), queue 2 post 3 (200).
+    b.reopen().await;
+    let s = b.store();
+    assert_eq!(b.shared_payload_rows().await, 0);
+    assert!(!fits(Arc::clone(&s), 4, big + 1).await);
+    // Retention takes what was posted on day 100 (queue 1's 100 bytes); day 110's 200 stay.
+    let expired = s
+        .expire(Expiry {
+            messages_before: 105,
+            posted_ids_before: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(expired.messages, 1);
+    assert!(!fits(Arc::clone(&s), 4, big + 101).await);
+    assert!(fits(Arc::clone(&s), 4, big + 100).await);
+    assert!(!fits(Arc::clone(&s), 5, 1).await);
+}
+
 async fn a_post_skips_the_routes_it_names(b: &mut impl Backend) {
     let s = b.store();
     queue(&*s, 1).await;
@@ -1442,7 +1497,29 @@ async fn queue_invariants(
                 let n = posts.len() as u32;
                 let mut payload = n.to_be_bytes().to_vec();
                 payload.resize(*len + 4, 0xAB);
-                s.post(post(1, 0, 1, n, &payload)).await.unwrap();
+                // The byte limit is exact, whatever came before: one byte less than the
+                // fuller queue's pending bytes plus this payload is refused, that much is not.
+                let fullest: usize = pending
+                    .iter()
+                    .map(|p| p.values().map(Vec::len).sum())
+                    .max()
+                    .unwrap_or(0);
+                let limited = |max: usize| PostOp {
+                    max_queue_bytes: max as u64,
+                    ..post(1, 0, 1, n, &payload)
+                };
+                let refused = s.post(limited(fullest + payload.len() - 1)).await;
+                proptest::prop_assert!(
+                    matches!(
+                        refused,
+                        Err(StoreError::Refused(Refusal::LimitExceeded(
+                            Limit::QueueBytes
+                        )))
+                    ),
+                    "a post one byte over the limit: {:?}",
+                    refused
+                );
+                s.post(limited(fullest + payload.len())).await.unwrap();
                 for q in 0..2 {
                     pending[q].insert(next_seq[q], payload.clone());
                     next_seq[q] += 1;

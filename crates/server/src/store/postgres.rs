@@ -136,7 +136,7 @@ const MIGRATIONS: &[&str] = &[
         entry BYTEA NOT NULL,
         signature BYTEA NOT NULL
     );",
-    // 3: the key-transparency directory (akd), as SQLite's migration 2, plus the server's
+    // 2: the key-transparency directory (akd), as SQLite's migration 2, plus the server's
     // keys, which every node shares (SEIZURE.md). `kt_pending.id` keeps arrival order.
     "CREATE TABLE akd_nodes (
         key BYTEA PRIMARY KEY,
@@ -167,7 +167,7 @@ const MIGRATIONS: &[&str] = &[
         vrf_key BYTEA NOT NULL,
         signing_key BYTEA NOT NULL
     );",
-    // 4: as SQLite's migration 5: a large payload appended to several queues is stored once in
+    // 3: as SQLite's migration 5: a large payload appended to several queues is stored once in
     // `payloads`, named by its message rows (`shared`, with an empty `payload`); the trigger
     // releases it with its last message. Acknowledgements of one payload on several nodes
     // serialise on its row (the `UPDATE`).
@@ -185,10 +185,43 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER messages_release AFTER DELETE ON messages
         FOR EACH ROW WHEN (OLD.shared IS NOT NULL) EXECUTE FUNCTION release_payload();",
-    // 5: as SQLite's migration 6: a group's latest message ids are kept in its row
+    // 4: as SQLite's migration 6: a group's latest message ids are kept in its row
     // (`store::recent_posts`) and moved to `posted_ids` 32 at a time. Posts to a group already
     // serialise on that row (`check_group` locks it).
     "ALTER TABLE groups ADD COLUMN recent_posts BYTEA NOT NULL DEFAULT ''::bytea;",
+    // 5: as SQLite's migration 7: a queue's pending payload bytes are counted in its row, so
+    // the byte limit is checked by reading rows, not by summing every queue's backlog. Appends
+    // add to the count; one statement-level trigger subtracts what a `DELETE` took and
+    // releases shared payloads (it replaces the row trigger, which would have deleted a shared
+    // payload before its length was counted). Per statement, so an acknowledgement or expiry
+    // of many messages updates each queue row once.
+    "ALTER TABLE queues ADD COLUMN pending_bytes BIGINT NOT NULL DEFAULT 0;
+    UPDATE queues q SET pending_bytes = s.bytes FROM (
+        SELECT m.queue_id, SUM(CASE WHEN m.shared IS NULL THEN octet_length(m.payload)
+                           ELSE (SELECT octet_length(data) FROM payloads WHERE id = m.shared)
+                           END)::BIGINT AS bytes
+        FROM messages m GROUP BY m.queue_id
+    ) s WHERE q.id = s.queue_id;
+    DROP TRIGGER messages_release ON messages;
+    DROP FUNCTION release_payload();
+    CREATE FUNCTION messages_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE queues q SET pending_bytes = q.pending_bytes - d.bytes FROM (
+            SELECT g.queue_id, SUM(CASE WHEN g.shared IS NULL THEN octet_length(g.payload)
+                               ELSE (SELECT octet_length(data) FROM payloads WHERE id = g.shared)
+                               END)::BIGINT AS bytes
+            FROM gone g GROUP BY g.queue_id
+        ) d WHERE q.id = d.queue_id;
+        UPDATE payloads p SET refs = p.refs - r.n FROM (
+            SELECT shared, count(*)::INTEGER AS n FROM gone WHERE shared IS NOT NULL
+            GROUP BY shared
+        ) r WHERE p.id = r.shared;
+        DELETE FROM payloads
+        WHERE id IN (SELECT shared FROM gone WHERE shared IS NOT NULL) AND refs <= 0;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER messages_deleted AFTER DELETE ON messages
+        REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION messages_deleted();",
 ];
 
 /// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
@@ -736,7 +769,8 @@ async fn append_many(
             append_form(
                 append_statements!(
                     "WITH q AS (
-                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
+                            pending_bytes = pending_bytes + octet_length($2::BYTEA)
                         WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
                      )"
                 ),
@@ -771,7 +805,8 @@ async fn append_to_routes(
             append_form(
                 append_statements!(
                     "WITH q AS (
-                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3
+                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
+                            pending_bytes = pending_bytes + octet_length($2::BYTEA)
                         WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
                           AND NOT (id = ANY($4))
                         RETURNING id, next_seq - 1 AS seq
@@ -805,26 +840,15 @@ async fn check_room(
     let rows = match room {
         Room::Routes(group) => {
             tx.query(
-                concat!(
-                    "SELECT r.queue_id, COALESCE(SUM(",
-                    body_len!(),
-                    "), 0)::BIGINT
-                     FROM routes r LEFT JOIN messages m ON m.queue_id = r.queue_id
-                     WHERE r.group_id = $1 GROUP BY r.queue_id"
-                ),
+                "SELECT q.id, q.pending_bytes FROM routes r JOIN queues q ON q.id = r.queue_id
+                 WHERE r.group_id = $1",
                 &[&group.as_bytes()],
             )
             .await?
         }
         Room::Queues(queues) => {
             tx.query(
-                concat!(
-                    "SELECT q.id, COALESCE(SUM(",
-                    body_len!(),
-                    "), 0)::BIGINT
-                     FROM unnest($1::BYTEA[]) AS q(id) LEFT JOIN messages m ON m.queue_id = q.id
-                     GROUP BY q.id"
-                ),
+                "SELECT id, pending_bytes FROM queues WHERE id = ANY($1)",
                 &[&queues],
             )
             .await?
@@ -951,11 +975,12 @@ async fn op_delete_queue(
         return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
     }
     let id = queue.as_bytes();
-    tx.exec("DELETE FROM messages WHERE queue_id = $1", &[&id])
-        .await?;
+    // The queue row first: the delete trigger then has no count to keep for its messages.
+    tx.exec("DELETE FROM queues WHERE id = $1", &[&id]).await?;
     tx.exec("DELETE FROM routes WHERE queue_id = $1", &[&id])
         .await?;
-    tx.exec("DELETE FROM queues WHERE id = $1", &[&id]).await?;
+    tx.exec("DELETE FROM messages WHERE queue_id = $1", &[&id])
+        .await?;
     Ok(())
 }
 
@@ -1965,5 +1990,129 @@ mod tests {
         relay(&format!("me:{}", hex::encode(a.as_bytes())), "me", &seen);
         relay("garbage", "me", &seen);
         assert_eq!(*seen.0.lock().unwrap(), vec![a, b]);
+    }
+
+    /// A connection to the local test server with a fresh schema of its own first on the
+    /// search path; `None` (and why, on stderr) if no server answers, unless
+    /// `BLINDPOST_REQUIRE_POSTGRES` is set.
+    async fn scratch_schema() -> Option<(Client, String)> {
+        let mut reasons = Vec::new();
+        for user in ["postgres", "root"] {
+            let url = format!("postgres://{user}@127.0.0.1:5432/test");
+            match tokio_postgres::connect(&url, NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    let mut rnd = [0u8; 6];
+                    getrandom::fill(&mut rnd).unwrap();
+                    let schema = format!("bp_unit_{}", hex::encode(rnd));
+                    client
+                        .batch_execute(&format!(
+                            "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+                        ))
+                        .await
+                        .unwrap();
+                    return Some((client, schema));
+                }
+                Err(e) => reasons.push(format!("{url}: {e}")),
+            }
+        }
+        let why = format!("no PostgreSQL server answered ({})", reasons.join("; "));
+        assert!(
+            std::env::var_os("BLINDPOST_REQUIRE_POSTGRES").is_none(),
+            "{why}, and BLINDPOST_REQUIRE_POSTGRES is set"
+        );
+        eprintln!("SKIPPED: {why}");
+        None
+    }
+
+    /// Migration 5 counts what queues already hold, and its trigger keeps the count (and
+    /// releases shared payloads) however messages go.
+    #[tokio::test]
+    async fn migration_5_counts_pending_bytes_and_the_trigger_keeps_them() {
+        let Some((mut client, schema)) = scratch_schema().await else {
+            return;
+        };
+        for sql in &MIGRATIONS[..4] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        client
+            .batch_execute(
+                "CREATE TABLE blindpost_schema (version BIGINT NOT NULL);
+                 INSERT INTO blindpost_schema VALUES (4);",
+            )
+            .await
+            .unwrap();
+        for q in [1u8, 2, 3] {
+            client
+                .execute(
+                    "INSERT INTO queues VALUES ($1, '\\x00', '\\x00', 3, 1, 1)",
+                    &[&[q; 16].as_slice()],
+                )
+                .await
+                .unwrap();
+        }
+        let shared: i64 = client
+            .query_one(
+                "INSERT INTO payloads (data, refs) VALUES ($1, 2) RETURNING id",
+                &[&[0u8; 5000].as_slice()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let insert = "INSERT INTO messages (queue_id, seq, payload, day, shared)
+                      VALUES ($1, $2, $3, 1, $4)";
+        let inline: &[u8] = &[0; 100];
+        let rows = [
+            ([1u8; 16], 1i64, inline, None::<i64>),
+            ([1; 16], 2, &[], Some(shared)),
+            ([2; 16], 1, &[], Some(shared)),
+        ];
+        for (q, seq, payload, shared) in rows {
+            client
+                .execute(insert, &[&q.as_slice(), &seq, &payload, &shared])
+                .await
+                .unwrap();
+        }
+        migrate(&mut client)
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        async fn pending(client: &Client) -> Vec<i64> {
+            client
+                .query("SELECT pending_bytes FROM queues ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        }
+        assert_eq!(pending(&client).await, vec![5100, 5000, 0]);
+        // The shared payload's length is counted before the trigger releases it.
+        client
+            .execute(
+                "DELETE FROM messages WHERE queue_id = $1 AND seq <= 2",
+                &[&[1u8; 16].as_slice()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(pending(&client).await, vec![0, 5000, 0]);
+        let refs: i32 = client
+            .query_one("SELECT refs FROM payloads", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(refs, 1);
+        client.execute("DELETE FROM messages", &[]).await.unwrap();
+        assert_eq!(pending(&client).await, vec![0, 0, 0]);
+        let payloads: i64 = client
+            .query_one("SELECT COUNT(*) FROM payloads", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(payloads, 0);
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 }

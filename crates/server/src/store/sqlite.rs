@@ -163,6 +163,28 @@ const MIGRATIONS: &[&str] = &[
     // came wrote a B-tree page per post, the largest cost of a post; a group's 32 ids land
     // in its own key range, on a few pages.
     "ALTER TABLE groups ADD COLUMN recent_posts BLOB NOT NULL DEFAULT x'';",
+    // 7: a queue's pending payload bytes are counted in its row, so the byte limit is checked
+    // by reading one row: summing the queue's messages cost every post to it O(its backlog)
+    // in the one writer thread (a device offline for days in a busy group: ~96,000 messages
+    // under the default 64 MiB). Appends add to the count; one trigger, which also releases
+    // shared payloads (it replaces `messages_release`, so the shared length is read before
+    // the payload goes), subtracts however a message goes.
+    "ALTER TABLE queues ADD COLUMN pending_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE queues SET pending_bytes = (
+        SELECT COALESCE(SUM(CASE WHEN m.shared IS NULL THEN length(m.payload)
+                            ELSE (SELECT length(data) FROM payloads WHERE id = m.shared) END), 0)
+        FROM messages m WHERE m.queue_id = queues.id
+    );
+    DROP TRIGGER messages_release;
+    CREATE TRIGGER messages_deleted AFTER DELETE ON messages
+    BEGIN
+        UPDATE queues SET pending_bytes = pending_bytes - CASE WHEN old.shared IS NULL
+            THEN length(old.payload)
+            ELSE (SELECT length(data) FROM payloads WHERE id = old.shared) END
+        WHERE id = old.queue_id;
+        UPDATE payloads SET refs = refs - 1 WHERE id = old.shared;
+        DELETE FROM payloads WHERE id = old.shared AND refs <= 0;
+    END;",
 ];
 
 impl From<rusqlite::Error> for StoreError {
@@ -697,20 +719,23 @@ macro_rules! body_len {
     };
 }
 
-/// Appends one message to a queue; returns its sequence number, or `None` if the queue is gone.
+/// Appends one message to a queue, adding `len` (the payload's length, however it is held) to
+/// the queue's pending bytes; returns its sequence number, or `None` if the queue is gone.
 /// Checks no byte limit: callers do first ([`check_room`]).
 fn append(
     conn: &Connection,
     day: Day,
     queue: &QueueId,
     body: Body<'_>,
+    len: usize,
 ) -> StoreResult<Option<u64>> {
     let seq: Option<i64> = conn
         .prepare_cached(
-            "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2 WHERE id = ?1
-             RETURNING next_seq - 1",
+            "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2,
+                    pending_bytes = pending_bytes + ?3
+             WHERE id = ?1 RETURNING next_seq - 1",
         )?
-        .query_row(params![queue.as_bytes(), day], |r| r.get(0))
+        .query_row(params![queue.as_bytes(), day, len as i64], |r| r.get(0))
         .optional()?;
     let Some(seq) = seq else { return Ok(None) };
     match body {
@@ -730,20 +755,17 @@ fn append(
 }
 
 /// Refuses (`LimitExceeded`) if `len` more bytes would take any of `queues` past its byte
-/// limit, if it has one. Reads only.
+/// limit, if it has one. Reads one row per queue (the count migration 7 keeps).
 fn check_room(conn: &Connection, queues: &[(QueueId, Option<u64>)], len: usize) -> StoreResult<()> {
     for (queue, max) in queues {
         let Some(max) = max else { continue };
-        // O(pending messages of this queue); bounded by the limit itself.
-        let pending: i64 = conn
-            .prepare_cached(concat!(
-                "SELECT COALESCE(SUM(",
-                body_len!(),
-                "), 0) FROM messages m WHERE m.queue_id = ?1"
-            ))?
-            .query_row([queue.as_bytes()], |r| r.get(0))?;
-        let after = u64::try_from(pending)
-            .unwrap_or(u64::MAX)
+        // A queue that is gone has no row and no room to check: the append passes it over.
+        let pending: Option<i64> = conn
+            .prepare_cached("SELECT pending_bytes FROM queues WHERE id = ?1")?
+            .query_row([queue.as_bytes()], |r| r.get(0))
+            .optional()?;
+        let after = u64::try_from(pending.unwrap_or(0))
+            .unwrap_or(0)
             .saturating_add(len as u64);
         if after > *max {
             return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
@@ -782,7 +804,7 @@ fn append_unchecked<'q>(
         Body::Shared(conn.last_insert_rowid())
     };
     for queue in queues {
-        if let Some(seq) = append(conn, day, queue, body)? {
+        if let Some(seq) = append(conn, day, queue, body, payload.len())? {
             appended.push(Appended { queue: *queue, seq });
         }
     }
@@ -903,11 +925,12 @@ fn op_delete_queue(conn: &Connection, queue: &QueueId, secret: &SecretHash) -> S
         return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
     }
     let id = queue.as_bytes();
-    conn.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
+    // The queue row first: the delete trigger then has no count to keep for its messages.
+    conn.prepare_cached("DELETE FROM queues WHERE id = ?1")?
         .execute([id])?;
     conn.prepare_cached("DELETE FROM routes WHERE queue_id = ?1")?
         .execute([id])?;
-    conn.prepare_cached("DELETE FROM queues WHERE id = ?1")?
+    conn.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
         .execute([id])?;
     Ok(())
 }
@@ -1677,6 +1700,66 @@ mod tests {
         assert_eq!(v, MIGRATIONS.len() as i64);
         conn.pragma_update(None, "user_version", 99).unwrap();
         assert!(matches!(migrate(&mut conn), Err(StoreError::Backend(_))));
+    }
+
+    /// Migration 7 counts what queues already hold, and its trigger keeps the count (and
+    /// releases shared payloads) however messages go.
+    #[test]
+    fn migration_7_counts_pending_bytes_and_the_trigger_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
+        for sql in &MIGRATIONS[..6] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 6).unwrap();
+        for q in [1u8, 2, 3] {
+            conn.execute(
+                "INSERT INTO queues VALUES (?1, x'00', x'00', 3, 1, 1)",
+                [[q; 16]],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO payloads (id, data, refs) VALUES (7, ?1, 2)",
+            [[0u8; 5000]],
+        )
+        .unwrap();
+        let insert =
+            "INSERT INTO messages (queue_id, seq, payload, day, shared) VALUES (?1, ?2, ?3, 1, ?4)";
+        conn.execute(insert, params![[1u8; 16], 1, [0u8; 100], None::<i64>])
+            .unwrap();
+        conn.execute(insert, params![[1u8; 16], 2, [0u8; 0], 7])
+            .unwrap();
+        conn.execute(insert, params![[2u8; 16], 1, [0u8; 0], 7])
+            .unwrap();
+        let mut conn = conn;
+        migrate(&mut conn).unwrap();
+        let pending = |conn: &Connection| -> Vec<i64> {
+            conn.prepare("SELECT pending_bytes FROM queues ORDER BY id")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(pending(&conn), vec![5100, 5000, 0]);
+        // The shared payload's length is counted before the trigger releases it.
+        conn.execute(
+            "DELETE FROM messages WHERE queue_id = ?1 AND seq <= 2",
+            [[1u8; 16]],
+        )
+        .unwrap();
+        assert_eq!(pending(&conn), vec![0, 5000, 0]);
+        let refs: i64 = conn
+            .query_row("SELECT refs FROM payloads", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(refs, 1);
+        conn.execute("DELETE FROM messages", []).unwrap();
+        assert_eq!(pending(&conn), vec![0, 0, 0]);
+        let payloads: i64 = conn
+            .query_row("SELECT COUNT(*) FROM payloads", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(payloads, 0);
     }
 
     #[test]

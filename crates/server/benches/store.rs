@@ -1,0 +1,125 @@
+//! criterion benchmarks of the SQLite store's writer: what one post and its acknowledgements
+//! cost when another member's queue holds a backlog of constant size (a device offline for
+//! days in a busy group). The byte limit is checked on every post, so what it reads per post
+//! shows here.
+//! Not for the relay as a whole: `blindpost-bench` measures that.
+//!
+//! `cargo bench -p blindpost-server --bench store`; `TMPDIR` chooses the disk.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use blindpost_server::config::Durability;
+use blindpost_server::store::{NewGroup, NewQueue, PostOp, RouteGrant, SqliteStore, Store};
+use blindpost_server::types::{GroupId, MessageId, QueueId, SecretHash};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+/// The size of the load tool's 256-byte text as an MLS ciphertext.
+const PAYLOAD: usize = 674;
+/// Posts stored at once while the backlog is filled (they share group commits).
+const FILL_AT_ONCE: usize = 256;
+
+fn secret(label: &'static str, n: u8) -> SecretHash {
+    SecretHash::of_secret(label, &[n; 32]).unwrap()
+}
+
+fn post(n: u64) -> PostOp {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    PostOp {
+        group_id: GroupId::new([1; 32]),
+        epoch: 0,
+        posting_token_hash: secret("posting", 1),
+        message_id: MessageId::new(id),
+        payload: vec![0xAB; PAYLOAD].into(),
+        // A limit, so it is checked, that the benchmark never reaches.
+        max_queue_bytes: u64::MAX / 2,
+        skip: HashSet::new(),
+    }
+}
+
+/// A store with a 2-member group whose second member's queue holds `backlog` messages.
+async fn group_with_backlog(dir: &std::path::Path, backlog: u64) -> Arc<SqliteStore> {
+    let store =
+        Arc::new(SqliteStore::open_with(dir, Arc::new(|| 20_000), Durability::Process).unwrap());
+    for n in [1u8, 2] {
+        store
+            .create_queue(NewQueue {
+                id: QueueId::new([n; 16]),
+                receive_secret_hash: secret("receive", n),
+                send_token_hash: secret("send", n),
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .create_group(NewGroup {
+            id: GroupId::new([1; 32]),
+            epoch: 0,
+            posting_token_hash: secret("posting", 1),
+            routes: [1u8, 2]
+                .iter()
+                .map(|&n| RouteGrant {
+                    queue_id: QueueId::new([n; 16]),
+                    send_token_hash: secret("send", n),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let mut n = 0;
+    while n < backlog {
+        let batch = (backlog - n).min(FILL_AT_ONCE as u64);
+        let posts = (n..n + batch).map(|k| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.post(post(k)).await.unwrap() })
+        });
+        for p in posts.collect::<Vec<_>>() {
+            p.await.unwrap();
+        }
+        n += batch;
+    }
+    // The online member has read everything.
+    store.ack(QueueId::new([1; 16]), backlog).await.unwrap();
+    store
+}
+
+fn post_beside_a_backlog(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("store");
+    group.sample_size(20);
+    for backlog in [0u64, 1_000, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = rt.block_on(group_with_backlog(dir.path(), backlog));
+        let mut next = backlog;
+        group.bench_function(
+            BenchmarkId::new("post_and_ack_beside_backlog", backlog),
+            |b| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        store.post(post(next)).await.unwrap();
+                        next += 1;
+                        // Both queues got it as sequence number `next`. The online member
+                        // reads it; the offline one's backlog keeps its size (its oldest goes).
+                        store.ack(QueueId::new([1; 16]), next).await.unwrap();
+                        store
+                            .ack(QueueId::new([2; 16]), next - backlog)
+                            .await
+                            .unwrap();
+                    });
+                });
+            },
+        );
+        rt.block_on(store.close()).unwrap();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, post_beside_a_backlog);
+criterion_main!(benches);
