@@ -38,6 +38,57 @@ pub const SHARE_FROM_BYTES: usize = 4096;
 /// (ARCHITECTURE.md, "Idempotency keys").
 pub const RECENT_POSTS: usize = 32;
 
+/// [`offsets::MODULUS`] as a SQL literal, for `concat!`.
+macro_rules! offset_modulus {
+    () => {
+        "4611686018427387904"
+    };
+}
+pub(crate) use offset_modulus;
+
+/// A queue's pending payload bytes, for its byte limit, without summing its messages and
+/// without a write per acknowledgement. The queue row holds `appended_bytes`, a running total
+/// of the payload bytes appended to it; each message row holds `start_offset`, that total
+/// just before it. Messages only ever go as a prefix of their queue (acknowledgement up to a
+/// sequence number, retention oldest first, deletion of the queue), so the pending bytes are
+/// `appended_bytes − start_offset` of the oldest pending message (0 if none): one row and one
+/// index seek, and the append's own `UPDATE` of the queue row keeps the total.
+///
+/// The total starts at a random offset ([`random_base`]) and counts modulo [`MODULUS`], so
+/// neither number says how much a queue ever received: only differences mean anything, and
+/// those are sums of pending messages' lengths, which the `messages` rows show anyway
+/// (SEIZURE.md). Both backends write these SQL expressions; [`offset_modulus!`] is the
+/// modulus as a SQL literal.
+pub(crate) mod offsets {
+    use super::StoreError;
+
+    /// Totals and offsets count modulo 2^62: the sum of one plus a payload length, or the
+    /// difference of two plus the modulus, never overflows a 64-bit SQL integer.
+    pub const MODULUS: i64 = 1 << 62;
+
+    /// A random starting total for a new queue, in `0..MODULUS`.
+    pub fn random_base() -> Result<i64, StoreError> {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b)
+            .map_err(|e| StoreError::Backend(format!("OS random source: {e}")))?;
+        Ok(i64::from_le_bytes(b) & (MODULUS - 1))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_sql_literal_is_the_modulus_and_bases_fall_below_it() {
+            assert_eq!(offset_modulus!().parse::<i64>().unwrap(), MODULUS);
+            for _ in 0..64 {
+                let base = random_base().unwrap();
+                assert!((0..MODULUS).contains(&base));
+            }
+        }
+    }
+}
+
 /// The stored form of a group's latest message ids: up to [`RECENT_POSTS`] ids of
 /// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the
 /// layout both backends store. A post is a duplicate if its id is here or in `posted_ids`.

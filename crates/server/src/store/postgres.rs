@@ -45,7 +45,8 @@ use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
-    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord, recent_posts,
+    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord, offset_modulus, offsets,
+    recent_posts,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
@@ -75,6 +76,14 @@ const LISTEN_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The schema version this server creates and understands.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// A message row's payload length, whichever way it is held (`m` is the row).
+macro_rules! body_len {
+    () => {
+        "CASE WHEN m.shared IS NULL THEN octet_length(m.payload)
+         ELSE (SELECT octet_length(data) FROM payloads WHERE id = m.shared) END"
+    };
+}
 
 /// Versioned schema migrations; `blindpost_schema.version` records how many ran. Append only.
 /// Same tables and columns as the SQLite backend (see SEIZURE.md).
@@ -189,63 +198,65 @@ const MIGRATIONS: &[&str] = &[
     // (`store::recent_posts`) and moved to `posted_ids` 32 at a time. Posts to a group already
     // serialise on that row (`check_group` locks it).
     "ALTER TABLE groups ADD COLUMN recent_posts BYTEA NOT NULL DEFAULT ''::bytea;",
-    // 5: as SQLite's migration 7: a queue's pending payload bytes are counted in its row, so
-    // the byte limit is checked by reading rows, not by summing every queue's backlog. Appends
-    // add to the count; one statement-level trigger subtracts what a `DELETE` took and
-    // releases shared payloads (it replaces the row trigger, which would have deleted a shared
-    // payload before its length was counted). Per statement, so an acknowledgement or expiry
-    // of many messages updates each queue row once.
-    "ALTER TABLE queues ADD COLUMN pending_bytes BIGINT NOT NULL DEFAULT 0;
-    UPDATE queues q SET pending_bytes = s.bytes FROM (
-        SELECT m.queue_id, SUM(CASE WHEN m.shared IS NULL THEN octet_length(m.payload)
-                           ELSE (SELECT octet_length(data) FROM payloads WHERE id = m.shared)
-                           END)::BIGINT AS bytes
-        FROM messages m GROUP BY m.queue_id
-    ) s WHERE q.id = s.queue_id;
-    DROP TRIGGER messages_release ON messages;
-    DROP FUNCTION release_payload();
-    CREATE FUNCTION messages_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        UPDATE queues q SET pending_bytes = q.pending_bytes - d.bytes FROM (
-            SELECT g.queue_id, SUM(CASE WHEN g.shared IS NULL THEN octet_length(g.payload)
-                               ELSE (SELECT octet_length(data) FROM payloads WHERE id = g.shared)
-                               END)::BIGINT AS bytes
-            FROM gone g GROUP BY g.queue_id
-        ) d WHERE q.id = d.queue_id;
-        UPDATE payloads p SET refs = p.refs - r.n FROM (
-            SELECT shared, count(*)::INTEGER AS n FROM gone WHERE shared IS NOT NULL
-            GROUP BY shared
-        ) r WHERE p.id = r.shared;
-        DELETE FROM payloads
-        WHERE id IN (SELECT shared FROM gone WHERE shared IS NOT NULL) AND refs <= 0;
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER messages_deleted AFTER DELETE ON messages
-        REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION messages_deleted();",
+    // 5: as SQLite's migration 7: a queue's pending bytes are `appended_bytes` less the oldest
+    // pending message's `start_offset` (`store::offsets`), not a sum over its messages.
+    // Existing queues get a random base and their messages the running total before each.
+    concat!(
+        "ALTER TABLE queues ADD COLUMN appended_bytes BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN start_offset BIGINT NOT NULL DEFAULT 0;
+        UPDATE queues SET appended_bytes = floor(random() * ", offset_modulus!(), ")::BIGINT;
+        UPDATE messages m SET start_offset = (q.appended_bytes + b.bytes) % ", offset_modulus!(), "
+        FROM queues q, (
+            SELECT queue_id, seq, (SUM(len) OVER (PARTITION BY queue_id ORDER BY seq) - len)::BIGINT AS bytes
+            FROM (SELECT m.queue_id, m.seq, ", body_len!(), " AS len FROM messages m) x
+        ) b
+        WHERE q.id = m.queue_id AND b.queue_id = m.queue_id AND b.seq = m.seq;
+        UPDATE queues q SET appended_bytes = (q.appended_bytes + s.bytes) % ", offset_modulus!(), "
+        FROM (
+            SELECT m.queue_id, SUM(", body_len!(), ")::BIGINT AS bytes FROM messages m GROUP BY m.queue_id
+        ) s
+        WHERE q.id = s.queue_id;"
+    ),
 ];
 
+/// In an append's `RETURNING`, the running total before the message (`store::offsets`): the
+/// updated total less the payload (`$2`), modulo.
+macro_rules! start_offset {
+    () => {
+        concat!(
+            "(appended_bytes - octet_length($2::BYTEA) + ",
+            offset_modulus!(),
+            ") % ",
+            offset_modulus!(),
+            " AS start"
+        )
+    };
+}
+
 /// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
-/// `seq`: queues and their new sequence numbers): `[inline, shared]`. Both insert a message
+/// `seq`, `start`: queues, their new sequence numbers and running totals before the message,
+/// see `store::offsets`): `[inline, shared]`. Both insert a message
 /// row per queue with payload `$2` on day `$3`; the shared form stores a payload for more
 /// than one queue once, in `payloads`, with one reference per row
 /// ([`super::SHARE_FROM_BYTES`] chooses).
 macro_rules! append_statements {
-    ($targets:literal) => {
+    ($($targets:tt)+) => {
         [
             concat!(
-                $targets,
-                " INSERT INTO messages (queue_id, seq, payload, day)
-                  SELECT id, seq, $2, $3 FROM q RETURNING queue_id, seq"
+                $($targets)+,
+                " INSERT INTO messages (queue_id, seq, payload, day, start_offset)
+                  SELECT id, seq, $2, $3, start FROM q RETURNING queue_id, seq"
             ),
             concat!(
-                $targets,
+                $($targets)+,
                 ", p AS (
                     INSERT INTO payloads (data, refs)
                     SELECT $2, n FROM (SELECT count(*)::INTEGER AS n FROM q) c WHERE n > 1
                     RETURNING id
                  )
-                 INSERT INTO messages (queue_id, seq, payload, day, shared)
-                 SELECT q.id, q.seq, CASE WHEN p.id IS NULL THEN $2 ELSE ''::BYTEA END, $3, p.id
+                 INSERT INTO messages (queue_id, seq, payload, day, shared, start_offset)
+                 SELECT q.id, q.seq, CASE WHEN p.id IS NULL THEN $2 ELSE ''::BYTEA END, $3, p.id,
+                        q.start
                  FROM q LEFT JOIN p ON TRUE
                  RETURNING queue_id, seq"
             ),
@@ -260,14 +271,6 @@ fn append_form<'a>([inline, shared]: [&'a str; 2], payload: &[u8]) -> &'a str {
     } else {
         inline
     }
-}
-
-/// A message row's payload length, whichever way it is held (`m` is the row).
-macro_rules! body_len {
-    () => {
-        "CASE WHEN m.shared IS NULL THEN octet_length(m.payload)
-         ELSE (SELECT octet_length(data) FROM payloads WHERE id = m.shared) END"
-    };
 }
 
 /// Where the listener delivers other nodes' wake-ups (implemented by the hub).
@@ -770,8 +773,12 @@ async fn append_many(
                 append_statements!(
                     "WITH q AS (
                         UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
-                            pending_bytes = pending_bytes + octet_length($2::BYTEA)
-                        WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq
+                            appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
+                    offset_modulus!(),
+                    "
+                        WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq, ",
+                    start_offset!(),
+                    "
                      )"
                 ),
                 payload,
@@ -806,10 +813,14 @@ async fn append_to_routes(
                 append_statements!(
                     "WITH q AS (
                         UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
-                            pending_bytes = pending_bytes + octet_length($2::BYTEA)
+                            appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
+                    offset_modulus!(),
+                    "
                         WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
                           AND NOT (id = ANY($4))
-                        RETURNING id, next_seq - 1 AS seq
+                        RETURNING id, next_seq - 1 AS seq, ",
+                    start_offset!(),
+                    "
                      )"
                 ),
                 payload,
@@ -818,6 +829,20 @@ async fn append_to_routes(
         )
         .await?;
     rows.iter().map(appended_from_row).collect()
+}
+
+/// A queue's pending payload bytes (`q` is its row; `store::offsets`): its running total less
+/// that of its oldest pending message, modulo.
+macro_rules! pending_bytes {
+    () => {
+        concat!(
+            "(q.appended_bytes - COALESCE((SELECT m.start_offset FROM messages m
+               WHERE m.queue_id = q.id ORDER BY m.seq LIMIT 1), q.appended_bytes) + ",
+            offset_modulus!(),
+            ") % ",
+            offset_modulus!()
+        )
+    };
 }
 
 /// The queues an append goes to, for [`check_room`].
@@ -840,15 +865,22 @@ async fn check_room(
     let rows = match room {
         Room::Routes(group) => {
             tx.query(
-                "SELECT q.id, q.pending_bytes FROM routes r JOIN queues q ON q.id = r.queue_id
-                 WHERE r.group_id = $1",
+                concat!(
+                    "SELECT q.id, ",
+                    pending_bytes!(),
+                    " FROM routes r JOIN queues q ON q.id = r.queue_id WHERE r.group_id = $1"
+                ),
                 &[&group.as_bytes()],
             )
             .await?
         }
         Room::Queues(queues) => {
             tx.query(
-                "SELECT id, pending_bytes FROM queues WHERE id = ANY($1)",
+                concat!(
+                    "SELECT q.id, ",
+                    pending_bytes!(),
+                    " FROM queues q WHERE q.id = ANY($1)"
+                ),
                 &[&queues],
             )
             .await?
@@ -927,13 +959,14 @@ async fn op_create_queue(tx: &mut Tx<'_>, q: &NewQueue) -> Result<(), Fail> {
     let day = tx.day;
     let inserted = tx
         .exec(
-            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day)
-             VALUES ($1, $2, $3, 1, $4, $4) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day, appended_bytes)
+             VALUES ($1, $2, $3, 1, $4, $4, $5) ON CONFLICT (id) DO NOTHING",
             &[
                 &q.id.as_bytes(),
                 &q.receive_secret_hash.as_bytes(),
                 &q.send_token_hash.as_bytes(),
                 &day,
+                &offsets::random_base()?,
             ],
         )
         .await?;
@@ -975,12 +1008,11 @@ async fn op_delete_queue(
         return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
     }
     let id = queue.as_bytes();
-    // The queue row first: the delete trigger then has no count to keep for its messages.
-    tx.exec("DELETE FROM queues WHERE id = $1", &[&id]).await?;
-    tx.exec("DELETE FROM routes WHERE queue_id = $1", &[&id])
-        .await?;
     tx.exec("DELETE FROM messages WHERE queue_id = $1", &[&id])
         .await?;
+    tx.exec("DELETE FROM routes WHERE queue_id = $1", &[&id])
+        .await?;
+    tx.exec("DELETE FROM queues WHERE id = $1", &[&id]).await?;
     Ok(())
 }
 
@@ -2025,10 +2057,10 @@ mod tests {
         None
     }
 
-    /// Migration 5 counts what queues already hold, and its trigger keeps the count (and
-    /// releases shared payloads) however messages go.
+    /// Migration 5 gives existing queues running totals that make their pending bytes what
+    /// their messages hold, and removing the oldest messages keeps that true.
     #[tokio::test]
-    async fn migration_5_counts_pending_bytes_and_the_trigger_keeps_them() {
+    async fn migration_5_counts_what_queues_hold() {
         let Some((mut client, schema)) = scratch_schema().await else {
             return;
         };
@@ -2079,7 +2111,10 @@ mod tests {
             .unwrap();
         async fn pending(client: &Client) -> Vec<i64> {
             client
-                .query("SELECT pending_bytes FROM queues ORDER BY id", &[])
+                .query(
+                    concat!("SELECT ", pending_bytes!(), " FROM queues q ORDER BY q.id"),
+                    &[],
+                )
                 .await
                 .unwrap()
                 .iter()
@@ -2087,29 +2122,16 @@ mod tests {
                 .collect()
         }
         assert_eq!(pending(&client).await, vec![5100, 5000, 0]);
-        // The shared payload's length is counted before the trigger releases it.
         client
             .execute(
-                "DELETE FROM messages WHERE queue_id = $1 AND seq <= 2",
+                "DELETE FROM messages WHERE queue_id = $1 AND seq <= 1",
                 &[&[1u8; 16].as_slice()],
             )
             .await
             .unwrap();
-        assert_eq!(pending(&client).await, vec![0, 5000, 0]);
-        let refs: i32 = client
-            .query_one("SELECT refs FROM payloads", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(refs, 1);
+        assert_eq!(pending(&client).await, vec![5000, 5000, 0]);
         client.execute("DELETE FROM messages", &[]).await.unwrap();
         assert_eq!(pending(&client).await, vec![0, 0, 0]);
-        let payloads: i64 = client
-            .query_one("SELECT COUNT(*) FROM payloads", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(payloads, 0);
         client
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await

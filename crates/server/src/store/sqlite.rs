@@ -28,7 +28,7 @@ use super::{
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, Store,
     StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
-    recent_posts,
+    offset_modulus, offsets, recent_posts,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -49,6 +49,15 @@ const READ_CONNECTIONS: usize = 4;
 /// The backend's source of "today". Tests pass a settable clock; the server passes
 /// [`crate::types::today`].
 pub type Clock = Arc<dyn Fn() -> Day + Send + Sync>;
+
+/// A message row's payload length, whichever way it is held (`m` is the row). A macro so
+/// the statements using it stay `&'static str` (no formatting on the hot path).
+macro_rules! body_len {
+    () => {
+        "CASE WHEN m.shared IS NULL THEN length(m.payload) \
+         ELSE (SELECT length(data) FROM payloads WHERE id = m.shared) END"
+    };
+}
 
 /// Versioned schema migrations; `PRAGMA user_version` records how many ran. Append only.
 const MIGRATIONS: &[&str] = &[
@@ -163,28 +172,38 @@ const MIGRATIONS: &[&str] = &[
     // came wrote a B-tree page per post, the largest cost of a post; a group's 32 ids land
     // in its own key range, on a few pages.
     "ALTER TABLE groups ADD COLUMN recent_posts BLOB NOT NULL DEFAULT x'';",
-    // 7: a queue's pending payload bytes are counted in its row, so the byte limit is checked
-    // by reading one row: summing the queue's messages cost every post to it O(its backlog)
-    // in the one writer thread (a device offline for days in a busy group: ~96,000 messages
-    // under the default 64 MiB). Appends add to the count; one trigger, which also releases
-    // shared payloads (it replaces `messages_release`, so the shared length is read before
-    // the payload goes), subtracts however a message goes.
-    "ALTER TABLE queues ADD COLUMN pending_bytes INTEGER NOT NULL DEFAULT 0;
-    UPDATE queues SET pending_bytes = (
-        SELECT COALESCE(SUM(CASE WHEN m.shared IS NULL THEN length(m.payload)
-                            ELSE (SELECT length(data) FROM payloads WHERE id = m.shared) END), 0)
-        FROM messages m WHERE m.queue_id = queues.id
-    );
-    DROP TRIGGER messages_release;
-    CREATE TRIGGER messages_deleted AFTER DELETE ON messages
-    BEGIN
-        UPDATE queues SET pending_bytes = pending_bytes - CASE WHEN old.shared IS NULL
-            THEN length(old.payload)
-            ELSE (SELECT length(data) FROM payloads WHERE id = old.shared) END
-        WHERE id = old.queue_id;
-        UPDATE payloads SET refs = refs - 1 WHERE id = old.shared;
-        DELETE FROM payloads WHERE id = old.shared AND refs <= 0;
-    END;",
+    // 7: a queue's pending bytes are `appended_bytes` less the oldest pending message's
+    // `start_offset` (`store::offsets`): summing the queue's messages cost every post to it
+    // O(its backlog) in the one writer thread. Existing queues get a random base and their
+    // messages the running total before each, in sequence order.
+    concat!(
+        "ALTER TABLE queues ADD COLUMN appended_bytes INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN start_offset INTEGER NOT NULL DEFAULT 0;
+        UPDATE queues SET appended_bytes = abs(random() % ",
+        offset_modulus!(),
+        ");
+        CREATE TEMP TABLE before_each (r INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
+        INSERT INTO before_each
+            SELECT r, SUM(len) OVER (PARTITION BY queue_id ORDER BY seq) - len FROM (
+                SELECT m.rowid AS r, m.queue_id, m.seq, ",
+        body_len!(),
+        " AS len FROM messages m
+            );
+        UPDATE messages SET start_offset = (
+            (SELECT appended_bytes FROM queues WHERE id = messages.queue_id)
+            + (SELECT bytes FROM before_each WHERE r = messages.rowid)
+        ) % ",
+        offset_modulus!(),
+        ";
+        UPDATE queues SET appended_bytes = (appended_bytes + (
+            SELECT COALESCE(SUM(",
+        body_len!(),
+        "), 0) FROM messages m WHERE m.queue_id = queues.id
+        )) % ",
+        offset_modulus!(),
+        ";
+        DROP TABLE before_each;"
+    ),
 ];
 
 impl From<rusqlite::Error> for StoreError {
@@ -710,18 +729,9 @@ enum Body<'a> {
     Shared(i64),
 }
 
-/// A message row's payload length, whichever way it is held (`m` is the row). A macro so
-/// the statements using it stay `&'static str` (no formatting on the hot path).
-macro_rules! body_len {
-    () => {
-        "CASE WHEN m.shared IS NULL THEN length(m.payload) \
-         ELSE (SELECT length(data) FROM payloads WHERE id = m.shared) END"
-    };
-}
-
 /// Appends one message to a queue, adding `len` (the payload's length, however it is held) to
-/// the queue's pending bytes; returns its sequence number, or `None` if the queue is gone.
-/// Checks no byte limit: callers do first ([`check_room`]).
+/// the queue's running total ([`offsets`]); returns its sequence number, or `None` if the
+/// queue is gone. Checks no byte limit: callers do first ([`check_room`]).
 fn append(
     conn: &Connection,
     day: Day,
@@ -729,39 +739,60 @@ fn append(
     body: Body<'_>,
     len: usize,
 ) -> StoreResult<Option<u64>> {
-    let seq: Option<i64> = conn
-        .prepare_cached(
+    let row: Option<(i64, i64)> = conn
+        .prepare_cached(concat!(
             "UPDATE queues SET next_seq = next_seq + 1, last_used_day = ?2,
-                    pending_bytes = pending_bytes + ?3
-             WHERE id = ?1 RETURNING next_seq - 1",
-        )?
-        .query_row(params![queue.as_bytes(), day, len as i64], |r| r.get(0))
+                    appended_bytes = (appended_bytes + ?3) % ",
+            offset_modulus!(),
+            "
+             WHERE id = ?1
+             RETURNING next_seq - 1, (appended_bytes - ?3 + ",
+            offset_modulus!(),
+            ") % ",
+            offset_modulus!()
+        ))?
+        .query_row(params![queue.as_bytes(), day, len as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
-    let Some(seq) = seq else { return Ok(None) };
+    let Some((seq, start)) = row else {
+        return Ok(None);
+    };
     match body {
         Body::Inline(payload) => conn
             .prepare_cached(
-                "INSERT INTO messages (queue_id, seq, payload, day) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO messages (queue_id, seq, payload, day, start_offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![queue.as_bytes(), seq, payload, day])?,
+            .execute(params![queue.as_bytes(), seq, payload, day, start])?,
         Body::Shared(id) => conn
             .prepare_cached(
-                "INSERT INTO messages (queue_id, seq, payload, day, shared)
-                 VALUES (?1, ?2, X'', ?3, ?4)",
+                "INSERT INTO messages (queue_id, seq, payload, day, shared, start_offset)
+                 VALUES (?1, ?2, X'', ?3, ?4, ?5)",
             )?
-            .execute(params![queue.as_bytes(), seq, day, id])?,
+            .execute(params![queue.as_bytes(), seq, day, id, start])?,
     };
     Ok(Some(seq_from_sql(seq)))
 }
 
 /// Refuses (`LimitExceeded`) if `len` more bytes would take any of `queues` past its byte
-/// limit, if it has one. Reads one row per queue (the count migration 7 keeps).
+/// limit, if it has one. Reads the queue row and its oldest pending message ([`offsets`]).
 fn check_room(conn: &Connection, queues: &[(QueueId, Option<u64>)], len: usize) -> StoreResult<()> {
     for (queue, max) in queues {
         let Some(max) = max else { continue };
         // A queue that is gone has no row and no room to check: the append passes it over.
         let pending: Option<i64> = conn
-            .prepare_cached("SELECT pending_bytes FROM queues WHERE id = ?1")?
+            .prepare_cached(concat!(
+                "SELECT (q.appended_bytes - COALESCE((
+                     SELECT m.start_offset FROM messages m WHERE m.queue_id = q.id
+                     ORDER BY m.seq LIMIT 1
+                 ), q.appended_bytes) + ",
+                offset_modulus!(),
+                ") % ",
+                offset_modulus!(),
+                "
+                 FROM queues q WHERE q.id = ?1"
+            ))?
             .query_row([queue.as_bytes()], |r| r.get(0))
             .optional()?;
         let after = u64::try_from(pending.unwrap_or(0))
@@ -888,10 +919,10 @@ fn check_group(
 fn op_create_queue(conn: &Connection, day: Day, q: &NewQueue) -> StoreResult<()> {
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day)
-             VALUES (?1, ?2, ?3, 1, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO queues (id, receive_secret_hash, send_token_hash, next_seq, created_day, last_used_day, appended_bytes)
+             VALUES (?1, ?2, ?3, 1, ?4, ?4, ?5) ON CONFLICT (id) DO NOTHING",
         )?
-        .execute(params![q.id.as_bytes(), q.receive_secret_hash.as_bytes(), q.send_token_hash.as_bytes(), day])?;
+        .execute(params![q.id.as_bytes(), q.receive_secret_hash.as_bytes(), q.send_token_hash.as_bytes(), day, offsets::random_base()?])?;
     if inserted == 0 {
         return Err(Refusal::Conflict(ConflictKind::QueueExists).into());
     }
@@ -925,12 +956,11 @@ fn op_delete_queue(conn: &Connection, queue: &QueueId, secret: &SecretHash) -> S
         return Err(Refusal::Forbidden(Credential::ReceiveSecret).into());
     }
     let id = queue.as_bytes();
-    // The queue row first: the delete trigger then has no count to keep for its messages.
-    conn.prepare_cached("DELETE FROM queues WHERE id = ?1")?
+    conn.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
         .execute([id])?;
     conn.prepare_cached("DELETE FROM routes WHERE queue_id = ?1")?
         .execute([id])?;
-    conn.prepare_cached("DELETE FROM messages WHERE queue_id = ?1")?
+    conn.prepare_cached("DELETE FROM queues WHERE id = ?1")?
         .execute([id])?;
     Ok(())
 }
@@ -1702,20 +1732,21 @@ mod tests {
         assert!(matches!(migrate(&mut conn), Err(StoreError::Backend(_))));
     }
 
-    /// Migration 7 counts what queues already hold, and its trigger keeps the count (and
-    /// releases shared payloads) however messages go.
+    /// Migration 7 gives existing queues running totals that make their pending bytes what
+    /// their messages hold, and appends and acknowledgements keep them so.
     #[test]
-    fn migration_7_counts_pending_bytes_and_the_trigger_keeps_them() {
+    fn migration_7_counts_what_queues_hold_and_appends_keep_the_count() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
+        let mut conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
         for sql in &MIGRATIONS[..6] {
             conn.execute_batch(sql).unwrap();
         }
         conn.pragma_update(None, "user_version", 6).unwrap();
-        for q in [1u8, 2, 3] {
+        let q = |n: u8| QueueId::new([n; 16]);
+        for n in [1u8, 2, 3] {
             conn.execute(
                 "INSERT INTO queues VALUES (?1, x'00', x'00', 3, 1, 1)",
-                [[q; 16]],
+                [q(n).as_bytes()],
             )
             .unwrap();
         }
@@ -1724,42 +1755,43 @@ mod tests {
             [[0u8; 5000]],
         )
         .unwrap();
-        let insert =
-            "INSERT INTO messages (queue_id, seq, payload, day, shared) VALUES (?1, ?2, ?3, 1, ?4)";
-        conn.execute(insert, params![[1u8; 16], 1, [0u8; 100], None::<i64>])
-            .unwrap();
-        conn.execute(insert, params![[1u8; 16], 2, [0u8; 0], 7])
-            .unwrap();
-        conn.execute(insert, params![[2u8; 16], 1, [0u8; 0], 7])
-            .unwrap();
-        let mut conn = conn;
+        let insert = "INSERT INTO messages (queue_id, seq, payload, day, shared)
+                      VALUES (?1, ?2, ?3, 1, ?4)";
+        let inline: &[u8] = &[0; 100];
+        for (n, seq, payload, shared) in [
+            (1u8, 1, inline, None),
+            (1, 2, &[], Some(7)),
+            (2, 1, &[], Some(7)),
+        ] {
+            conn.execute(insert, params![q(n).as_bytes(), seq, payload, shared])
+                .unwrap();
+        }
         migrate(&mut conn).unwrap();
-        let pending = |conn: &Connection| -> Vec<i64> {
-            conn.prepare("SELECT pending_bytes FROM queues ORDER BY id")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect()
+        // Exactly `pending` bytes held: one more byte would pass a limit of `pending + len`.
+        let holds = |conn: &Connection, n: u8, pending: u64| {
+            check_room(conn, &[(q(n), Some(pending + 10))], 10).unwrap();
+            assert!(
+                check_room(conn, &[(q(n), Some(pending + 10))], 11).is_err(),
+                "queue {n} holds more than {pending}"
+            );
         };
-        assert_eq!(pending(&conn), vec![5100, 5000, 0]);
-        // The shared payload's length is counted before the trigger releases it.
+        holds(&conn, 1, 5100);
+        holds(&conn, 2, 5000);
+        holds(&conn, 3, 0);
         conn.execute(
-            "DELETE FROM messages WHERE queue_id = ?1 AND seq <= 2",
-            [[1u8; 16]],
+            "DELETE FROM messages WHERE queue_id = ?1 AND seq <= 1",
+            [q(1).as_bytes()],
         )
         .unwrap();
-        assert_eq!(pending(&conn), vec![0, 5000, 0]);
-        let refs: i64 = conn
-            .query_row("SELECT refs FROM payloads", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(refs, 1);
+        holds(&conn, 1, 5000);
+        append(&conn, 1, &q(1), Body::Inline(&[1; 30]), 30).unwrap();
+        append(&conn, 1, &q(3), Body::Inline(&[1; 30]), 30).unwrap();
+        holds(&conn, 1, 5030);
+        holds(&conn, 3, 30);
         conn.execute("DELETE FROM messages", []).unwrap();
-        assert_eq!(pending(&conn), vec![0, 0, 0]);
-        let payloads: i64 = conn
-            .query_row("SELECT COUNT(*) FROM payloads", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(payloads, 0);
+        for n in [1, 2, 3] {
+            holds(&conn, n, 0);
+        }
     }
 
     #[test]
