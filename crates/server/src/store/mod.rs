@@ -46,6 +46,21 @@ macro_rules! offset_modulus {
 }
 pub(crate) use offset_modulus;
 
+/// A queue's pending payload bytes as SQL over its row `q` (both backends): its running total
+/// less that of its oldest pending message, modulo ([`offsets`]).
+macro_rules! pending_bytes {
+    () => {
+        concat!(
+            "(q.appended_bytes - COALESCE((SELECT m.start_offset FROM messages m
+               WHERE m.queue_id = q.id ORDER BY m.seq LIMIT 1), q.appended_bytes) + ",
+            $crate::store::offset_modulus!(),
+            ") % ",
+            $crate::store::offset_modulus!()
+        )
+    };
+}
+pub(crate) use pending_bytes;
+
 /// A queue's pending payload bytes, for its byte limit, without summing its messages and
 /// without a write per acknowledgement. The queue row holds `appended_bytes`, a running total
 /// of the payload bytes appended to it; each message row holds `start_offset`, that total
@@ -57,8 +72,8 @@ pub(crate) use offset_modulus;
 /// The total starts at a random offset ([`random_base`]) and counts modulo [`MODULUS`], so
 /// neither number says how much a queue ever received: only differences mean anything, and
 /// those are sums of pending messages' lengths, which the `messages` rows show anyway
-/// (SEIZURE.md). Both backends write these SQL expressions; [`offset_modulus!`] is the
-/// modulus as a SQL literal.
+/// (SEIZURE.md). Both backends read the pending bytes with [`pending_bytes!`]; each keeps the
+/// total in its own append statement; [`offset_modulus!`] is the modulus as a SQL literal.
 pub(crate) mod offsets {
     use super::StoreError;
 

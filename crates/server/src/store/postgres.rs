@@ -46,7 +46,7 @@ use super::{
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
     StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord, offset_modulus, offsets,
-    recent_posts,
+    pending_bytes, recent_posts,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
@@ -829,20 +829,6 @@ async fn append_to_routes(
         )
         .await?;
     rows.iter().map(appended_from_row).collect()
-}
-
-/// A queue's pending payload bytes (`q` is its row; `store::offsets`): its running total less
-/// that of its oldest pending message, modulo.
-macro_rules! pending_bytes {
-    () => {
-        concat!(
-            "(q.appended_bytes - COALESCE((SELECT m.start_offset FROM messages m
-               WHERE m.queue_id = q.id ORDER BY m.seq LIMIT 1), q.appended_bytes) + ",
-            offset_modulus!(),
-            ") % ",
-            offset_modulus!()
-        )
-    };
 }
 
 /// The queues an append goes to, for [`check_room`].

@@ -28,7 +28,7 @@ use super::{
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
     NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, Store,
     StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
-    offset_modulus, offsets, recent_posts,
+    offset_modulus, offsets, pending_bytes, recent_posts,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -783,15 +783,9 @@ fn check_room(conn: &Connection, queues: &[(QueueId, Option<u64>)], len: usize) 
         // A queue that is gone has no row and no room to check: the append passes it over.
         let pending: Option<i64> = conn
             .prepare_cached(concat!(
-                "SELECT (q.appended_bytes - COALESCE((
-                     SELECT m.start_offset FROM messages m WHERE m.queue_id = q.id
-                     ORDER BY m.seq LIMIT 1
-                 ), q.appended_bytes) + ",
-                offset_modulus!(),
-                ") % ",
-                offset_modulus!(),
-                "
-                 FROM queues q WHERE q.id = ?1"
+                "SELECT ",
+                pending_bytes!(),
+                " FROM queues q WHERE q.id = ?1"
             ))?
             .query_row([queue.as_bytes()], |r| r.get(0))
             .optional()?;
