@@ -219,36 +219,39 @@ const MIGRATIONS: &[&str] = &[
     ),
 ];
 
-/// In an append's `RETURNING`, the running total before the message (`store::offsets`): the
-/// updated total less the payload (`$2`), modulo.
-macro_rules! start_offset {
-    () => {
-        concat!(
-            "(appended_bytes - octet_length($2::BYTEA) + ",
+/// The two forms of an append statement to the queues that `$which` (a `WHERE` clause over
+/// `queues`) selects: `[inline, shared]`. Its first CTE, `q`, takes each queue's next sequence
+/// number and adds the payload (`$2`) to its running total, yielding `id`, `seq` and `start`,
+/// the total before the message (`store::offsets`). Both insert a message row per queue with
+/// payload `$2` on day `$3`; the shared form stores a payload for more than one queue once,
+/// in `payloads`, with one reference per row ([`super::SHARE_FROM_BYTES`] chooses).
+macro_rules! append_statements {
+    ($which:literal) => {
+        append_statements!(@forms concat!(
+            "WITH q AS (
+                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
+                    appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
+            offset_modulus!(),
+            " ",
+            $which,
+            " RETURNING id, next_seq - 1 AS seq,
+                    (appended_bytes - octet_length($2::BYTEA) + ",
             offset_modulus!(),
             ") % ",
             offset_modulus!(),
-            " AS start"
-        )
+            " AS start
+             )"
+        ))
     };
-}
-
-/// The two forms of an append statement whose first CTE, `$targets`, yields `q` (`id`,
-/// `seq`, `start`: queues, their new sequence numbers and running totals before the message,
-/// see `store::offsets`): `[inline, shared]`. Both insert a message
-/// row per queue with payload `$2` on day `$3`; the shared form stores a payload for more
-/// than one queue once, in `payloads`, with one reference per row
-/// ([`super::SHARE_FROM_BYTES`] chooses).
-macro_rules! append_statements {
-    ($($targets:tt)+) => {
+    (@forms $targets:expr) => {
         [
             concat!(
-                $($targets)+,
+                $targets,
                 " INSERT INTO messages (queue_id, seq, payload, day, start_offset)
                   SELECT id, seq, $2, $3, start FROM q RETURNING queue_id, seq"
             ),
             concat!(
-                $($targets)+,
+                $targets,
                 ", p AS (
                     INSERT INTO payloads (data, refs)
                     SELECT $2, n FROM (SELECT count(*)::INTEGER AS n FROM q) c WHERE n > 1
@@ -769,20 +772,7 @@ async fn append_many(
     let day = tx.day;
     let rows = tx
         .query(
-            append_form(
-                append_statements!(
-                    "WITH q AS (
-                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
-                            appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
-                    offset_modulus!(),
-                    "
-                        WHERE id = ANY($1) RETURNING id, next_seq - 1 AS seq, ",
-                    start_offset!(),
-                    "
-                     )"
-                ),
-                payload,
-            ),
+            append_form(append_statements!("WHERE id = ANY($1)"), payload),
             &[&queues, &payload, &day],
         )
         .await?;
@@ -811,17 +801,8 @@ async fn append_to_routes(
         .query(
             append_form(
                 append_statements!(
-                    "WITH q AS (
-                        UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
-                            appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
-                    offset_modulus!(),
-                    "
-                        WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
-                          AND NOT (id = ANY($4))
-                        RETURNING id, next_seq - 1 AS seq, ",
-                    start_offset!(),
-                    "
-                     )"
+                    "WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
+                       AND NOT (id = ANY($4))"
                 ),
                 payload,
             ),
