@@ -58,9 +58,10 @@ struct Args {
     /// power-of-two bucket, MLS framing; its size is reported as `wire_payload_bytes`).
     #[arg(long, value_name = "BYTES", default_value_t = 256)]
     payload: usize,
-    /// Open loop: messages per second over all senders, sent at fixed times, latency counted
-    /// from the scheduled time. Without it, each sender waits for the answer to each post
-    /// (closed loop, the maximum rate).
+    /// Open loop: messages per second over all senders, sent at fixed times whatever the
+    /// server answers; latency counts from when each post left, and `send_lag_ms` says how
+    /// late posts left their schedule. Without it, each sender waits for the answer to each
+    /// post (closed loop, the maximum rate).
     #[arg(long, value_name = "R")]
     rate: Option<f64>,
     /// Messages each sender encrypts ahead of time; posts cycle through them (only the first
@@ -119,6 +120,11 @@ struct Summary {
     delivered_total: u64,
     delivered_per_sec: f64,
     latency_ms: Percentiles,
+    /// Open loop: how late posts left their scheduled times (latency counts from when they
+    /// left). The tool's timer ticks in whole milliseconds; much more means the tool was
+    /// starved of CPU and the offered rate fell short.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_lag_ms: Option<Percentiles>,
     echoes: u64,
     errors: u64,
     decrypt_checked: usize,
@@ -364,6 +370,10 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
         delivered_total: outcome.delivered_total,
         delivered_per_sec,
         latency_ms: outcome.latencies.percentiles(),
+        send_lag_ms: match pacing {
+            Pacing::Closed => None,
+            Pacing::Open { .. } => Some(outcome.send_lag.percentiles()),
+        },
         echoes: outcome.echoes,
         errors: outcome.errors,
         decrypt_checked,

@@ -21,7 +21,7 @@ fn blindpostd() -> PathBuf {
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--bin", "blindpostd"])
+            .args(["build", "-p", "blindpost-server", "--bin", "blindpostd"])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building blindpostd failed");
@@ -73,6 +73,8 @@ fn a_pairs_run_delivers_real_mls_messages_and_ends_with_the_json_summary() {
     }
     assert!(s["server_peak_rss_kib"].as_u64().unwrap() > 0, "{s}");
     assert!(s["server_start_to_ready_ms"].as_f64().unwrap() > 0.0, "{s}");
+    // A closed loop has no schedule to fall behind.
+    assert!(s.get("send_lag_ms").is_none(), "{s}");
 }
 
 #[test]
@@ -101,6 +103,15 @@ fn an_open_loop_group_run_reaches_every_member() {
     assert_eq!(s["delivered_total"].as_u64().unwrap(), 2 * posted, "{s}");
     assert_eq!(s["decrypt_failed"], 0, "{s}");
     assert!(s["decrypt_checked"].as_u64().unwrap() >= 2, "{s}");
+    // Latency counts from when each post left; how late it left its schedule is reported.
+    for key in ["p50", "p99", "p999", "max"] {
+        assert!(s["latency_ms"][key].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["send_lag_ms"][key].as_f64().unwrap() >= 0.0, "{s}");
+    }
+    assert!(
+        s["send_lag_ms"]["p50"].as_f64().unwrap() <= s["send_lag_ms"]["max"].as_f64().unwrap(),
+        "{s}"
+    );
 }
 
 #[test]
