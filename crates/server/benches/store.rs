@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use blindpost_server::config::Durability;
@@ -36,7 +35,7 @@ fn post(n: u64) -> PostOp {
         payload: vec![0xAB; PAYLOAD].into(),
         // A limit, so it is checked, that the benchmark never reaches.
         max_queue_bytes: u64::MAX / 2,
-        skip: HashSet::new(),
+        skip: Default::default(),
     }
 }
 

@@ -388,7 +388,7 @@ impl Service {
     }
 
     /// `Post`; `skip` are the routes not to append to (see [`PostOp::skip`]).
-    pub async fn post(&self, req: Post, skip: HashSet<QueueId>) -> ServiceResult<()> {
+    pub async fn post(&self, req: Post, skip: Arc<HashSet<QueueId>>) -> ServiceResult<()> {
         let op = PostOp {
             group_id: GroupId::parse(&req.group_id)?,
             epoch: req.epoch,

@@ -69,6 +69,10 @@ pub struct Session {
     service: Arc<Service>,
     inbox: Arc<Inbox>,
     queues: HashMap<QueueId, QueueAccess>,
+    /// The keys of `queues`, shared with the posts that skip them (`Post.skip_subscribed`):
+    /// a post takes a reference, not a copy of up to 4,096 ids. Changed only through
+    /// [`Session::access`] and [`Session::forget`].
+    subscribed: Arc<HashSet<QueueId>>,
     claims: TokenBucket,
     requests: TokenBucket,
     max_subscriptions: usize,
@@ -82,6 +86,7 @@ impl Session {
             service,
             inbox,
             queues: HashMap::new(),
+            subscribed: Arc::default(),
             claims: TokenBucket::per_minute(limits.claim_burst, limits.claims_per_minute),
             requests: TokenBucket::new(limits.request_burst, f64::from(limits.requests_per_second)),
             max_subscriptions: limits.max_subscriptions,
@@ -165,7 +170,7 @@ impl Session {
             Request::DeleteQueue(r) => {
                 let queue = service.delete_queue(&r).await?;
                 self.stop_push(queue);
-                self.queues.remove(&queue);
+                self.forget(queue);
                 Ok(ok(()))
             }
             Request::PublishKeyPackages(r) => service.publish_key_packages(r).await.map(count),
@@ -202,9 +207,9 @@ impl Session {
             }
             Request::Post(r) => {
                 let skip = if r.skip_subscribed {
-                    self.queues.keys().copied().collect()
+                    Arc::clone(&self.subscribed)
                 } else {
-                    HashSet::new()
+                    Arc::default()
                 };
                 service.post(r, skip).await.map(ok)
             }
@@ -225,11 +230,11 @@ impl Session {
             // Register before the first read, and mark so the backlog above `after_seq` is
             // pushed: anything committed later marks the queue again.
             self.service.hub().register(queue, &self.inbox);
-            self.queues.entry(queue).or_default().pushed_up_to = Some(r.after_seq);
+            self.access(queue).pushed_up_to = Some(r.after_seq);
             self.inbox.mark(queue);
         } else {
             self.stop_push(queue);
-            self.queues.entry(queue).or_default().pushed_up_to = None;
+            self.access(queue).pushed_up_to = None;
         }
         Ok(Body::Subscribed(Subscribed { head_seq }))
     }
@@ -287,6 +292,22 @@ impl Session {
             queue_id: queue.as_bytes().to_vec(),
             messages: messages(fetched).messages,
         }))
+    }
+
+    /// This connection's access to `queue`, authenticated now if it was not yet.
+    fn access(&mut self, queue: QueueId) -> &mut QueueAccess {
+        if !self.subscribed.contains(&queue) {
+            // Copies the set only while a post still holds the old one.
+            Arc::make_mut(&mut self.subscribed).insert(queue);
+        }
+        self.queues.entry(queue).or_default()
+    }
+
+    /// Drops `queue` from what this connection authenticated.
+    fn forget(&mut self, queue: QueueId) {
+        if self.queues.remove(&queue).is_some() {
+            Arc::make_mut(&mut self.subscribed).remove(&queue);
+        }
     }
 
     fn acked_up_to(&self, queue: QueueId) -> u64 {

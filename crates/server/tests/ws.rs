@@ -504,6 +504,16 @@ async fn a_post_skipping_subscribed_queues_reaches_every_other_route_only() {
         [(1, vec![1u8]), (2, vec![2u8]), (3, vec![3u8])],
         "every other route gets every post"
     );
+    // A queue authenticated after the first skipping post is skipped too: the set a post
+    // skips follows the connection's subscriptions.
+    alice.request(subscribe(&b, false)).await;
+    alice.ok(skipping(4)).await;
+    assert_eq!(
+        fetched(&mut alice, &b).await,
+        [(1, vec![1u8]), (2, vec![2u8]), (3, vec![3u8])],
+        "the post skipped the queue subscribed later"
+    );
+    assert_eq!(fetched(&mut alice, &a).await.len(), 2);
     server.shutdown().await;
 }
 

@@ -321,8 +321,9 @@ pub struct PostOp {
     pub max_queue_bytes: u64,
     /// Routes not to append to: the queues the posting connection has authenticated, when the
     /// post asked to skip them (`Post.skip_subscribed`). Usually empty or one queue, but a
-    /// connection may hold thousands, so it is a set: each route is looked up once.
-    pub skip: HashSet<QueueId>,
+    /// connection may hold thousands, so it is a set (each route is looked up once), and the
+    /// connection's own, shared: copying 4,096 queue ids into a new set took 87 µs a post.
+    pub skip: Arc<HashSet<QueueId>>,
 }
 
 /// Where one append landed.

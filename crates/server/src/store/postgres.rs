@@ -820,15 +820,16 @@ enum Room<'a> {
     Queues(&'a [Vec<u8>]),
 }
 
-/// Refused with `LimitExceeded(QueueBytes)` if any queue of `room` (but those in `exempt`)
-/// would hold more than `max` pending payload bytes after an append of `len` bytes.
+/// Refused with `LimitExceeded(QueueBytes)` if any queue of `room` (but those `exempt`)
+/// would hold more than `max` pending payload bytes after an append of `len` bytes. Returns
+/// the queues of `room` that were exempt.
 async fn check_room(
     tx: &mut Tx<'_>,
     room: Room<'_>,
     len: usize,
     max: u64,
-    exempt: &[QueueId],
-) -> Result<(), Fail> {
+    exempt: impl Fn(&QueueId) -> bool,
+) -> Result<Vec<QueueId>, Fail> {
     let rows = match room {
         Room::Routes(group) => {
             tx.query(
@@ -853,14 +854,17 @@ async fn check_room(
             .await?
         }
     };
+    let mut exempted = Vec::new();
     for row in &rows {
         let queue = queue_from_sql(row.try_get::<_, &[u8]>(0)?)?;
         let pending = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
-        if !exempt.contains(&queue) && pending.saturating_add(len as u64) > max {
+        if exempt(&queue) {
+            exempted.push(queue);
+        } else if pending.saturating_add(len as u64) > max {
             return Err(Refusal::LimitExceeded(Limit::QueueBytes).into());
         }
     }
-    Ok(())
+    Ok(exempted)
 }
 
 /// Locks the group row and checks epoch (first) and posting token (second). Returns the epoch
@@ -1028,7 +1032,7 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
         Room::Routes(&c.group_id),
         c.commit.len(),
         c.max_queue_bytes,
-        &c.remove_routes,
+        |q| c.remove_routes.contains(q),
     )
     .await?;
     let mut appended: Vec<QueueId> = append_to_routes(tx, &c.group_id, &c.commit, &[])
@@ -1066,7 +1070,7 @@ async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
             Room::Queues(&added),
             welcome.len(),
             c.max_queue_bytes,
-            &[],
+            |_| false,
         )
         .await?;
         appended.extend(
@@ -1118,13 +1122,14 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     if posted.is_some() {
         return Ok(Posted::Duplicate);
     }
-    let skip: Vec<QueueId> = p.skip.iter().copied().collect();
-    check_room(
+    // Only the group's routes among the connection's queues go back to the database, not
+    // every queue the connection holds (up to thousands).
+    let skip = check_room(
         tx,
         Room::Routes(&p.group_id),
         p.payload.len(),
         p.max_queue_bytes,
-        &skip,
+        |q| p.skip.contains(q),
     )
     .await?;
     let appended = append_to_routes(tx, &p.group_id, &p.payload, &skip).await?;
