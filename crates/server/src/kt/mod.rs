@@ -14,7 +14,7 @@
 //! With a shared store nothing of the tree is cached: every proof reads the epoch the last
 //! publishing node (any node) left.
 //!
-//! **Lookup answers** are kept per epoch ([`LookupCache`]): a proof for a name at an epoch
+//! **Lookup answers** are kept per epoch (`LookupCache`): a proof for a name at an epoch
 //! never changes, and when a large group forms every member looks up every other member, so
 //! the same proofs are asked for hundreds of times within seconds.
 

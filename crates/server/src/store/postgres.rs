@@ -26,7 +26,7 @@
 //!
 //! **Key transparency.** akd's records, the signed roots and the pending registrations in the
 //! same tables as SQLite's; the server's keys in one row (`kt_keys`) every node reads; the
-//! directory's epoch lock is an advisory lock ([`EPOCH_LOCK`]) held by a pooled connection in
+//! directory's epoch lock is an advisory lock (`EPOCH_LOCK`) held by a pooled connection in
 //! an open transaction, exclusive to publish and shared to prove (ARCHITECTURE.md).
 
 use std::collections::HashMap;
