@@ -386,8 +386,25 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
         .until("a wake-up after reconnecting", |w| w.relayed().len() == 6)
         .await;
 
+    // A node whose listener connects tells the others to re-check every subscription: its
+    // wake-ups go out after its commits, so a node that died between the two is covered when
+    // it (or any node) connects again.
+    let other_wakes = Arc::new(Wakes::default());
+    let other_listener = other.listen(other_wakes.clone(), stop.subscribe());
+    wakes
+        .until("a resync asked by node 2's listener", |w| {
+            w.resyncs.load(Ordering::SeqCst) == 3
+        })
+        .await;
+    assert_eq!(
+        other_wakes.resyncs.load(Ordering::SeqCst),
+        1,
+        "node 2 re-checks its own subscriptions once, and not for its own request"
+    );
+
     stop.send(true).unwrap();
     listener.await.unwrap();
+    other_listener.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
