@@ -335,8 +335,7 @@ impl Wakes {
     }
 
     fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.ready.notify_one();
     }
 }
@@ -793,7 +792,10 @@ async fn notifier_link(config: &tokio_postgres::Config) -> Result<(Client, State
         .batch_execute("SET synchronous_commit TO off")
         .await
         .map_err(|e| db_message(&e))?;
-    let notify = client.prepare(NOTIFY_SQL).await.map_err(|e| db_message(&e))?;
+    let notify = client
+        .prepare(NOTIFY_SQL)
+        .await
+        .map_err(|e| db_message(&e))?;
     Ok((client, notify))
 }
 
@@ -2137,7 +2139,11 @@ mod tests {
             .collect();
         let payloads = wake_payloads("node", &queues);
         assert!(payloads.len() > 1, "1,000 ids do not fit one notification");
-        assert!(payloads.iter().all(|p| p.len() < 8_000 && p.starts_with("node:")));
+        assert!(
+            payloads
+                .iter()
+                .all(|p| p.len() < 8_000 && p.starts_with("node:"))
+        );
         let seen = Seen::default();
         for p in &payloads {
             relay(p, "me", &seen);
