@@ -402,6 +402,16 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
         "node 2 re-checks its own subscriptions once, and not for its own request"
     );
 
+    // A node that closes right after a post still sends that post's wake-up.
+    let before = wakes.relayed().len();
+    other.post(post(1, 0, 1, 5, b"last")).await.unwrap();
+    other.close().await.unwrap();
+    wakes
+        .until("the closing node's last wake-up", |w| {
+            w.relayed().len() == before + 2
+        })
+        .await;
+
     stop.send(true).unwrap();
     listener.await.unwrap();
     other_listener.await.unwrap();

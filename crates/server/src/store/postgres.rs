@@ -304,6 +304,8 @@ pub struct PgStore {
     epoch_holders: Arc<Semaphore>,
     /// Queues whose wake-ups the notifier task still has to send.
     wakes: Arc<Wakes>,
+    /// The notifier task, awaited by `close` so the last wake-ups go out.
+    notifier: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The wake-ups committed but not yet sent, shared with the notifier task ([`notify_loop`]).
@@ -370,7 +372,7 @@ impl PgStore {
             .map_err(|e| StoreError::Backend(format!("no randomness for the node tag: {e}")))?;
         let node = hex::encode(tag);
         let wakes = Arc::new(Wakes::default());
-        tokio::spawn(notify_loop(
+        let notifier = tokio::spawn(notify_loop(
             pool.config.clone(),
             node.clone(),
             Arc::clone(&wakes),
@@ -381,6 +383,7 @@ impl PgStore {
             node,
             epoch_holders: Arc::new(Semaphore::new(EPOCH_LOCK_HOLDERS)),
             wakes,
+            notifier: Mutex::new(Some(notifier)),
         })
     }
 
@@ -753,15 +756,19 @@ async fn notify_loop(mut config: tokio_postgres::Config, node: String, wakes: Ar
     let mut last_round = tokio::time::Instant::now();
     loop {
         wakes.ready.notified().await;
-        if wakes.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
+        // Closing: what is pending goes out at once, then the task ends.
+        let closing = wakes.closed.load(std::sync::atomic::Ordering::SeqCst);
+        if !closing {
+            // At most one round per `NOTIFY_EVERY`: each is a transaction, and every listening
+            // backend wakes for it.
+            tokio::time::sleep_until(last_round + NOTIFY_EVERY).await;
         }
-        // At most one round per `NOTIFY_EVERY`: each is a transaction, and every listening
-        // backend wakes for it.
-        tokio::time::sleep_until(last_round + NOTIFY_EVERY).await;
         last_round = tokio::time::Instant::now();
         let queues = wakes.take();
         if queues.is_empty() {
+            if closing {
+                return;
+            }
             continue;
         }
         if link.as_ref().is_none_or(|(client, _)| client.is_closed()) {
@@ -774,6 +781,9 @@ async fn notify_loop(mut config: tokio_postgres::Config, node: String, wakes: Ar
             };
         }
         let Some((client, notify)) = &link else {
+            if closing {
+                return;
+            }
             continue;
         };
         for payload in wake_payloads(&node, &queues) {
@@ -782,6 +792,9 @@ async fn notify_loop(mut config: tokio_postgres::Config, node: String, wakes: Ar
                 link = None;
                 break;
             }
+        }
+        if closing {
+            return;
         }
     }
 }
@@ -1684,6 +1697,16 @@ impl Store for PgStore {
             if let Ok(permits) = self.pool.permits.acquire_many(all).await {
                 self.pool.permits.close();
                 drop(permits);
+            }
+            // Every commit is done: send the last wake-ups.
+            self.wakes.close();
+            let notifier = self.notifier.lock().ok().and_then(|mut n| n.take());
+            if let Some(notifier) = notifier
+                && tokio::time::timeout(Duration::from_secs(5), notifier)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("the last wake-ups to other nodes were not sent in time");
             }
             if let Ok(mut idle) = self.pool.idle.lock() {
                 idle.clear();
