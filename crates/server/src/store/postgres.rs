@@ -388,8 +388,9 @@ impl PgStore {
     }
 
     /// Relays other nodes' wake-ups to `wakeups` until `stop` is set: `LISTEN`s on its own
-    /// connection, reconnects with back-off when that connection is lost, and calls
-    /// [`Wakeups::resync`] after every (re)connection.
+    /// connection, reconnects with back-off when that connection is lost, and after every
+    /// (re)connection calls [`Wakeups::resync`] and asks every other node to re-check its
+    /// subscriptions too (`node:*`), in case a node died between a commit and its wake-up.
     pub fn listen(
         &self,
         wakeups: Arc<dyn Wakeups>,
