@@ -386,6 +386,24 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
         .until("a wake-up after reconnecting", |w| w.relayed().len() == 6)
         .await;
 
+    // Cut node 2's notifier connection: its next wake-up still arrives (it connects again, and
+    // a round that fails keeps its queues for the next).
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'blindpostd-notify' AND datname = $1",
+            &[&pg.db.name],
+        )
+        .await
+        .unwrap();
+    assert!(!cut.is_empty(), "node 2's notifier was connected");
+    other.post(post(1, 0, 1, 6, b"after the cut")).await.unwrap();
+    wakes
+        .until("a wake-up after the notifier's connection was cut", |w| {
+            w.relayed().len() == 8
+        })
+        .await;
+
     // A node whose listener connects tells the others to re-check every subscription: its
     // wake-ups go out after its commits, so a node that died between the two is covered when
     // it (or any node) connects again.

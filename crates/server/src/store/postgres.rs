@@ -329,6 +329,13 @@ impl Wakes {
         self.ready.notify_one();
     }
 
+    /// Queues whose wake-ups could not be sent: kept for the next round.
+    fn put_back(&self, queues: Vec<QueueId>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.extend(queues);
+        }
+    }
+
     fn take(&self) -> Vec<QueueId> {
         self.pending
             .lock()
@@ -748,21 +755,22 @@ fn wake_payloads(node: &str, queues: &[QueueId]) -> Vec<String> {
 /// last round in one go, until the store is dropped. Its own connection, not a pooled one: under
 /// load every pooled connection is busy and wake-ups waited behind operations (p99 across two
 /// nodes 145–191 ms against 98–101 ms before). It does not wait for its commits to be flushed
-/// (`synchronous_commit` off): a wake-up carries no data. A round that fails is logged and
-/// dropped, and the connection made again for the next; the listeners' resync on
-/// (re)connection is the backstop, as for any notification lost with a connection.
+/// (`synchronous_commit` off): a wake-up carries no data. A round that fails keeps its queues
+/// for the next, which waits with back-off (as the listener does) and connects again; a
+/// failure is logged once, not every round.
 async fn notify_loop(mut config: tokio_postgres::Config, node: String, wakes: Arc<Wakes>) {
     config.application_name("blindpostd-notify");
     let mut link: Option<(Client, Statement)> = None;
     let mut last_round = tokio::time::Instant::now();
+    let mut backoff: Option<Duration> = None;
     loop {
         wakes.ready.notified().await;
-        // Closing: what is pending goes out at once, then the task ends.
+        // Closing: what is pending goes out at once (one try), then the task ends.
         let closing = wakes.closed.load(std::sync::atomic::Ordering::SeqCst);
         if !closing {
-            // At most one round per `NOTIFY_EVERY`: each is a transaction, and every listening
-            // backend wakes for it.
-            tokio::time::sleep_until(last_round + NOTIFY_EVERY).await;
+            // At most one round per `NOTIFY_EVERY`, or per back-off after a failure: each round
+            // is a transaction, and every listening backend wakes for it.
+            tokio::time::sleep_until(last_round + backoff.unwrap_or(NOTIFY_EVERY)).await;
         }
         last_round = tokio::time::Instant::now();
         let queues = wakes.take();
@@ -772,32 +780,51 @@ async fn notify_loop(mut config: tokio_postgres::Config, node: String, wakes: Ar
             }
             continue;
         }
-        if link.as_ref().is_none_or(|(client, _)| client.is_closed()) {
-            link = match notifier_link(&config).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot connect to send wake-ups to other nodes");
-                    None
+        match send_round(&config, &mut link, &node, &queues).await {
+            Ok(()) => {
+                if backoff.take().is_some() {
+                    tracing::info!("sending wake-ups to other nodes again");
                 }
-            };
-        }
-        let Some((client, notify)) = &link else {
-            if closing {
-                return;
             }
-            continue;
-        };
-        for payload in wake_payloads(&node, &queues) {
-            if let Err(e) = client.execute(notify, &[&CHANNEL, &payload]).await {
-                tracing::warn!(error = %db_message(&e), "could not send wake-ups to other nodes");
+            Err(e) => {
                 link = None;
-                break;
+                if backoff.is_none() {
+                    tracing::warn!(error = %e, "cannot send wake-ups to other nodes; retrying");
+                }
+                backoff = Some(backoff.map_or(Duration::from_millis(100), |b| {
+                    (b * 2).min(LISTEN_MAX_BACKOFF)
+                }));
+                wakes.put_back(queues);
+                // Come round again even if nothing new is committed.
+                wakes.ready.notify_one();
             }
         }
         if closing {
             return;
         }
     }
+}
+
+/// One round: connects first if needed, then sends every payload naming `queues`.
+async fn send_round(
+    config: &tokio_postgres::Config,
+    link: &mut Option<(Client, Statement)>,
+    node: &str,
+    queues: &[QueueId],
+) -> Result<(), String> {
+    if link.as_ref().is_none_or(|(client, _)| client.is_closed()) {
+        *link = Some(notifier_link(config).await?);
+    }
+    let Some((client, notify)) = link.as_ref() else {
+        return Err("no connection".into());
+    };
+    for payload in wake_payloads(node, queues) {
+        client
+            .execute(notify, &[&CHANNEL, &payload])
+            .await
+            .map_err(|e| db_message(&e))?;
+    }
+    Ok(())
 }
 
 async fn notifier_link(config: &tokio_postgres::Config) -> Result<(Client, Statement), String> {
