@@ -397,7 +397,10 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
         .await
         .unwrap();
     assert!(!cut.is_empty(), "node 2's notifier was connected");
-    other.post(post(1, 0, 1, 6, b"after the cut")).await.unwrap();
+    other
+        .post(post(1, 0, 1, 6, b"after the cut"))
+        .await
+        .unwrap();
     wakes
         .until("a wake-up after the notifier's connection was cut", |w| {
             w.relayed().len() == 8
