@@ -331,15 +331,13 @@ async fn send_loop(
     tokio::time::sleep_until(shared.start.into()).await;
     let mut k: u64 = 0;
     loop {
-        let now = Instant::now();
-        match shared.pacing {
+        let left = match shared.pacing {
             Pacing::Closed => {
+                let now = Instant::now();
                 if now >= shared.end {
                     break;
                 }
-                if let Ok(mut v) = shared.sent[c].lock() {
-                    v.push(now);
-                }
+                now
             }
             Pacing::Open { rate } => {
                 let at = shared.start + open_offset(rate, shared.conversations, c, k);
@@ -349,10 +347,11 @@ async fn send_loop(
                 tokio::time::sleep_until(at.into()).await;
                 let left = Instant::now();
                 lag.record(left.saturating_duration_since(at));
-                if let Ok(mut v) = shared.sent[c].lock() {
-                    v.push(left);
-                }
+                left
             }
+        };
+        if let Ok(mut v) = shared.sent[c].lock() {
+            v.push(left);
         }
         let mut post = template.clone();
         let mut message_id = [0u8; 16];

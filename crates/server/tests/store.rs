@@ -138,6 +138,20 @@ async fn admin_client(admin: &str) -> Result<tokio_postgres::Client, tokio_postg
     Ok(client)
 }
 
+/// Terminates the database's connections named `application_name`; how many there were.
+async fn cut_connections(pg: &Postgres, application_name: &str) -> usize {
+    let admin = admin_client(&pg.db.admin).await.unwrap();
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1 AND datname = $2",
+            &[&application_name, &pg.db.name],
+        )
+        .await
+        .unwrap()
+        .len()
+}
+
 impl TestDb {
     /// Creates one, or says on stderr why `test` is skipped and returns `None`.
     async fn create(test: &str) -> Option<Self> {
@@ -366,16 +380,8 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
 
     // Cut the listener's connection: it reconnects, re-checks every subscription, and hears
     // node 2 again.
-    let admin = admin_client(&pg.db.admin).await.unwrap();
-    let cut = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'blindpostd-listen' AND datname = $1",
-            &[&pg.db.name],
-        )
-        .await
-        .unwrap();
-    assert_eq!(cut.len(), 1, "one listener connection");
+    let cut = cut_connections(&pg, "blindpostd-listen").await;
+    assert_eq!(cut, 1, "one listener connection");
     wakes
         .until("a resync after reconnecting", |w| {
             w.resyncs.load(Ordering::SeqCst) == 2
@@ -388,15 +394,8 @@ async fn postgres_listener_relays_other_nodes_appends_and_resyncs_after_losing_i
 
     // Cut node 2's notifier connection: its next wake-up still arrives (it connects again, and
     // a round that fails keeps its queues for the next).
-    let cut = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'blindpostd-notify' AND datname = $1",
-            &[&pg.db.name],
-        )
-        .await
-        .unwrap();
-    assert!(!cut.is_empty(), "node 2's notifier was connected");
+    let cut = cut_connections(&pg, "blindpostd-notify").await;
+    assert!(cut > 0, "node 2's notifier was connected");
     other
         .post(post(1, 0, 1, 6, b"after the cut"))
         .await
@@ -453,16 +452,8 @@ async fn postgres_operations_survive_the_pools_connections_being_cut() {
     while let Some(r) = warm.join_next().await {
         r.unwrap();
     }
-    let admin = admin_client(&pg.db.admin).await.unwrap();
-    let cut = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'blindpostd' AND datname = $1",
-            &[&pg.db.name],
-        )
-        .await
-        .unwrap();
-    assert!(!cut.is_empty());
+    let cut = cut_connections(&pg, "blindpostd").await;
+    assert!(cut > 0);
     // Every operation still succeeds: dead connections are replaced, and an operation that
     // met one before committing runs again on a fresh one.
     group(&*s, 1, 0, 1, &[1, 2]).await;

@@ -323,13 +323,11 @@ impl Wakes {
         if queues.is_empty() {
             return;
         }
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.extend(queues);
-        }
+        self.put_back(queues);
         self.ready.notify_one();
     }
 
-    /// Queues whose wake-ups could not be sent: kept for the next round.
+    /// Queues to name in the next round (also those a failed round could not send).
     fn put_back(&self, queues: Vec<QueueId>) {
         if let Ok(mut pending) = self.pending.lock() {
             pending.extend(queues);
@@ -812,11 +810,9 @@ async fn send_round(
     node: &str,
     queues: &[QueueId],
 ) -> Result<(), String> {
-    if link.as_ref().is_none_or(|(client, _)| client.is_closed()) {
-        *link = Some(notifier_link(config).await?);
-    }
-    let Some((client, notify)) = link.as_ref() else {
-        return Err("no connection".into());
+    let (client, notify) = match link {
+        Some(open) if !open.0.is_closed() => open,
+        _ => link.insert(notifier_link(config).await?),
     };
     for payload in wake_payloads(node, queues) {
         client
