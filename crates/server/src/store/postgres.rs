@@ -8,6 +8,8 @@
 //! the server's `synchronous_commit`; see `docs/DEPLOY.md`). PostgreSQL batches the WAL flushes
 //! of concurrent commits itself, so the group commit the SQLite backend does by hand happens
 //! inside the database here; a pool of [`POOL_SIZE`] connections keeps that many in flight.
+//! Statements are pipelined ([`Tx`]): a post is two round trips, an acknowledgement one, and
+//! an acknowledgement's commit does not wait for the disk (the client repeats a lost one).
 //!
 //! **Concurrency between nodes.** Checks that must be atomic with their write take row locks
 //! (READ COMMITTED): commits and posts lock the group row (`FOR UPDATE`), so the epoch
@@ -40,6 +42,7 @@ use std::time::Duration;
 
 use blindpost_wire::limits::MAX_GROUP_ROUTES;
 use futures_util::StreamExt as _;
+use futures_util::future::{join3, try_join, try_join3};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -234,25 +237,10 @@ const MIGRATIONS: &[&str] = &[
 /// number and adds the payload (`$2`) to its running total, yielding `id`, `seq` and `start`,
 /// the total before the message (`store::offsets`). Both insert a message row per queue with
 /// payload `$2` on day `$3`; the shared form stores a payload for more than one queue once,
-/// in `payloads`, with one reference per row ([`super::SHARE_FROM_BYTES`] chooses).
+/// in `payloads`, with one reference per row ([`super::SHARE_FROM_BYTES`] chooses). `$also`
+/// (optional) adds CTEs of the caller's own (`, name AS (…)`), which PostgreSQL runs once each
+/// in the same statement.
 macro_rules! append_statements {
-    ($which:literal) => {
-        append_statements!(@forms concat!(
-            "WITH q AS (
-                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
-                    appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
-            offset_modulus!(),
-            " ",
-            $which,
-            " RETURNING id, next_seq - 1 AS seq,
-                    (appended_bytes - octet_length($2::BYTEA) + ",
-            offset_modulus!(),
-            ") % ",
-            offset_modulus!(),
-            " AS start
-             )"
-        ))
-    };
     (@forms $targets:expr) => {
         [
             concat!(
@@ -274,6 +262,27 @@ macro_rules! append_statements {
                  RETURNING queue_id, seq"
             ),
         ]
+    };
+    ($which:expr) => {
+        append_statements!($which, "")
+    };
+    ($which:expr, $also:expr) => {
+        append_statements!(@forms concat!(
+            "WITH q AS (
+                UPDATE queues SET next_seq = next_seq + 1, last_used_day = $3,
+                    appended_bytes = (appended_bytes + octet_length($2::BYTEA)) % ",
+            offset_modulus!(),
+            " ",
+            $which,
+            " RETURNING id, next_seq - 1 AS seq,
+                    (appended_bytes - octet_length($2::BYTEA) + ",
+            offset_modulus!(),
+            ") % ",
+            offset_modulus!(),
+            " AS start
+             )",
+            $also
+        ))
     };
 }
 
@@ -499,6 +508,14 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A `COMMIT` that failed or whose outcome is unknown: never retried.
+fn commit_failed(e: &tokio_postgres::Error) -> Fail {
+    Fail::Store(StoreError::Backend(format!(
+        "commit failed: {}",
+        db_message(e)
+    )))
+}
+
 fn bad_row(what: &str) -> Fail {
     Fail::Store(StoreError::Backend(format!("unexpected stored {what}")))
 }
@@ -510,6 +527,10 @@ struct PgConn {
     client: Client,
     /// Prepared statements of this connection, by their SQL text.
     stmts: HashMap<&'static str, Statement>,
+    /// Set from an operation's `BEGIN` until its `COMMIT` or `ROLLBACK` is answered: a
+    /// connection dropped with it set (its operation was cancelled, or ending the
+    /// transaction failed) is closed, not reused, so the database rolls the transaction back.
+    in_tx: bool,
 }
 
 struct Pool {
@@ -518,7 +539,8 @@ struct Pool {
     permits: Arc<Semaphore>,
 }
 
-/// A connection taken from the pool; goes back on drop unless it broke.
+/// A connection taken from the pool; goes back on drop unless it broke or is inside a
+/// transaction ([`PgConn::in_tx`]).
 struct Pooled {
     conn: Option<PgConn>,
     pool: Arc<Pool>,
@@ -550,6 +572,7 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
             && !conn.client.is_closed()
+            && !conn.in_tx
             && let Ok(mut idle) = self.pool.idle.lock()
         {
             idle.push(conn);
@@ -575,6 +598,7 @@ impl Pool {
             None => PgConn {
                 client: connect(&self.config).await?,
                 stmts: HashMap::new(),
+                in_tx: false,
             },
         };
         Ok(Pooled {
@@ -638,17 +662,39 @@ async fn migrate(client: &mut Client) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Where an operation's statements go: its own transaction, or (reads and idempotent single
-/// statements) the connection in autocommit, saving the `BEGIN`/`COMMIT` round trips.
-enum Link<'a> {
-    Tx(tokio_postgres::Transaction<'a>),
-    Direct(&'a Client),
+/// Where an operation is in its transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No transaction: reads and idempotent single statements, each committing by itself.
+    Autocommit,
+    /// A transaction not begun yet: this `BEGIN` goes out with the operation's first
+    /// statements, in the same round trip.
+    Pending(&'static str),
+    /// `BEGIN` sent.
+    Open,
+    /// Committed or rolled back.
+    Ended,
 }
 
-/// One operation: its link, the connection's statement cache, the day, and the queues to wake
-/// once it commits.
+/// `BEGIN` of an operation whose commit must be durable before it is answered.
+const BEGIN: &str = "BEGIN";
+/// `BEGIN` of an operation whose effect may be lost in a crash of the database, because the
+/// client repeats it: an acknowledgement (a lost one only brings back messages the client
+/// has, which it recognises by sequence number and acknowledges again).
+const BEGIN_RELAXED: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
+
+/// One operation on a pooled connection: its transaction's phase, the connection's
+/// statement cache, the day, and the queues to wake once it commits.
+///
+/// Statements go out pipelined: [`Tx::send`] puts a transaction's `BEGIN` in the round trip
+/// of its first statements, an operation can send several statements before it reads any
+/// answer, and [`Tx::commit_with`] sends a last statement and the `COMMIT` together. A post
+/// is two round trips instead of seven (ARCHITECTURE.md, "PostgreSQL round trips").
 struct Tx<'a> {
-    link: Link<'a>,
+    client: &'a Client,
+    phase: Phase,
+    /// The connection's [`PgConn::in_tx`].
+    in_tx: &'a mut bool,
     stmts: &'a mut HashMap<&'static str, Statement>,
     day: Day,
     wake: Vec<QueueId>,
@@ -657,67 +703,129 @@ struct Tx<'a> {
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
 impl Tx<'_> {
+    /// `sql` prepared on this connection (once; then from its cache).
     async fn stmt(&mut self, sql: &'static str) -> Result<Statement, Fail> {
         if let Some(s) = self.stmts.get(sql) {
             return Ok(s.clone());
         }
-        let s = match &self.link {
-            Link::Tx(tx) => tx.prepare(sql).await?,
-            Link::Direct(client) => client.prepare(sql).await?,
-        };
+        let s = self.client.prepare(sql).await?;
         self.stmts.insert(sql, s.clone());
         Ok(s)
     }
 
+    /// Awaits `work`, statements on [`Tx::client`] sent in the order its futures are first
+    /// polled, after this transaction's `BEGIN` if that has not gone out yet (in the same
+    /// round trip). `BEGIN` fails only with its connection, which fails `work` too.
+    async fn send<T>(
+        &mut self,
+        work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Fail> {
+        let Phase::Pending(begin) = self.phase else {
+            return Ok(work.await?);
+        };
+        self.phase = Phase::Open;
+        *self.in_tx = true;
+        let (_, value) = try_join(self.client.batch_execute(begin), work).await?;
+        Ok(value)
+    }
+
     async fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(match &self.link {
-            Link::Tx(tx) => tx.query(&s, params).await?,
-            Link::Direct(client) => client.query(&s, params).await?,
-        })
+        let client = self.client;
+        self.send(client.query(&s, params)).await
     }
 
     async fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(match &self.link {
-            Link::Tx(tx) => tx.query_opt(&s, params).await?,
-            Link::Direct(client) => client.query_opt(&s, params).await?,
-        })
+        let client = self.client;
+        self.send(client.query_opt(&s, params)).await
     }
 
     async fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(match &self.link {
-            Link::Tx(tx) => tx.query_one(&s, params).await?,
-            Link::Direct(client) => client.query_one(&s, params).await?,
-        })
+        let client = self.client;
+        self.send(client.query_one(&s, params)).await
     }
 
     async fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, Fail> {
         let s = self.stmt(sql).await?;
-        Ok(match &self.link {
-            Link::Tx(tx) => tx.execute(&s, params).await?,
-            Link::Direct(client) => client.execute(&s, params).await?,
-        })
+        let client = self.client;
+        self.send(client.execute(&s, params)).await
     }
 
-    /// Commits (a transaction) or does nothing (autocommit). A failure is never retryable:
-    /// whether a failed `COMMIT` took effect is unknown.
-    async fn commit(self) -> Result<(), Fail> {
-        match self.link {
-            Link::Tx(tx) => tx.commit().await.map_err(|e| {
-                Fail::Store(StoreError::Backend(format!(
-                    "commit failed: {}",
-                    db_message(&e)
-                )))
-            }),
-            Link::Direct(_) => Ok(()),
+    /// Runs one last statement and commits, both in one round trip (with `BEGIN` too if
+    /// nothing went out yet); returns the statement's rows. One statement, so the `COMMIT`
+    /// can never take part of the operation's last step: a statement that fails in the
+    /// database aborts the transaction, and the `COMMIT` behind it then rolls back; one
+    /// that never left (it could not be encoded) leaves only what came before it, which
+    /// callers keep to reads.
+    async fn commit_with(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, Fail> {
+        let s = self.stmt(sql).await?;
+        let client = self.client;
+        let begin = match self.phase {
+            Phase::Autocommit => return self.send(client.query(&s, params)).await,
+            Phase::Pending(begin) => Some(begin),
+            Phase::Open => None,
+            Phase::Ended => {
+                return Err(Fail::Store(StoreError::Backend(
+                    "a statement after the commit".into(),
+                )));
+            }
+        };
+        self.phase = Phase::Ended;
+        *self.in_tx = true;
+        let (begun, rows, committed) = join3(
+            async {
+                match begin {
+                    Some(begin) => client.batch_execute(begin).await,
+                    None => Ok(()),
+                }
+            },
+            client.query(&s, params),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        match (begun.and(rows), committed) {
+            (Ok(rows), Ok(())) => {
+                *self.in_tx = false;
+                Ok(rows)
+            }
+            // The database refused a statement, so the transaction aborted: the `COMMIT`
+            // rolled it back (or, failing, left the connection to be discarded).
+            (Err(e), committed) if e.as_db_error().is_some() => {
+                *self.in_tx = committed.is_err();
+                Err(Fail::Db(e))
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => Err(commit_failed(&e)),
         }
     }
 
-    async fn rollback(self) {
-        if let Link::Tx(tx) = self.link {
-            let _ = tx.rollback().await;
+    /// Commits (an open transaction) or does nothing (autocommit, nothing sent, or already
+    /// committed by [`Tx::commit_with`]). A failure is never retryable: whether a failed
+    /// `COMMIT` took effect is unknown.
+    async fn commit(&mut self) -> Result<(), Fail> {
+        if self.phase != Phase::Open {
+            return Ok(());
+        }
+        self.phase = Phase::Ended;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| commit_failed(&e))?;
+        *self.in_tx = false;
+        Ok(())
+    }
+
+    async fn rollback(&mut self) {
+        if self.phase == Phase::Open {
+            self.phase = Phase::Ended;
+            if self.client.batch_execute("ROLLBACK").await.is_ok() {
+                *self.in_tx = false;
+            }
         }
     }
 
@@ -838,50 +946,47 @@ async fn notifier_link(config: &tokio_postgres::Config) -> Result<(Client, State
 
 /// Runs `$body` (an expression using the `Tx` named `$tx`) in a transaction of its own and
 /// commits; with `autocommit`, runs it without one (only for reads and idempotent single
-/// statements: a lost connection makes it run again). Runs it again from scratch after a
-/// deadlock, a unique-key race or a dead connection, never after a failed `COMMIT`.
+/// statements: a lost connection makes it run again); with `relaxed`, in a transaction whose
+/// commit does not wait for the database's disk ([`BEGIN_RELAXED`]: only for what the
+/// client repeats). Runs it again from scratch after a deadlock, a unique-key race or a dead
+/// connection, never after a failed `COMMIT`.
 macro_rules! transact {
     ($store:expr, |$tx:ident| $body:expr) => {
-        transact!(@run $store, true, |$tx| $body)
+        transact!(@run $store, Phase::Pending(BEGIN), |$tx| $body)
+    };
+    ($store:expr, relaxed |$tx:ident| $body:expr) => {
+        transact!(@run $store, Phase::Pending(BEGIN_RELAXED), |$tx| $body)
     };
     ($store:expr, autocommit |$tx:ident| $body:expr) => {
-        transact!(@run $store, false, |$tx| $body)
+        transact!(@run $store, Phase::Autocommit, |$tx| $body)
     };
-    (@run $store:expr, $in_tx:expr, |$tx:ident| $body:expr) => {
+    (@run $store:expr, $phase:expr, |$tx:ident| $body:expr) => {
         Box::pin(async move {
             let store = $store;
             let mut attempt = 0;
             loop {
                 let mut conn = store.pool.get().await?;
-                let PgConn { client, stmts } = &mut *conn;
-                let link = if $in_tx {
-                    client.transaction().await.map(Link::Tx)
-                } else {
-                    Ok(Link::Direct(&*client))
+                let PgConn { client, stmts, in_tx } = &mut *conn;
+                #[allow(unused_mut)]
+                let mut $tx = Tx {
+                    client: &*client,
+                    phase: $phase,
+                    in_tx,
+                    stmts,
+                    day: (store.clock)(),
+                    wake: Vec::new(),
                 };
-                let outcome = match link {
-                    Err(e) => Err(Fail::Db(e)),
-                    Ok(link) => {
-                        #[allow(unused_mut)]
-                        let mut $tx = Tx {
-                            link,
-                            stmts,
-                            day: (store.clock)(),
-                            wake: Vec::new(),
-                        };
-                        match $body.await {
-                            Ok(value) => {
-                                let wake = std::mem::take(&mut $tx.wake);
-                                $tx.commit().await.map(|()| {
-                                    store.wakes.add(wake);
-                                    value
-                                })
-                            }
-                            Err(e) => {
-                                $tx.rollback().await;
-                                Err(e)
-                            }
-                        }
+                let outcome = match $body.await {
+                    Ok(value) => {
+                        let wake = std::mem::take(&mut $tx.wake);
+                        $tx.commit().await.map(|()| {
+                            store.wakes.add(wake);
+                            value
+                        })
+                    }
+                    Err(e) => {
+                        $tx.rollback().await;
+                        Err(e)
                     }
                 };
                 match outcome {
@@ -952,6 +1057,29 @@ fn appended_from_row(row: &tokio_postgres::Row) -> Result<Appended, Fail> {
     })
 }
 
+/// `append_statements!`'s target for every route of group `$1` but the queues in `$4`.
+macro_rules! group_routes {
+    () => {
+        "WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1) AND NOT (id = ANY($4))"
+    };
+}
+
+/// A post's append to its group's routes ([`group_routes`]), in the same statement as the
+/// rest of its writes: the group's latest message ids become `$5`, the ids moving out of it
+/// (`$6`) go to `posted_ids`. One statement, so [`Tx::commit_with`] can send it with the
+/// `COMMIT`.
+const POST_STATEMENTS: [&str; 2] = append_statements!(
+    group_routes!(),
+    ", g AS (
+        UPDATE groups SET recent_posts = $5, last_used_day = GREATEST(last_used_day, $3)
+        WHERE id = $1
+     ), h AS (
+        INSERT INTO posted_ids (group_id, message_id, day)
+        SELECT $1, id, $3 FROM unnest($6::BYTEA[]) AS id
+        ON CONFLICT (group_id, message_id) DO NOTHING
+     )"
+);
+
 /// Appends `payload` to every route of `group` but those in `skip`, in one statement; returns
 /// where it landed.
 async fn append_to_routes(
@@ -964,13 +1092,7 @@ async fn append_to_routes(
     let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
     let rows = tx
         .query(
-            append_form(
-                append_statements!(
-                    "WHERE id IN (SELECT queue_id FROM routes WHERE group_id = $1)
-                       AND NOT (id = ANY($4))"
-                ),
-                payload,
-            ),
+            append_form(append_statements!(group_routes!()), payload),
             &[&group.as_bytes(), &payload, &day, &skip],
         )
         .await?;
@@ -985,6 +1107,13 @@ enum Room<'a> {
     Queues(&'a [Vec<u8>]),
 }
 
+/// The pending bytes of every route of group `$1`, as `(queue, bytes)` rows.
+const ROUTES_ROOM: &str = concat!(
+    "SELECT q.id, ",
+    pending_bytes!(),
+    " FROM routes r JOIN queues q ON q.id = r.queue_id WHERE r.group_id = $1"
+);
+
 /// Refused with `LimitExceeded(QueueBytes)` if any queue of `room` (but those `exempt`)
 /// would hold more than `max` pending payload bytes after an append of `len` bytes. Returns
 /// the queues of `room` that were exempt.
@@ -996,17 +1125,7 @@ async fn check_room(
     exempt: impl Fn(&QueueId) -> bool,
 ) -> Result<Vec<QueueId>, Fail> {
     let rows = match room {
-        Room::Routes(group) => {
-            tx.query(
-                concat!(
-                    "SELECT q.id, ",
-                    pending_bytes!(),
-                    " FROM routes r JOIN queues q ON q.id = r.queue_id WHERE r.group_id = $1"
-                ),
-                &[&group.as_bytes()],
-            )
-            .await?
-        }
+        Room::Routes(group) => tx.query(ROUTES_ROOM, &[&group.as_bytes()]).await?,
         Room::Queues(queues) => {
             tx.query(
                 concat!(
@@ -1019,8 +1138,18 @@ async fn check_room(
             .await?
         }
     };
+    room_checked(&rows, len, max, exempt)
+}
+
+/// [`check_room`]'s verdict on its `(queue, bytes)` rows.
+fn room_checked(
+    rows: &[Row],
+    len: usize,
+    max: u64,
+    exempt: impl Fn(&QueueId) -> bool,
+) -> Result<Vec<QueueId>, Fail> {
     let mut exempted = Vec::new();
-    for row in &rows {
+    for row in rows {
         let queue = queue_from_sql(row.try_get::<_, &[u8]>(0)?)?;
         let pending = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
         if exempt(&queue) {
@@ -1032,6 +1161,10 @@ async fn check_room(
     Ok(exempted)
 }
 
+/// Locks a group's row and reads what [`group_checked`] checks.
+const GROUP_FOR_UPDATE: &str =
+    "SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = $1 FOR UPDATE";
+
 /// Locks the group row and checks epoch (first) and posting token (second). Returns the epoch
 /// and the group's latest message ids (`recent_posts`, which a post needs).
 async fn check_group(
@@ -1040,12 +1173,12 @@ async fn check_group(
     epoch: u64,
     token: &SecretHash,
 ) -> Result<(u64, Vec<u8>), Fail> {
-    let row = tx
-        .opt(
-            "SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = $1 FOR UPDATE",
-            &[&group.as_bytes()],
-        )
-        .await?;
+    let row = tx.opt(GROUP_FOR_UPDATE, &[&group.as_bytes()]).await?;
+    group_checked(row, epoch, token)
+}
+
+/// [`check_group`]'s verdict on the group's row.
+fn group_checked(row: Option<Row>, epoch: u64, token: &SecretHash) -> Result<(u64, Vec<u8>), Fail> {
     let Some(row) = row else {
         return Err(Refusal::NotFound(Entity::Group).into());
     };
@@ -1269,52 +1402,50 @@ fn dedup(queues: &mut Vec<QueueId>) {
     queues.retain(|q| seen.insert(*q));
 }
 
-/// A retry of a stored post is a duplicate. `check_group` locks the group row, so posts to a
-/// group read and write `recent_posts` one at a time.
+/// A retry of a stored post is a duplicate. The group row's lock (`GROUP_FOR_UPDATE`) makes
+/// posts to a group read and write `recent_posts` one at a time. Two round trips: the lock
+/// and every read (behind the `BEGIN`), then the writes with the `COMMIT`.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
-    let (_, recent) = check_group(tx, &p.group_id, p.epoch, &p.posting_token_hash).await?;
     let gid = p.group_id.as_bytes();
-    let day = tx.day;
-    if recent_posts::contains(&recent, &p.message_id) {
-        return Ok(Posted::Duplicate);
-    }
+    let mid = p.message_id.as_bytes();
+    let lock = tx.stmt(GROUP_FOR_UPDATE).await?;
     let posted = tx
-        .opt(
-            "SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2",
-            &[&gid, &p.message_id.as_bytes()],
-        )
+        .stmt("SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2")
         .await?;
-    if posted.is_some() {
+    let room = tx.stmt(ROUTES_ROOM).await?;
+    let client = tx.client;
+    // In this order: the statements after the lock run once it is held.
+    let (group, posted, room) = tx
+        .send(try_join3(
+            client.query_opt(&lock, &[&gid]),
+            client.query_opt(&posted, &[&gid, &mid]),
+            client.query(&room, &[&gid]),
+        ))
+        .await?;
+    let (_, recent) = group_checked(group, p.epoch, &p.posting_token_hash)?;
+    if recent_posts::contains(&recent, &p.message_id) || posted.is_some() {
         return Ok(Posted::Duplicate);
     }
     // Only the group's routes among the connection's queues go back to the database, not
     // every queue the connection holds (up to thousands).
-    let skip = check_room(
-        tx,
-        Room::Routes(&p.group_id),
-        p.payload.len(),
-        p.max_queue_bytes,
-        |q| p.skip.contains(q),
-    )
-    .await?;
-    let appended = append_to_routes(tx, &p.group_id, &p.payload, &skip).await?;
+    let skip = room_checked(&room, p.payload.len(), p.max_queue_bytes, |q| {
+        p.skip.contains(q)
+    })?;
+    let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
     let (recent, moved) = recent_posts::record(&recent, &p.message_id);
-    if let Some(moved) = moved {
-        let ids: Vec<&[u8]> = moved.collect();
-        tx.exec(
-            "INSERT INTO posted_ids (group_id, message_id, day)
-             SELECT $1, id, $3 FROM unnest($2::bytea[]) AS id
-             ON CONFLICT (group_id, message_id) DO NOTHING",
-            &[&gid, &ids, &day],
+    let moved: Vec<&[u8]> = moved.map(Iterator::collect).unwrap_or_default();
+    let day = tx.day;
+    let payload: &[u8] = &p.payload;
+    let rows = tx
+        .commit_with(
+            append_form(POST_STATEMENTS, payload),
+            &[&gid, &payload, &day, &skip, &recent, &moved],
         )
         .await?;
-    }
-    tx.exec(
-        "UPDATE groups SET recent_posts = $2, last_used_day = GREATEST(last_used_day, $3)
-         WHERE id = $1",
-        &[&gid, &recent, &day],
-    )
-    .await?;
+    let appended = rows
+        .iter()
+        .map(appended_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     let queues: Vec<QueueId> = appended.iter().map(|a| a.queue).collect();
     tx.notify(&queues);
     Ok(Posted::Stored { appended })
@@ -1644,13 +1775,16 @@ impl Store for PgStore {
         )
     }
 
+    /// `BEGIN`, the delete and `COMMIT` in one round trip, and the commit does not wait for
+    /// the database's disk: a crash of the database may bring the messages back, and the
+    /// client, which has them, skips and acknowledges them again (ARCHITECTURE.md).
     fn ack(&self, queue_id: QueueId, up_to_seq: u64) -> StoreFuture<'_, ()> {
         transact!(
             self,
-            autocommit
+            relaxed
                 | tx
                 | async {
-                    tx.exec(
+                    tx.commit_with(
                         "DELETE FROM messages WHERE queue_id = $1 AND seq <= $2",
                         &[&queue_id.as_bytes(), &seq_to_sql(up_to_seq)],
                     )
@@ -1854,18 +1988,18 @@ impl Drop for HeldEpochLock {
         };
         match tokio::runtime::Handle::try_current() {
             // The connection goes back to the pool only after its transaction ended.
+            // A connection whose `ROLLBACK` fails stays marked `in_tx`, so dropping it closes
+            // it, which releases the lock.
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    if conn.client.batch_execute("ROLLBACK").await.is_err() {
-                        // Broken: dropping it closes the connection, which releases the lock.
-                        conn.conn.take();
+                    if conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                        conn.in_tx = false;
                     }
                 });
             }
-            // No runtime left to end the transaction: closing the connection releases the lock.
-            Err(_) => {
-                conn.conn.take();
-            }
+            // No runtime left to end the transaction: dropping the connection (marked
+            // `in_tx`) closes it, which releases the lock.
+            Err(_) => drop(conn),
         }
     }
 }
@@ -2015,15 +2149,16 @@ impl TransparencyStore for PgStore {
                 .acquire_owned()
                 .await
                 .map_err(|_| StoreError::Closed)?;
-            let conn = self.pool.get().await?;
+            let mut conn = self.pool.get().await?;
+            // Until its `ROLLBACK` is answered (see `HeldEpochLock`'s drop); a failed `BEGIN`
+            // leaves it set too, so the connection is closed, not reused.
+            conn.in_tx = true;
             let sql = if exclusive {
                 format!("BEGIN; SELECT pg_advisory_xact_lock({EPOCH_LOCK})")
             } else {
                 format!("BEGIN; SELECT pg_advisory_xact_lock_shared({EPOCH_LOCK})")
             };
             if let Err(e) = conn.client.batch_execute(&sql).await {
-                let mut conn = conn;
-                conn.conn.take();
                 return Err(StoreError::Backend(format!(
                     "cannot take the directory lock: {}",
                     db_message(&e)
@@ -2247,6 +2382,195 @@ mod tests {
         );
         eprintln!("SKIPPED: {why}");
         None
+    }
+
+    /// A `Tx` on `client` in `phase`, with its own statement cache and `in_tx` flag.
+    macro_rules! tx_on {
+        ($client:expr, $phase:expr, $in_tx:ident) => {{
+            Tx {
+                client: $client,
+                phase: $phase,
+                in_tx: &mut $in_tx,
+                stmts: &mut HashMap::new(),
+                day: 1,
+                wake: Vec::new(),
+            }
+        }};
+    }
+
+    async fn count(client: &Client) -> i64 {
+        client
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The last statement and the `COMMIT` go out together: on success everything before
+    /// them is committed too; when the database refuses the last statement, nothing of the
+    /// operation is, and the connection is left outside any transaction, fit for reuse.
+    #[tokio::test]
+    async fn commit_with_commits_the_whole_operation_or_none_of_it() {
+        let Some((client, schema)) = scratch_schema().await else {
+            return;
+        };
+        client
+            .batch_execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+            .await
+            .unwrap();
+        let insert = "INSERT INTO t VALUES ($1)";
+
+        let mut in_tx = false;
+        let mut tx = tx_on!(&client, Phase::Pending(BEGIN), in_tx);
+        tx.exec(insert, &[&1i32])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        tx.commit_with(insert, &[&2i32])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        tx.commit().await.map_err(Fail::into_store).unwrap();
+        assert!(!in_tx);
+        assert_eq!(count(&client).await, 2);
+
+        let mut tx = tx_on!(&client, Phase::Pending(BEGIN), in_tx);
+        tx.exec(insert, &[&3i32])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        let refused = tx.commit_with(insert, &[&1i32]).await;
+        tx.rollback().await;
+        match refused {
+            Err(e @ Fail::Db(_)) => assert!(e.retryable(), "a unique-key race is run again"),
+            Err(Fail::Store(e)) => panic!("a refused statement is not a failed commit: {e}"),
+            Ok(_) => panic!("a duplicate key was accepted"),
+        }
+        assert!(
+            !in_tx,
+            "the COMMIT behind the refusal ended the transaction"
+        );
+        assert_eq!(
+            count(&client).await,
+            2,
+            "the refused operation's first write is gone"
+        );
+
+        // Nothing sent before it: BEGIN, the statement and COMMIT in one round trip.
+        let mut tx = tx_on!(&client, Phase::Pending(BEGIN), in_tx);
+        tx.commit_with(insert, &[&4i32])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        assert!(!in_tx);
+        assert_eq!(count(&client).await, 3);
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    /// An acknowledgement's transaction commits without waiting for the disk, and only it:
+    /// the setting ends with it, so the next operation on the pooled connection waits again.
+    #[tokio::test]
+    async fn a_relaxed_transaction_leaves_the_connection_as_it_found_it() {
+        let Some((client, schema)) = scratch_schema().await else {
+            return;
+        };
+        let setting = "SELECT current_setting('synchronous_commit')";
+        let before: String = client.query_one(setting, &[]).await.unwrap().get(0);
+        assert_ne!(before, "off", "the test server must wait for its disk");
+        let mut in_tx = false;
+        let mut tx = tx_on!(&client, Phase::Pending(BEGIN_RELAXED), in_tx);
+        let inside: String = tx
+            .one(setting, &[])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap()
+            .get(0);
+        tx.commit().await.map_err(Fail::into_store).unwrap();
+        assert_eq!(inside, "off");
+        let after: String = client.query_one(setting, &[]).await.unwrap().get(0);
+        assert_eq!(after, before);
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    /// A connection whose operation stopped inside its transaction (cancelled, or ending it
+    /// failed) is closed, never handed to the next operation; a finished one is reused.
+    #[tokio::test]
+    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+        let Some((client, schema)) = scratch_schema().await else {
+            return;
+        };
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+        let mut config = None;
+        for user in ["postgres", "root"] {
+            let url = format!("postgres://{user}@127.0.0.1:5432/test");
+            if tokio_postgres::connect(&url, NoTls).await.is_ok() {
+                config = Some(tokio_postgres::Config::from_str(&url).unwrap());
+                break;
+            }
+        }
+        let pool = Arc::new(Pool {
+            config: config.unwrap(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(2)),
+        });
+        let idle = |pool: &Pool| pool.idle.lock().unwrap().len();
+
+        let mut conn = pool.get().await.unwrap();
+        let PgConn {
+            client,
+            stmts,
+            in_tx,
+        } = &mut *conn;
+        let mut tx = Tx {
+            client: &*client,
+            phase: Phase::Pending(BEGIN),
+            in_tx,
+            stmts,
+            day: 1,
+            wake: Vec::new(),
+        };
+        tx.exec("SELECT 1", &[])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        // Dropped here without a COMMIT or ROLLBACK, as a cancelled operation is.
+        drop(conn);
+        assert_eq!(
+            idle(&pool),
+            0,
+            "a connection inside a transaction went back"
+        );
+
+        let mut conn = pool.get().await.unwrap();
+        let PgConn {
+            client,
+            stmts,
+            in_tx,
+        } = &mut *conn;
+        let mut tx = Tx {
+            client: &*client,
+            phase: Phase::Pending(BEGIN),
+            in_tx,
+            stmts,
+            day: 1,
+            wake: Vec::new(),
+        };
+        tx.exec("SELECT 1", &[])
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        tx.commit().await.map_err(Fail::into_store).unwrap();
+        drop(conn);
+        assert_eq!(idle(&pool), 1, "a finished connection is reused");
     }
 
     /// Migration 5 gives existing queues running totals that make their pending bytes what
