@@ -36,6 +36,8 @@ enum Mode {
     HoldNext,
     /// Deliver the held messages with the next delivery, then pass.
     Release,
+    /// Keep back everything until the user sends a commit, then [`Mode::Release`].
+    HoldUntilCommit,
     /// Add messages of random garbage to the next delivery.
     GarbageMessages,
     /// Answer the next request with an undecodable frame.
@@ -104,6 +106,9 @@ impl State {
                 s.after_seq = self.map(&s.queue_id).to_server(s.after_seq);
             }
             Some(Request::Ack(a)) => a.up_to_seq = self.map(&a.queue_id).to_server(a.up_to_seq),
+            Some(Request::Commit(_)) if self.mode() == Mode::HoldUntilCommit => {
+                self.mode = Some(Mode::Release);
+            }
             _ => {}
         }
     }
@@ -127,6 +132,12 @@ impl State {
             }
             self.mode = None;
         }
+        if mode == Mode::HoldUntilCommit {
+            for m in real.drain(..) {
+                self.hidden.push((queue.to_vec(), m.seq));
+                self.held.push((queue.to_vec(), m.payload));
+            }
+        }
         if mode == Mode::Reverse {
             real.reverse();
         }
@@ -149,14 +160,16 @@ impl State {
             }
             Mode::Release => {
                 let held: Vec<_> = std::mem::take(&mut self.held);
+                let mut released = Vec::new();
                 for (q, payload) in held {
                     if q == queue {
-                        let m = self.inject(queue, payload);
-                        out.insert(0, m);
+                        released.push(self.inject(queue, payload));
                     } else {
                         self.held.push((q, payload));
                     }
                 }
+                // In the order they were held, ahead of the rest.
+                out.splice(0..0, released);
                 if self.held.is_empty() {
                     self.mode = None;
                 }
@@ -425,6 +438,47 @@ fn a_commit_withheld_from_one_member_is_reported_and_the_group_recovers() {
         .map(|m| m["username"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(members, ["alice", "bob", "carol", "dave"]);
+}
+
+/// A message posted before our commit, still unread when the server accepts the commit, is
+/// read all the same: the client keeps no past epoch's keys, so it reads its queue, where that
+/// message waits ahead of the commit, before it applies its own commit.
+#[test]
+fn a_message_posted_before_our_commit_is_read_though_no_past_epoch_is_kept() {
+    let server = Server::start();
+    let (alice, relay) = user(&server, "alice");
+    let (bob, _b) = user(&server, "bob");
+    let (carol, _c) = user(&server, "carol");
+
+    alice.ok(&["group", "create", "team", "@bob"]);
+    assert_eq!(of_kind(&bob.receive(), "joined").len(), 1);
+    // Bob's first post follows a commit of his own (a joiner's self-update).
+    bob.ok(&["send", "team", "hello"]);
+    assert_eq!(alice.receive_texts(), ["hello"]);
+    // Until alice commits, the server shows her nothing: bob's message is in her queue, ahead
+    // of her commit, unread when the server accepts the commit.
+    relay.set(Mode::HoldUntilCommit);
+    bob.ok(&["send", "team", "before the commit"]);
+    alice.ok(&["group", "add", "team", "@carol"]);
+    assert_eq!(
+        relay.mode(),
+        Mode::Pass,
+        "the commit released what was held"
+    );
+
+    let items = alice.receive();
+    assert_eq!(texts(&items), ["before the commit"], "{items:?}");
+    assert!(of_kind(&items, "gap").is_empty(), "{items:?}");
+    assert!(of_kind(&items, "fork").is_empty(), "{items:?}");
+    assert!(
+        of_kind(&items, "member_added").is_empty(),
+        "the add command showed its own change already: {items:?}"
+    );
+    // The group works on in the new epoch, carol included.
+    assert_eq!(of_kind(&carol.receive(), "joined").len(), 1);
+    bob.ok(&["send", "team", "after the commit"]);
+    assert_eq!(alice.receive_texts(), ["after the commit"]);
+    assert_eq!(carol.receive_texts(), ["after the commit"]);
 }
 
 #[test]

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use bench_support::{BenchProvider, BenchRoute, BenchStore};
 pub use error::{Error, Result};
-pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, Suite};
+pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, MAX_PAST_EPOCHS, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};
 pub use safety::SafetyNumber;
 pub use signer::DeviceSigner;

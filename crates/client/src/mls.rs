@@ -84,12 +84,23 @@ fn route_leaf_extensions(queue_id: &[u8]) -> Result<Extensions<LeafNode>> {
     .map_err(Error::mls)
 }
 
+/// Past epochs whose keys a group keeps, to read messages made before a commit it applied:
+/// none. The server orders each queue as the group's posts and commits happened (a post at
+/// an old epoch is refused), so a member reads every message of an epoch before the commit
+/// that ends it; the one case that would read one after, our own commit applied while older
+/// messages still wait in our queue, reads the queue first instead (`Session::commit`).
+/// Why not openmls's usual handful: every message rewrites the group's message secrets, and
+/// each past epoch kept there holds that epoch's member list (an ML-KEM key, ~1.2 KB, per
+/// member) and its secret tree, so five past epochs made a message in a 1,000-member group
+/// cost ~250 ms instead of ~0.3 ms (BENCHMARKS.md, "Past epochs").
+pub const MAX_PAST_EPOCHS: usize = 0;
+
 /// Configuration for joining a group.
 pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(5)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -107,7 +118,7 @@ pub fn create_group(
         .ciphersuite(suite.ciphersuite())
         .with_wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(5)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .with_capabilities(capabilities(suite))
         .with_leaf_node_extensions(route_leaf_extensions(queue_id)?)
         .map_err(Error::mls)?

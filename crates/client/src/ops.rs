@@ -1065,9 +1065,23 @@ impl Session<'_> {
                     // What the user asked for is shown by the command itself; what we did
                     // on others' behalf (committing a leave) is news for the next receive.
                     let shown = !matches!(change, Change::PendingProposals | Change::SelfUpdate);
+                    if shown {
+                        self.client.store.show_echo(&prepared.hash);
+                    }
+                    // The commit is in our own queue now, behind any message of the old epoch
+                    // posted before it, and we keep no past epoch's keys
+                    // (`mls::MAX_PAST_EPOCHS`): read the queue, which applies the commit at
+                    // its echo, after those. If reading fails, the commit stays pending for
+                    // the next catch-up to apply the same way.
+                    self.drain_own_route(gid).await?;
                     return self.client.store.tx(|s| {
                         let mut group = load_group(s, gid)?;
-                        merge_own_commit(s, &mut group, &me, &prepared.hash, shown)?;
+                        if group.pending_commit().is_some() {
+                            // No echo (a server withholding our own commit from us): apply
+                            // it anyway; messages of the old epoch after it are unreadable.
+                            s.take_shown_echo(&prepared.hash);
+                            merge_own_commit(s, &mut group, &me, &prepared.hash, shown)?;
+                        }
                         s.keep_group(group);
                         Ok(())
                     });
@@ -1398,7 +1412,7 @@ pub(crate) fn seal_app(
         .map_err(Error::mls)
 }
 
-fn load_group(store: &crate::store::Store, gid: &[u8]) -> Result<MlsGroup> {
+pub(crate) fn load_group(store: &crate::store::Store, gid: &[u8]) -> Result<MlsGroup> {
     store
         .take_group(&GroupId::from_slice(gid))?
         .ok_or_else(|| Error::NotAMember(format!("#{}", hex::encode(&gid[..4.min(gid.len())]))))

@@ -8,7 +8,7 @@
 //! MLS groups stay in memory between operations ([`Store::take_group`]).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -211,6 +211,10 @@ pub struct Store {
     /// `PRAGMA data_version` when `groups` was last known to match the store: it changes when
     /// another connection (another process on this profile) commits.
     data_version: Cell<i64>,
+    /// Hashes of our own commits whose echo, when it applies them, applies them as already
+    /// shown (the command that made them showed them). In memory only: after a restart an
+    /// echo applies its commit as news, which is what it then is.
+    shown_echoes: RefCell<HashSet<Vec<u8>>>,
 }
 
 impl Store {
@@ -270,6 +274,7 @@ impl Store {
             crypto: RustCrypto::default(),
             groups: RefCell::default(),
             data_version: Cell::new(0),
+            shown_echoes: RefCell::default(),
         })
     }
 
@@ -611,6 +616,17 @@ impl Store {
         self.conn
             .execute("INSERT OR IGNORE INTO bp_echo (hash) VALUES (?1)", [hash])?;
         Ok(())
+    }
+
+    /// When the echo of our commit `hash` applies it, apply it as shown.
+    pub fn show_echo(&self, hash: &[u8]) {
+        self.shown_echoes.borrow_mut().insert(hash.to_vec());
+    }
+
+    /// Whether the echo of our commit `hash` applies it as shown ([`Store::show_echo`]);
+    /// forgets it.
+    pub fn take_shown_echo(&self, hash: &[u8]) -> bool {
+        self.shown_echoes.borrow_mut().remove(hash)
     }
 
     /// Whether `hash` is one of ours; forgets it.

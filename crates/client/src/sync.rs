@@ -24,6 +24,24 @@ impl Session<'_> {
         self.check_pending_members().await
     }
 
+    /// Read and process everything pending on the queue our leaf in group `gid` names.
+    pub(crate) async fn drain_own_route(&mut self, gid: &[u8]) -> Result<()> {
+        let route = self.client.store.tx(|s| {
+            let group = crate::ops::load_group(s, gid)?;
+            let route = mls::leaf_route(&group, group.own_leaf_index());
+            s.keep_group(group);
+            Ok(route)
+        })?;
+        let queue = self
+            .client
+            .store
+            .queues()?
+            .into_iter()
+            .find(|q| Some(&q.id) == route.as_ref())
+            .ok_or_else(|| Error::Invalid("our leaf names no queue of this profile".into()))?;
+        self.drain_queue(&queue).await
+    }
+
     /// Authenticate a queue on this connection (optionally with pushes).
     pub(crate) async fn subscribe(&mut self, q: &QueueRow, push: bool) -> Result<bool> {
         let last = self.client.store.queue_last_seq(&q.id)?.unwrap_or(0);
@@ -339,8 +357,10 @@ fn handle_in_group(
     let is_commit = pm.content_type() == ContentType::Commit;
     if own_echo {
         if is_commit && group.pending_commit().is_some() && pm.epoch() == group.epoch() {
-            // Our commit was accepted but we never heard the answer: apply it now.
-            merge_own_commit(s, group, me, hash, false)?;
+            // Our commit was accepted: apply it now, after every older message of our queue
+            // (`Session::commit` reads the queue up to here; or we never heard the answer).
+            let shown = s.take_shown_echo(hash);
+            merge_own_commit(s, group, me, hash, shown)?;
         }
         return Ok(None);
     }
