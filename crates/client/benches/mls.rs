@@ -5,10 +5,24 @@
 //! exactly as the client keeps it; "bare" is openmls with its in-memory provider and the
 //! group kept in memory.
 //!
-//! Groups: the creator adds everyone in one commit and one other member joins from the
-//! Welcome; the remaining members are passive (their keys are thrown away), so the tree is
-//! sparse (only the creator's path is filled). Sizes 2 and 1,000 by default; set
-//! `BLINDPOST_BENCH_LARGE=1` to add 10,000 (building it takes minutes).
+//! Groups: a creator and one other member, both benchmarked, plus passive members whose keys
+//! are thrown away. `BLINDPOST_BENCH_TREE` picks how the group is built:
+//! - `sparse` (the default): the creator adds everyone in one commit and the other member
+//!   joins from the Welcome, so only the creator's path is filled and every other parent is
+//!   blank. Benchmark ids `<side>/<n>/…`.
+//! - `full`: the creator makes the group alone and every other member joins by an external
+//!   commit, which carries the joiner's update path, read by the creator and the other member;
+//!   so no parent is blank and no leaf is unmerged, the tree of a group whose members each
+//!   committed once after joining. Each join reads the whole tree, so building it is quadratic
+//!   in n (minutes at 1,000). Benchmark ids `<side>/<n>-full/…`. Unlike a sparse group (one
+//!   or two epochs old), such a group has been through n epochs.
+//!
+//! Both sides keep as many past epochs' keys as the client does (`MAX_PAST_EPOCHS`, none):
+//! with the five the client kept before, every message in a full group rewrote five past
+//! epochs' member lists (BENCHMARKS.md, "Past epochs").
+//!
+//! Sizes 2 and 1,000 by default; set `BLINDPOST_BENCH_LARGE=1` to add 10,000 (building it
+//! takes minutes sparse, hours full).
 //! Not for the relay: `blindpost-bench` measures that.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use blindpost_client::{BenchProvider, BenchStore, DEFAULT_CIPHERSUITE, DeviceSigner};
 use criterion::{Criterion, criterion_group, criterion_main};
+use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -112,11 +127,27 @@ fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(5)
+        .max_past_epochs(blindpost_client::MAX_PAST_EPOCHS)
         .build()
 }
 
-/// A group of `n`: the creator in `a`, one member who joined from the Welcome in `b`.
+/// How the group's ratchet tree is built (see the header).
+#[derive(Clone, Copy, PartialEq)]
+enum Tree {
+    Sparse,
+    Full,
+}
+
+/// `BLINDPOST_BENCH_TREE`: `sparse` (the default) or `full`; anything else is an error.
+fn tree() -> Tree {
+    match std::env::var("BLINDPOST_BENCH_TREE").as_deref() {
+        Err(_) | Ok("sparse") => Tree::Sparse,
+        Ok("full") => Tree::Full,
+        Ok(t) => panic!("BLINDPOST_BENCH_TREE: {t:?} is neither sparse nor full"),
+    }
+}
+
+/// A group of `n`: the creator in `a`, one other member in `b`.
 struct Pair<E: Env> {
     a: E,
     alice: E::S,
@@ -125,44 +156,65 @@ struct Pair<E: Env> {
     gb: MlsGroup,
 }
 
-fn build<E: Env>(a: E, b: E, n: usize, scratch: &OpenMlsRustCrypto) -> Pair<E> {
+/// Build a group of `n` as `tree` says (see the header).
+fn build<E: Env>(a: E, b: E, n: usize, tree: Tree, scratch: &OpenMlsRustCrypto) -> Pair<E> {
     let (alice, alice_cred) = identity("alice");
     let mut ga = a.with(|p| {
         MlsGroup::builder()
             .ciphersuite(CS)
             .with_wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
             .use_ratchet_tree_extension(true)
-            .max_past_epochs(5)
+            .max_past_epochs(blindpost_client::MAX_PAST_EPOCHS)
             .build(p, &alice, alice_cred)
             .unwrap()
     });
     let (bob, bob_cred) = identity("bob");
-    let bob_kp = b.with(|p| {
-        KeyPackage::builder()
-            .build(CS, p, &bob, bob_cred)
-            .unwrap()
-            .key_package()
-            .clone()
-    });
-    let mut kps = vec![bob_kp];
-    kps.extend((2..n).map(|i| key_package(scratch, &format!("m{i}"))));
-    let welcome = a.op(&mut ga, |p, g| {
-        let (_, w, _) = g.add_members(p, &alice, &kps).unwrap();
-        g.merge_pending_commit(p).unwrap();
-        w.tls_serialize_detached().unwrap()
-    });
-    let gb = b.with(|p| {
-        let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(welcome.as_slice())
-            .unwrap()
-            .extract()
-        else {
-            panic!("not a welcome")
-        };
-        StagedWelcome::new_from_welcome(p, &join_config(), w, None)
-            .unwrap()
-            .into_group(p)
-            .unwrap()
-    });
+    let gb = match tree {
+        Tree::Sparse => {
+            let bob_kp = b.with(|p| {
+                KeyPackage::builder()
+                    .build(CS, p, &bob, bob_cred)
+                    .unwrap()
+                    .key_package()
+                    .clone()
+            });
+            let mut kps = vec![bob_kp];
+            kps.extend((2..n).map(|i| key_package(scratch, &format!("m{i}"))));
+            let welcome = a.op(&mut ga, |p, g| {
+                let (_, w, _) = g.add_members(p, &alice, &kps).unwrap();
+                g.merge_pending_commit(p).unwrap();
+                w.tls_serialize_detached().unwrap()
+            });
+            b.with(|p| {
+                let MlsMessageBodyIn::Welcome(w) =
+                    MlsMessageIn::tls_deserialize_exact(welcome.as_slice())
+                        .unwrap()
+                        .extract()
+                else {
+                    panic!("not a welcome")
+                };
+                StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+                    .unwrap()
+                    .into_group(p)
+                    .unwrap()
+            })
+        }
+        Tree::Full => {
+            let info = group_info(&a, &mut ga, &alice);
+            let (mut gb, commit) = b.with(|p| join_externally(p, &bob, bob_cred, info));
+            apply_commit(&a, &mut ga, &commit);
+            for i in 2..n {
+                let info = group_info(&a, &mut ga, &alice);
+                let (signer, cred) = identity(&format!("m{i}"));
+                // Its own provider, dropped with its state.
+                let (_, commit) =
+                    join_externally(&OpenMlsRustCrypto::default(), &signer, cred, info);
+                apply_commit(&a, &mut ga, &commit);
+                apply_commit(&b, &mut gb, &commit);
+            }
+            gb
+        }
+    };
     Pair {
         a,
         alice: E::signer(alice),
@@ -170,6 +222,56 @@ fn build<E: Env>(a: E, b: E, n: usize, scratch: &OpenMlsRustCrypto) -> Pair<E> {
         b,
         gb,
     }
+}
+
+/// A GroupInfo of the creator's current epoch, carrying its ratchet tree, as a joiner reads it.
+fn group_info<E: Env>(a: &E, ga: &mut MlsGroup, alice: &SignatureKeyPair) -> VerifiableGroupInfo {
+    let bytes = a.op(ga, |p, g| {
+        g.export_group_info(p.crypto(), alice, true)
+            .unwrap()
+            .tls_serialize_detached()
+            .unwrap()
+    });
+    let MlsMessageBodyIn::GroupInfo(info) = MlsMessageIn::tls_deserialize_exact(bytes.as_slice())
+        .unwrap()
+        .extract()
+    else {
+        panic!("not a group info")
+    };
+    info
+}
+
+/// Join from `info` by an external commit (with the joiner's update path) and merge it: the
+/// joiner's group and the commit for the members.
+fn join_externally<P: OpenMlsProvider>(
+    p: &P,
+    signer: &SignatureKeyPair,
+    cred: CredentialWithKey,
+    info: VerifiableGroupInfo,
+) -> (MlsGroup, Vec<u8>) {
+    let (mut group, bundle) = MlsGroup::external_commit_builder()
+        .with_config(join_config())
+        .build_group(p, info, cred)
+        .unwrap()
+        .load_psks(p.storage())
+        .unwrap()
+        .build(p.rand(), p.crypto(), signer, |_| true)
+        .unwrap()
+        .finalize(p)
+        .unwrap();
+    group.merge_pending_commit(p).unwrap();
+    (group, bundle.commit().tls_serialize_detached().unwrap())
+}
+
+/// Process another member's commit and merge it.
+fn apply_commit<E: Env>(env: &E, group: &mut MlsGroup, commit: &[u8]) {
+    env.op(group, |p, g| {
+        let processed = g.process_message(p, protocol(commit)).unwrap();
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            panic!("not a commit")
+        };
+        g.merge_staged_commit(p, *staged).unwrap();
+    });
 }
 
 fn protocol(bytes: &[u8]) -> ProtocolMessage {
@@ -295,22 +397,35 @@ fn side(name: &str) -> bool {
 fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
     let scratch = OpenMlsRustCrypto::default();
     let payload = vec![b'x'; 512];
+    let tree = tree();
     for n in sizes() {
         let started = Instant::now();
-        let mut pair = build(make(), make(), n, &scratch);
+        let mut pair = build(make(), make(), n, tree, &scratch);
+        let id = match tree {
+            Tree::Sparse => format!("{}/{n}", E::NAME),
+            Tree::Full => format!("{}/{n}-full", E::NAME),
+        };
+        let parents = pair.a.op(&mut pair.ga, |_, g| {
+            g.export_ratchet_tree().parents().count()
+        });
+        let blank = n - 1 - parents;
         eprintln!(
-            "built a {n}-member group ({}) in {:.1}s",
-            E::NAME,
-            started.elapsed().as_secs_f64()
+            "built a {n}-member group ({id}) in {:.1}s, {blank} of {} parents blank",
+            started.elapsed().as_secs_f64(),
+            n - 1
         );
-        let mut g = c.benchmark_group(format!("{}/{n}", E::NAME));
+        assert!(
+            tree == Tree::Sparse || blank == 0,
+            "a blank parent in a full tree"
+        );
+        let mut g = c.benchmark_group(&id);
         g.bench_function("app_message", |bch| {
             bch.iter(|| app_message(&mut pair, &payload))
         });
         g.finish();
         // Membership changes take up to seconds each at these sizes: flat sampling (the same
         // iteration count per sample, 10 samples) instead of criterion's linear 1 + 2 + … + 10.
-        let mut g = c.benchmark_group(format!("{}/{n}", E::NAME));
+        let mut g = c.benchmark_group(&id);
         g.sampling_mode(criterion::SamplingMode::Flat);
         if n >= 1000 {
             for (name, change, process) in [
