@@ -123,6 +123,20 @@ fn key_package<P: OpenMlsProvider>(p: &P, name: &str) -> KeyPackage {
         .clone()
 }
 
+/// Join from a serialised Welcome.
+fn join_from_welcome<P: OpenMlsProvider>(p: &P, welcome: &[u8]) -> MlsGroup {
+    let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(welcome)
+        .unwrap()
+        .extract()
+    else {
+        panic!("not a welcome")
+    };
+    StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+        .unwrap()
+        .into_group(p)
+        .unwrap()
+}
+
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
@@ -185,19 +199,7 @@ fn build<E: Env>(a: E, b: E, n: usize, tree: Tree, scratch: &OpenMlsRustCrypto) 
                 g.merge_pending_commit(p).unwrap();
                 w.tls_serialize_detached().unwrap()
             });
-            b.with(|p| {
-                let MlsMessageBodyIn::Welcome(w) =
-                    MlsMessageIn::tls_deserialize_exact(welcome.as_slice())
-                        .unwrap()
-                        .extract()
-                else {
-                    panic!("not a welcome")
-                };
-                StagedWelcome::new_from_welcome(p, &join_config(), w, None)
-                    .unwrap()
-                    .into_group(p)
-                    .unwrap()
-            })
+            b.with(|p| join_from_welcome(p, &welcome))
         }
         Tree::Full => {
             let info = group_info(&a, &mut ga, &alice);
@@ -468,19 +470,7 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
                 let (_, w, _) = group.add_members(&scratch, &alice, &[kp]).unwrap();
                 let w = w.tls_serialize_detached().unwrap();
                 let t = Instant::now();
-                env.with(|p| {
-                    let MlsMessageBodyIn::Welcome(w) =
-                        MlsMessageIn::tls_deserialize_exact(w.as_slice())
-                            .unwrap()
-                            .extract()
-                    else {
-                        panic!("not a welcome")
-                    };
-                    StagedWelcome::new_from_welcome(p, &join_config(), w, None)
-                        .unwrap()
-                        .into_group(p)
-                        .unwrap()
-                });
+                env.with(|p| join_from_welcome(p, &w));
                 total += t.elapsed();
             }
             total

@@ -2524,53 +2524,33 @@ mod tests {
         });
         let idle = |pool: &Pool| pool.idle.lock().unwrap().len();
 
-        let mut conn = pool.get().await.unwrap();
-        let PgConn {
-            client,
-            stmts,
-            in_tx,
-        } = &mut *conn;
-        let mut tx = Tx {
-            client: &*client,
-            phase: Phase::Pending(BEGIN),
-            in_tx,
-            stmts,
-            day: 1,
-            wake: Vec::new(),
-        };
-        tx.exec("SELECT 1", &[])
-            .await
-            .map_err(Fail::into_store)
-            .unwrap();
-        // Dropped here without a COMMIT or ROLLBACK, as a cancelled operation is.
-        drop(conn);
-        assert_eq!(
-            idle(&pool),
-            0,
-            "a connection inside a transaction went back"
-        );
-
-        let mut conn = pool.get().await.unwrap();
-        let PgConn {
-            client,
-            stmts,
-            in_tx,
-        } = &mut *conn;
-        let mut tx = Tx {
-            client: &*client,
-            phase: Phase::Pending(BEGIN),
-            in_tx,
-            stmts,
-            day: 1,
-            wake: Vec::new(),
-        };
-        tx.exec("SELECT 1", &[])
-            .await
-            .map_err(Fail::into_store)
-            .unwrap();
-        tx.commit().await.map_err(Fail::into_store).unwrap();
-        drop(conn);
-        assert_eq!(idle(&pool), 1, "a finished connection is reused");
+        // First dropped without a COMMIT or ROLLBACK, as a cancelled operation is; then
+        // committed.
+        for (commit, idle_after) in [(false, 0), (true, 1)] {
+            let mut conn = pool.get().await.unwrap();
+            let PgConn {
+                client,
+                stmts,
+                in_tx,
+            } = &mut *conn;
+            let mut tx = Tx {
+                client: &*client,
+                phase: Phase::Pending(BEGIN),
+                in_tx,
+                stmts,
+                day: 1,
+                wake: Vec::new(),
+            };
+            tx.exec("SELECT 1", &[])
+                .await
+                .map_err(Fail::into_store)
+                .unwrap();
+            if commit {
+                tx.commit().await.map_err(Fail::into_store).unwrap();
+            }
+            drop(conn);
+            assert_eq!(idle(&pool), idle_after, "committed: {commit}");
+        }
     }
 
     /// Migration 5 gives existing queues running totals that make their pending bytes what
