@@ -210,6 +210,26 @@ fn group_membership_changes_reach_everyone_and_removed_members_read_nothing_afte
     bob.fails(&["send", "team", "still here?"]);
 }
 
+/// A follower that commits while it follows (the leave of a member, which the next member
+/// to act commits) keeps receiving: reading its queue after its commit does not subscribe the
+/// queue again, which would turn its pushes off.
+#[test]
+fn a_follower_that_commits_keeps_receiving_pushes() {
+    let server = Server::start();
+    let alice = User::setup(&server, "alice");
+    let bob = User::setup(&server, "bob");
+    let carol = User::setup(&server, "carol");
+    alice.ok(&["group", "create", "team", "@bob", "@carol"]);
+    assert_eq!(of_kind(&bob.receive(), "joined").len(), 1);
+    assert_eq!(of_kind(&carol.receive(), "joined").len(), 1);
+    let follow = bob.follow();
+    carol.ok(&["group", "leave", "team"]);
+    let items = follow.items_until("member_left");
+    assert_eq!(of_kind(&items, "member_left").len(), 1, "{items:?}");
+    alice.ok(&["send", "team", "after the leave"]);
+    assert_eq!(follow.texts(1), vec!["after the leave"]);
+}
+
 #[test]
 fn messages_to_an_offline_user_survive_a_server_restart() {
     let mut server = Server::start();

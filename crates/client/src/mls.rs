@@ -92,7 +92,7 @@ fn route_leaf_extensions(queue_id: &[u8]) -> Result<Extensions<LeafNode>> {
 /// Why not openmls's usual handful: every message rewrites the group's message secrets, and
 /// each past epoch kept there holds that epoch's member list (an ML-KEM key, ~1.2 KB, per
 /// member) and its secret tree, so five past epochs made a message in a 1,000-member group
-/// cost ~250 ms instead of ~0.3 ms (BENCHMARKS.md, "Past epochs").
+/// cost ~175 ms instead of ~0.12 ms (BENCHMARKS.md, "Past epochs").
 pub const MAX_PAST_EPOCHS: usize = 0;
 
 /// Configuration for joining a group.

@@ -69,7 +69,9 @@ impl Session<'_> {
     }
 
     async fn drain_queue(&mut self, q: &QueueRow) -> Result<()> {
-        if !self.subscribe(q, false).await? {
+        // A queue this connection already holds is not subscribed again: that would turn off
+        // its pushes (`receive --follow` commits, and so reads its queue, while following).
+        if !self.subscribed.contains(&q.id) && !self.subscribe(q, false).await? {
             return Ok(());
         }
         let mut last = self.client.store.queue_last_seq(&q.id)?.unwrap_or(0);
