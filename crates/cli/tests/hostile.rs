@@ -1,8 +1,9 @@
 //! A hostile relay between the real `blindpost` and the real `blindpostd`: it decodes every
 //! frame and, on command, replays old messages, duplicates, reorders, drops one, withholds a
-//! commit from one member (and releases it later), or sends garbage. Each test asserts what
-//! the user sees: nothing twice, gaps and forks reported as `gap`/`fork` items, a clean error
-//! for garbage, and normal service once the relay behaves. (Forged and external commits need
+//! commit from one member (and releases it later), holds everything back until its user
+//! commits, or sends garbage. Each test asserts what the user sees: nothing twice, nothing
+//! lost that the server had, gaps and forks reported as `gap`/`fork` items, a clean error for
+//! garbage, and normal service once the relay behaves. (Forged and external commits need
 //! MLS to forge; they are in the client crate's `tests/hostile.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
