@@ -182,16 +182,9 @@ fn build<E: Env>(a: E, b: E, n: usize, tree: Tree, scratch: &OpenMlsRustCrypto) 
             .build(p, &alice, alice_cred)
             .unwrap()
     });
-    let (bob, bob_cred) = identity("bob");
     let gb = match tree {
         Tree::Sparse => {
-            let bob_kp = b.with(|p| {
-                KeyPackage::builder()
-                    .build(CS, p, &bob, bob_cred)
-                    .unwrap()
-                    .key_package()
-                    .clone()
-            });
+            let bob_kp = b.with(|p| key_package(p, "bob"));
             let mut kps = vec![bob_kp];
             kps.extend((2..n).map(|i| key_package(scratch, &format!("m{i}"))));
             let welcome = a.op(&mut ga, |p, g| {
@@ -203,6 +196,7 @@ fn build<E: Env>(a: E, b: E, n: usize, tree: Tree, scratch: &OpenMlsRustCrypto) 
         }
         Tree::Full => {
             let info = group_info(&a, &mut ga, &alice);
+            let (bob, bob_cred) = identity("bob");
             let (mut gb, commit) = b.with(|p| join_externally(p, &bob, bob_cred, info));
             apply_commit(&a, &mut ga, &commit);
             for i in 2..n {
@@ -459,14 +453,7 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
                     .build(&scratch, &alice, alice_cred)
                     .unwrap();
                 let env = make();
-                let (bob, bob_cred) = identity("bob");
-                let kp = env.with(|p| {
-                    KeyPackage::builder()
-                        .build(CS, p, &bob, bob_cred)
-                        .unwrap()
-                        .key_package()
-                        .clone()
-                });
+                let kp = env.with(|p| key_package(p, "bob"));
                 let (_, w, _) = group.add_members(&scratch, &alice, &[kp]).unwrap();
                 let w = w.tls_serialize_detached().unwrap();
                 let t = Instant::now();
