@@ -21,6 +21,11 @@
 //! with the five the client kept before, every message in a full group rewrote five past
 //! epochs' member lists (BENCHMARKS.md, "Past epochs").
 //!
+//! Membership changes (1,000 members and up): `add_create` / `remove_create` time the
+//! creator building the commit; `*_process` the other member processing it, staged but not
+//! merged; `*_apply` processing and merging it, which is what applying a commit costs a member
+//! (the merge writes the new epoch's whole ratchet tree).
+//!
 //! Sizes 2 and 1,000 by default; set `BLINDPOST_BENCH_LARGE=1` to add 10,000 (building it
 //! takes minutes sparse, hours full).
 //! Not for the relay: `blindpost-bench` measures that.
@@ -311,16 +316,28 @@ enum Change {
     Remove,
 }
 
+/// Which part of a membership change a benchmark times.
+#[derive(Clone, Copy, PartialEq)]
+enum Step {
+    /// The creator builds the commit (and persists it as pending).
+    Create,
+    /// The other member processes it: staged, not merged.
+    Process,
+    /// The other member processes and merges it, as the client applies a commit.
+    Apply,
+}
+
 /// Time creating a one-member add or remove commit at the creator (persisted as pending), or
 /// processing it at the other member (staged, not merged, so the next iteration starts from
 /// the same epoch).
 fn membership<E: Env>(
     pair: &mut Pair<E>,
     change: &Change,
-    process: bool,
+    step: Step,
     iters: u64,
     scratch: &OpenMlsRustCrypto,
 ) -> Duration {
+    let process = step == Step::Process;
     let mut total = Duration::ZERO;
     let members = pair.a.op(&mut pair.ga, |_, g| g.members().count()) as u32;
     for _ in 0..iters {
@@ -360,6 +377,56 @@ fn membership<E: Env>(
             total += t.elapsed();
         }
         a.op(ga, |p, g| g.clear_pending_commit(p.storage()).unwrap());
+    }
+    total
+}
+
+/// Time processing *and merging* a one-member change at the other member: what applying a
+/// commit costs the client, whose merge writes the new epoch's whole ratchet tree. Each
+/// iteration adds a newcomer and removes it again, both merged on both sides, so the group
+/// keeps its size; only `timed` is counted. (Each remove blanks the newcomer's direct path
+/// until a later commit of the creator's refills the creator's side of it: a full tree keeps
+/// all but a few parents.)
+fn apply<E: Env>(
+    pair: &mut Pair<E>,
+    timed: &Change,
+    iters: u64,
+    scratch: &OpenMlsRustCrypto,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let kp = key_package(scratch, "newcomer");
+        let key = kp.leaf_node().signature_key().as_slice().to_vec();
+        let Pair {
+            a,
+            alice,
+            ga,
+            b,
+            gb,
+            ..
+        } = pair;
+        for change in [Change::Add, Change::Remove] {
+            let commit = a.op(ga, |p, g| {
+                let c = match change {
+                    Change::Add => {
+                        g.add_members(p, alice, std::slice::from_ref(&kp))
+                            .unwrap()
+                            .0
+                    }
+                    Change::Remove => {
+                        let leaf = g.members().find(|m| m.signature_key == key).unwrap().index;
+                        g.remove_members(p, alice, &[leaf]).unwrap().0
+                    }
+                };
+                g.merge_pending_commit(p).unwrap();
+                c.tls_serialize_detached().unwrap()
+            });
+            let t = Instant::now();
+            apply_commit(b, gb, &commit);
+            if std::mem::discriminant(&change) == std::mem::discriminant(timed) {
+                total += t.elapsed();
+            }
+        }
     }
     total
 }
@@ -424,15 +491,18 @@ fn run_env<E: Env>(c: &mut Criterion, make: impl Fn() -> E) {
         let mut g = c.benchmark_group(&id);
         g.sampling_mode(criterion::SamplingMode::Flat);
         if n >= 1000 {
-            for (name, change, process) in [
-                ("add_create", Change::Add, false),
-                ("add_process", Change::Add, true),
-                ("remove_create", Change::Remove, false),
-                ("remove_process", Change::Remove, true),
+            for (name, change, step) in [
+                ("add_create", Change::Add, Step::Create),
+                ("add_process", Change::Add, Step::Process),
+                ("add_apply", Change::Add, Step::Apply),
+                ("remove_create", Change::Remove, Step::Create),
+                ("remove_process", Change::Remove, Step::Process),
+                ("remove_apply", Change::Remove, Step::Apply),
             ] {
                 g.bench_function(name, |bch| {
-                    bch.iter_custom(|iters| {
-                        membership(&mut pair, &change, process, iters, &scratch)
+                    bch.iter_custom(|iters| match step {
+                        Step::Apply => apply(&mut pair, &change, iters, &scratch),
+                        _ => membership(&mut pair, &change, step, iters, &scratch),
                     })
                 });
             }

@@ -5,8 +5,10 @@
 //! Why not `rmp_serde` itself: openmls rewrites a group's message secrets on every message,
 //! and in a 10,000-member group that value is ~40,000 mostly empty slots. Through `rmp_serde`
 //! each empty slot cost a trip through its generic writer and error plumbing, ~40 % of a
-//! message's CPU at 10,000 members (BENCHMARKS.md); here it is one counter increment. Decoding stays
-//! with `rmp_serde`, which reads what this writes.
+//! message's CPU at 10,000 members (BENCHMARKS.md); here it is one counter increment. Byte
+//! vectors (`Vec<u8>`, which serde hands over one `u8` at a time) are encoded in one pass into
+//! a plain buffer ([`Encoder::byte_seq`]). Decoding stays with `rmp_serde`, which reads what
+//! this writes.
 //!
 //! The encoding, as `rmp_serde` 1.3 with its default configuration and struct maps: integers
 //! in their smallest form, structs as maps from field name to value, `None` and `()` as `nil`,
@@ -49,6 +51,8 @@ const EXT_STRUCT_NAME: &str = "_ExtStruct";
 #[derive(Default)]
 struct Encoder {
     out: Packer,
+    /// A byte vector's encoding on its way to `out` ([`Encoder::byte_seq`]), kept for reuse.
+    byte_run: Vec<u8>,
 }
 
 type Result<T = (), E = EncodeError> = std::result::Result<T, E>;
@@ -123,6 +127,41 @@ impl Encoder {
     fn bin(&mut self, b: &[u8]) {
         self.len(b.len(), None, Some(0xc4), 0xc5, 0xc6);
         self.out.bytes(b);
+    }
+
+    /// The rest of a sequence whose first item was the byte `first` (a `Vec<u8>`, as openmls
+    /// stores every key, secret and signature): each byte encoded as `uint` encodes it, into a
+    /// plain buffer, which goes to the packer in one call. Every merged commit writes the
+    /// whole ratchet tree, ~2.7 MB of such bytes at 1,000 members; byte by byte through the
+    /// packer, encoding it was ~60 % of a merge (BENCHMARKS.md, "Applying a commit"). An item
+    /// that is not a byte is encoded as usual, after the bytes before it.
+    fn byte_seq<I>(&mut self, first: u8, items: I) -> Result
+    where
+        I: Iterator,
+        I::Item: Serialize,
+    {
+        let mut run = std::mem::take(&mut self.byte_run);
+        run.clear();
+        run.resize(2 * (items.size_hint().0 + 1), 0);
+        let mut len = put_uint8(&mut run, 0, first);
+        for item in items {
+            match item.serialize(ByteProbe) {
+                Ok(b) => {
+                    if run.len() < len + 2 {
+                        run.resize(2 * run.len() + 2, 0);
+                    }
+                    len += put_uint8(&mut run, len, b);
+                }
+                Err(NotAByte) => {
+                    self.out.bytes(&run[..len]);
+                    len = 0;
+                    item.serialize(&mut *self)?;
+                }
+            }
+        }
+        self.out.bytes(&run[..len]);
+        self.byte_run = run;
+        Ok(())
     }
 
     fn array_len(&mut self, len: usize) {
@@ -321,7 +360,16 @@ impl<'a> ser::Serializer for &'a mut Encoder {
         match iter.size_hint() {
             (lo, Some(hi)) if lo == hi => {
                 self.array_len(lo);
-                iter.try_for_each(|item| item.serialize(&mut *self))
+                let Some(first) = iter.next() else {
+                    return Ok(());
+                };
+                match first.serialize(ByteProbe) {
+                    Ok(b) => self.byte_seq(b, iter),
+                    Err(NotAByte) => {
+                        first.serialize(&mut *self)?;
+                        iter.try_for_each(|item| item.serialize(&mut *self))
+                    }
+                }
             }
             _ => {
                 let mut seq = Compound::new(self, None, Encoder::array_len);
@@ -464,6 +512,156 @@ macro_rules! named_fields {
 
 named_fields!(SerializeStruct, SerializeStructVariant);
 
+/// Writes `b` as [`Encoder::uint`] does (`b`, or `0xcc b` from 128 on) at `run[at..]`, which
+/// has room for two bytes, and returns how many it wrote. Without a branch: keys and
+/// signatures are random bytes, half of them 128 or more, and a branch on that was
+/// mispredicted every other byte.
+#[inline(always)]
+fn put_uint8(run: &mut [u8], at: usize, b: u8) -> usize {
+    let wide = usize::from(b >= 128);
+    run[at] = 0xcc;
+    run[at + wide] = b;
+    1 + wide
+}
+
+/// A serializer that only answers whether a value is a `u8`, and which: how
+/// [`Encoder::byte_seq`] tells byte vectors from other sequences without specialisation.
+struct ByteProbe;
+
+/// [`ByteProbe`]'s answer for anything but a `u8`.
+#[derive(Debug)]
+struct NotAByte;
+
+impl std::fmt::Display for NotAByte {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not a byte")
+    }
+}
+
+impl std::error::Error for NotAByte {}
+
+impl ser::Error for NotAByte {
+    fn custom<T: std::fmt::Display>(_msg: T) -> Self {
+        NotAByte
+    }
+}
+
+/// `fn $name(self, _: $arg) -> Result<u8, NotAByte> { Err(NotAByte) }` for each.
+macro_rules! not_a_byte {
+    ($($name:ident($($arg:ty),*)),* $(,)?) => {
+        $(fn $name(self, $(_: $arg),*) -> Result<u8, NotAByte> {
+            Err(NotAByte)
+        })*
+    };
+}
+
+impl ser::Serializer for ByteProbe {
+    type Ok = u8;
+    type Error = NotAByte;
+    type SerializeSeq = ser::Impossible<u8, NotAByte>;
+    type SerializeTuple = ser::Impossible<u8, NotAByte>;
+    type SerializeTupleStruct = ser::Impossible<u8, NotAByte>;
+    type SerializeTupleVariant = ser::Impossible<u8, NotAByte>;
+    type SerializeMap = ser::Impossible<u8, NotAByte>;
+    type SerializeStruct = ser::Impossible<u8, NotAByte>;
+    type SerializeStructVariant = ser::Impossible<u8, NotAByte>;
+
+    #[inline]
+    fn serialize_u8(self, v: u8) -> Result<u8, NotAByte> {
+        Ok(v)
+    }
+
+    not_a_byte!(
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_str(&str),
+        serialize_bytes(&[u8]),
+        serialize_none(),
+        serialize_unit(),
+        serialize_unit_struct(&'static str),
+        serialize_unit_variant(&'static str, u32, &'static str),
+    );
+
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<u8, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: &T,
+    ) -> Result<u8, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> Result<u8, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_tuple_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleStruct, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleVariant, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStruct, NotAByte> {
+        Err(NotAByte)
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStructVariant, NotAByte> {
+        Err(NotAByte)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -558,6 +756,44 @@ mod tests {
         wide: (i128, u128),
         map: BTreeMap<String, Vec<Option<u64>>>,
         tuple: (bool, bool, [u8; 3]),
+    }
+
+    /// Sequence items that are bytes or strings, by turns.
+    #[derive(Debug, Serialize)]
+    #[serde(untagged)]
+    enum ByteOrText {
+        Byte(u8),
+        Text(String),
+    }
+
+    #[test]
+    fn byte_vectors_are_encoded_as_rmp_serde_encodes_them() {
+        let every: Vec<u8> = (0..=255).collect();
+        same(&Vec::<u8>::new());
+        same(&every);
+        // Long enough to be packed, with `nil`-valued bytes (0xc0) among them.
+        same(&every.repeat(8));
+        same(&vec![0xc0u8; 3 * MIN_PACKED_INPUT]);
+        same(&(vec![None::<u8>; 2 * MIN_PACKED_INPUT], every.repeat(4)));
+        // Nested, and beside other values.
+        same(&vec![vec![1u8, 200], vec![], every.clone()]);
+        same(&(vec![7u8; 5], "x", vec![0x80u8; 2000], Some(vec![0u8])));
+        // Bytes, then something else, then bytes again; and something else first.
+        use ByteOrText::{Byte, Text};
+        same(&vec![
+            Byte(1),
+            Byte(0xc0),
+            Text("t".into()),
+            Byte(255),
+            Byte(0),
+        ]);
+        same(&vec![Text("t".into()), Byte(0xcc), Byte(3)]);
+        same(
+            &[Byte(200)]
+                .into_iter()
+                .chain((0..3000).map(|i| Byte(i as u8)))
+                .collect::<Vec<_>>(),
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl Packer {
         }
         while !rest.is_empty() {
             // Literal bytes up to the next nil.
-            let lit = rest.iter().position(|&b| b == NIL).unwrap_or(rest.len());
+            let lit = memchr::memchr(NIL, rest).unwrap_or(rest.len());
             if lit > 0 {
                 self.end_run();
                 self.out.extend_from_slice(&rest[..lit]);
@@ -229,7 +229,7 @@ pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, UnpackError> {
     };
     let mut out = Vec::with_capacity(packed.len().saturating_mul(4).min(MAX_UNPACKED));
     while !rest.is_empty() {
-        let lit = rest.iter().position(|&b| b == NIL).unwrap_or(rest.len());
+        let lit = memchr::memchr(NIL, rest).unwrap_or(rest.len());
         if out.len() + lit > MAX_UNPACKED {
             return Err(UnpackError::TooLarge);
         }
