@@ -45,6 +45,9 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> 
     Ok(e.out.finish()?)
 }
 
+/// Most bytes [`Encoder::byte_seq`] sets aside before it has seen them (it grows past this).
+const BYTE_RUN_START_MAX: usize = 1 << 20;
+
 /// The name `rmp_serde` gives its extension-type newtype.
 const EXT_STRUCT_NAME: &str = "_ExtStruct";
 
@@ -142,7 +145,9 @@ impl Encoder {
     {
         let mut run = std::mem::take(&mut self.byte_run);
         run.clear();
-        run.resize(2 * (items.size_hint().0 + 1), 0);
+        // Room for the whole sequence if its size hint is honest, capped: a hint is only a hint.
+        let room = items.size_hint().0.saturating_add(1).saturating_mul(2);
+        run.resize(room.min(BYTE_RUN_START_MAX), 0);
         let mut len = put_uint8(&mut run, 0, first);
         for item in items {
             match item.serialize(ByteProbe) {
@@ -794,6 +799,20 @@ mod tests {
                 .chain((0..3000).map(|i| Byte(i as u8)))
                 .collect::<Vec<_>>(),
         );
+    }
+
+    proptest::proptest! {
+        /// Byte vectors of any content and length, alone and among other values, are encoded
+        /// as `rmp_serde` encodes them (then packed as `pack` packs them).
+        #[test]
+        fn any_byte_vector_is_encoded_as_rmp_serde_encodes_it(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6000),
+            nils in 0usize..3000,
+        ) {
+            proptest::prop_assert_eq!(to_vec(&bytes).unwrap(), expected(&bytes));
+            let beside = (vec![None::<u8>; nils], &bytes, "end", vec![bytes.clone(), vec![]]);
+            proptest::prop_assert_eq!(to_vec(&beside).unwrap(), expected(&beside));
+        }
     }
 
     #[test]
