@@ -137,7 +137,9 @@ impl Encoder {
     /// plain buffer, which goes to the packer in one call. Every merged commit writes the
     /// whole ratchet tree, ~2.7 MB of such bytes at 1,000 members; byte by byte through the
     /// packer, encoding it was ~60 % of a merge (BENCHMARKS.md, "Applying a commit"). An item
-    /// that is not a byte is encoded as usual, after the bytes before it.
+    /// that is not a byte is encoded as usual, after the bytes before it. Never inlined, so
+    /// `collect_seq` stays as small as it was for every other sequence.
+    #[inline(never)]
     fn byte_seq<I>(&mut self, first: u8, items: I) -> Result
     where
         I: Iterator,
