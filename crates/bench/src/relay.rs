@@ -257,6 +257,8 @@ pub async fn run(
                     // As the client does: the sender's connection reads its own queue, so
                     // its echo is not stored.
                     skip_subscribed: true,
+                    // As the client does: each post is sent once, so its id is fresh.
+                    fresh_id: true,
                 },
                 Arc::new(conv.pool.clone()),
             )));

@@ -1351,6 +1351,10 @@ impl Session<'_> {
                 message_id: message_id.to_vec(),
                 payload,
                 skip_subscribed: skip,
+                // The client never resends a post whose answer it lost (it reports the
+                // failure; sending again encrypts anew under a new id), and a post refused for
+                // a stale epoch was not stored, so the id is always fresh.
+                fresh_id: true,
             }))
             .await;
         if let Err(e) = &result

@@ -32,6 +32,8 @@ fn post(n: u64) -> PostOp {
         epoch: 0,
         posting_token_hash: secret("posting", 1),
         message_id: MessageId::new(id),
+        // As the client posts: each id once.
+        fresh_id: true,
         payload: vec![0xAB; PAYLOAD].into(),
         // A limit, so it is checked, that the benchmark never reaches.
         max_queue_bytes: u64::MAX / 2,

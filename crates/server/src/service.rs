@@ -394,6 +394,7 @@ impl Service {
             epoch: req.epoch,
             posting_token_hash: SecretHash::of_secret("posting token", &req.posting_token)?,
             message_id: MessageId::parse(&req.message_id)?,
+            fresh_id: req.fresh_id,
             payload: {
                 check_payload("payload", &req.payload)?;
                 Arc::from(req.payload)

@@ -217,6 +217,9 @@ async fn sender(
         id[0] = me;
         id[1..5].copy_from_slice(&n.to_be_bytes());
         ledger.lock().unwrap().attempted.insert(payload.clone());
+        // As a client should: the first send says the id is fresh; a resend after a lost
+        // answer does not, so the server looks it up in full.
+        let mut fresh_id = true;
         loop {
             let request = Request::Post(Post {
                 group_id: setup.group.clone(),
@@ -225,11 +228,13 @@ async fn sender(
                 message_id: id.to_vec(),
                 payload: payload.clone(),
                 skip_subscribed: false,
+                fresh_id,
             });
             match conn.request(request).await {
                 Some(Body::Ok(_)) => break,
                 Some(other) => panic!("post refused: {other:?}"),
                 None => {
+                    fresh_id = false;
                     ledger.lock().unwrap().retries += 1;
                     conn = Conn::reconnect(addr).await;
                 }
@@ -426,6 +431,7 @@ async fn a_post_cut_mid_frame_is_not_stored_and_its_retry_is_stored_once() {
                 message_id: vec![0xC0; 16],
                 payload: payload.to_vec(),
                 skip_subscribed: false,
+                fresh_id: false,
             })),
         })
     };
@@ -462,6 +468,7 @@ async fn a_post_cut_mid_frame_is_not_stored_and_its_retry_is_stored_once() {
         message_id: vec![0xC0; 16],
         payload: vec![0xAA; 100_000],
         skip_subscribed: false,
+        fresh_id: false,
     }))
     .await;
     // The answer to a retry is cut too (connection dropped before reading): still once.

@@ -295,6 +295,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     refused_commit_changes_nothing,
     concurrent_commits_at_one_epoch_have_one_winner,
     posts_are_idempotent_by_message_id,
+    a_fresh_id_is_compared_with_the_groups_latest_ids_only,
     create_group_checks_routes,
     key_package_publish_status_and_limits,
     concurrent_claims_never_hand_out_a_package_twice,
@@ -608,6 +609,7 @@ fn post(g: u8, epoch: u64, token: u8, id: u32, payload: &[u8]) -> PostOp {
         epoch,
         posting_token_hash: posting(token),
         message_id: mid(id),
+        fresh_id: false,
         payload: payload.into(),
         max_queue_bytes: u64::MAX,
         skip: Default::default(),
@@ -984,6 +986,38 @@ async fn posts_are_idempotent_by_message_id(b: &mut impl Backend) {
             "id {id}"
         );
     }
+}
+
+async fn a_fresh_id_is_compared_with_the_groups_latest_ids_only(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    let fresh = |id: u32| PostOp {
+        fresh_id: true,
+        ..post(1, 0, 1, id, b"f")
+    };
+    // The post after RECENT_POSTS moves the group's ids 1..=RECENT_POSTS to `posted_ids`.
+    let last = RECENT_POSTS as u32 + 1;
+    for id in 1..=last {
+        assert!(matches!(
+            s.post(fresh(id)).await.unwrap(),
+            Posted::Stored { .. }
+        ));
+    }
+    // An id among the group's latest is a duplicate, even when the post calls it fresh.
+    assert_eq!(s.post(fresh(last)).await.unwrap(), Posted::Duplicate);
+    // A moved id: a resend (not fresh) is looked up and found.
+    assert_eq!(
+        s.post(post(1, 0, 1, 1, b"f")).await.unwrap(),
+        Posted::Duplicate
+    );
+    // A post that calls it fresh is not looked up there: the client's word is taken, and only
+    // its own message is stored twice.
+    assert!(matches!(
+        s.post(fresh(1)).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    assert_eq!(payloads(&*s, qid(1)).await.len(), last as usize + 1);
 }
 
 async fn create_group_checks_routes(b: &mut impl Backend) {

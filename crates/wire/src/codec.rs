@@ -114,11 +114,12 @@ mod tests {
                 message_id: vec![4],
                 payload: vec![5],
                 skip_subscribed: true,
+                fresh_id: true,
             })),
         };
         assert_eq!(
             hex(&encode(&frame)),
-            "080172100a010110021a01032201042a01053001"
+            "080172120a010110021a01032201042a010530013801"
         );
     }
 

@@ -458,7 +458,8 @@ pub struct Commit {
 }
 
 /// Post an MLS application message or proposal to every route of a group. Idempotent by
-/// `message_id`: a repeat of an id the group has seen is answered `Ok` and not stored again.
+/// `message_id`: a repeat of an id the group has seen is answered `Ok` and not stored again
+/// (see `fresh_id` for how far back "seen" reaches).
 /// Errors: `StaleEpoch` (the group is at another epoch; carries it), `Forbidden` (wrong
 /// posting token), `NotFound`.
 #[derive(Clone, PartialEq, Message)]
@@ -484,6 +485,14 @@ pub struct Post {
     /// nothing new: it already sees which queues the connection reads.
     #[prost(bool, tag = "6")]
     pub skip_subscribed: bool,
+    /// Set when no earlier post of `message_id` can have been stored: it was never sent, or
+    /// every earlier send of it was refused. The server then compares the id only with the
+    /// group's latest ids, not with every id the group posted in its retention period (a
+    /// random read per post on a table that grows with traffic). Leave it unset on a resend
+    /// whose earlier answer was lost: that post is looked up in full and is a duplicate if
+    /// it was stored. A client that sets it wrongly can only get its own message stored twice.
+    #[prost(bool, tag = "7")]
+    pub fresh_id: bool,
 }
 
 /// Keep-alive.

@@ -314,6 +314,9 @@ pub struct PostOp {
     pub posting_token_hash: SecretHash,
     /// The idempotency key.
     pub message_id: MessageId,
+    /// The client says no earlier post of this id can have been stored (`Post.fresh_id`):
+    /// the id is compared with the group's latest ids only, not looked up in `posted_ids`.
+    pub fresh_id: bool,
     /// The payload (shared: the hub hands the same bytes to subscribers after the commit).
     pub payload: Arc<[u8]>,
     /// Most pending payload bytes a queue may hold after the append; a post that would pass it

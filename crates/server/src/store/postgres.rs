@@ -1404,21 +1404,32 @@ fn dedup(queues: &mut Vec<QueueId>) {
 
 /// A retry of a stored post is a duplicate. The group row's lock (`GROUP_FOR_UPDATE`) makes
 /// posts to a group read and write `recent_posts` one at a time. Two round trips: the lock
-/// and every read (behind the `BEGIN`), then the writes with the `COMMIT`.
+/// and every read (behind the `BEGIN`), then the writes with the `COMMIT`. Only a post whose
+/// id is not fresh reads `posted_ids`.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     let gid = p.group_id.as_bytes();
     let mid = p.message_id.as_bytes();
     let lock = tx.stmt(GROUP_FOR_UPDATE).await?;
-    let posted = tx
-        .stmt("SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2")
-        .await?;
+    let posted = match p.fresh_id {
+        true => None,
+        false => Some(
+            tx.stmt("SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2")
+                .await?,
+        ),
+    };
     let room = tx.stmt(ROUTES_ROOM).await?;
     let client = tx.client;
-    // In this order: the statements after the lock run once it is held.
+    // In this order: the statements after the lock run once it is held (each query is
+    // queued when its future is first polled, and `try_join3` polls in order).
     let (group, posted, room) = tx
         .send(try_join3(
             client.query_opt(&lock, &[&gid]),
-            client.query_opt(&posted, &[&gid, &mid]),
+            async {
+                match &posted {
+                    Some(seen) => client.query_opt(seen, &[&gid, &mid]).await,
+                    None => Ok(None),
+                }
+            },
             client.query(&room, &[&gid]),
         ))
         .await?;

@@ -1057,18 +1057,18 @@ fn dedup(queues: &mut Vec<QueueId>) {
 
 /// Every check comes before the first write, so a refused post changed nothing and needs no
 /// savepoint ([`Wrap::ChecksFirst`]). A retry of a stored post is a duplicate, whether or not
-/// a queue filled up since.
+/// a queue filled up since. Only a post whose id is not fresh reads `posted_ids`.
 fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
     let (_, recent) = check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
     let gid = p.group_id.as_bytes();
     if recent_posts::contains(&recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }
-    let posted: Option<i64> = conn
-        .prepare_cached("SELECT 1 FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?
-        .query_row(params![gid, p.message_id.as_bytes()], |r| r.get(0))
-        .optional()?;
-    if posted.is_some() {
+    if !p.fresh_id
+        && conn
+            .prepare_cached("SELECT 1 FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?
+            .exists(params![gid, p.message_id.as_bytes()])?
+    {
         return Ok(Posted::Duplicate);
     }
     let fanout: Vec<(QueueId, Option<u64>)> = routes_of(conn, &p.group_id)?
@@ -1934,6 +1934,7 @@ mod fixtures {
             epoch: 0,
             posting_token_hash: token,
             message_id: MessageId::new(id),
+            fresh_id: false,
             payload: payload.into(),
             max_queue_bytes: u64::MAX,
             skip: Default::default(),

@@ -237,6 +237,7 @@ pub fn post(group: &[u8], epoch: u64, token: &[u8], id: u8, payload: &[u8]) -> R
         message_id: vec![id; 16],
         payload: payload.to_vec(),
         skip_subscribed: false,
+        fresh_id: false,
     })
 }
 
