@@ -15,7 +15,7 @@ use blindpost_wire::{
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{oneshot, watch};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
 
 use crate::setup::Conversation;
@@ -224,31 +224,17 @@ pub async fn run(
         in_window: AtomicU64::new(0),
         conversations: convs.len(),
     });
-    let mut receivers = Vec::new();
-    let mut senders = Vec::new();
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut posting = Vec::new();
     for (c, m, ws) in devices {
-        let (sink, stream) = ws.split();
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<tungstenite::Message>();
-        tokio::spawn(write_loop(sink, out_rx));
-        let (resp_tx, resp_rx) = mpsc::unbounded_channel::<bool>();
-        let is_sender = m == 0;
-        receivers.push(tokio::spawn(read_loop(
-            stream,
-            out_tx.clone(),
-            is_sender.then_some(resp_tx),
-            shared.clone(),
-            c,
-            m,
-        )));
-        if is_sender {
+        let role = if m == 0 {
             let conv = &convs[c];
             let route = &conv.members[0].route;
-            senders.push(tokio::spawn(send_loop(
-                out_tx,
-                resp_rx,
-                shared.clone(),
-                c,
-                Post {
+            let (done, posted) = oneshot::channel();
+            posting.push(posted);
+            Role::Sender {
+                template: Post {
                     group_id: route.group_id.clone(),
                     epoch: route.epoch,
                     posting_token: route.posting_token.clone(),
@@ -260,14 +246,29 @@ pub async fn run(
                     // As the client does: each post is sent once, so its id is fresh.
                     fresh_id: true,
                 },
-                Arc::new(conv.pool.clone()),
-            )));
-        }
+                pool: Arc::new(conv.pool.clone()),
+                done,
+            }
+        } else {
+            Role::Receiver
+        };
+        let device = Device {
+            ws,
+            shared: shared.clone(),
+            stopped: stopped.clone(),
+            c,
+            m,
+            next_ack_id: 2,
+            last_k: None,
+            latencies: Latencies::default(),
+            samples: Vec::new(),
+        };
+        tasks.push(tokio::spawn(device.run(role)));
     }
     let mut posted = 0;
     let mut send_lag = Latencies::default();
-    for s in senders {
-        let (ok, lag) = s.await.map_err(|e| anyhow!("a sender failed: {e}"))?;
+    for p in posting {
+        let (ok, lag) = p.await.map_err(|_| anyhow!("a sender failed"))?;
         posted += ok;
         send_lag.merge(lag);
     }
@@ -281,13 +282,14 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shared.stop.store(true, Ordering::Relaxed);
+    let _ = stop.send(true);
     let mut latencies = Latencies::default();
     let mut samples: Vec<Vec<Vec<Vec<u8>>>> = convs
         .iter()
         .map(|c| vec![Vec::new(); c.members.len()])
         .collect();
-    for r in receivers {
-        let (c, m, lat, smp) = r.await.map_err(|e| anyhow!("a receiver failed: {e}"))?;
+    for t in tasks {
+        let (c, m, lat, smp) = t.await.map_err(|e| anyhow!("a device failed: {e}"))?;
         latencies.merge(lat);
         samples[c][m] = smp;
     }
@@ -303,134 +305,201 @@ pub async fn run(
     })
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<Ws, tungstenite::Message>,
-    mut rx: mpsc::UnboundedReceiver<tungstenite::Message>,
-) {
-    while let Some(msg) = rx.recv().await {
-        if sink.send(msg).await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
-}
-
 /// Post ids are odd (`2k + 1`), everything else even.
 fn post_id(k: u64) -> u64 {
     2 * k + 1
 }
 
-async fn send_loop(
-    out: mpsc::UnboundedSender<tungstenite::Message>,
-    mut answers: mpsc::UnboundedReceiver<bool>,
-    shared: Arc<Shared>,
-    c: usize,
-    template: Post,
-    pool: Arc<Vec<Vec<u8>>>,
-) -> (u64, Latencies) {
-    let mut ok = 0u64;
-    let mut lag = Latencies::default();
-    tokio::time::sleep_until(shared.start.into()).await;
-    let mut k: u64 = 0;
-    loop {
-        let left = match shared.pacing {
-            Pacing::Closed => {
-                let now = Instant::now();
-                if now >= shared.end {
-                    break;
-                }
-                now
-            }
-            Pacing::Open { rate } => {
-                let at = shared.start + open_offset(rate, shared.conversations, c, k);
-                if at >= shared.end {
-                    break;
-                }
-                tokio::time::sleep_until(at.into()).await;
-                let left = Instant::now();
-                lag.record(left.saturating_duration_since(at));
-                left
-            }
-        };
-        if let Ok(mut v) = shared.sent[c].lock() {
-            v.push(left);
-        }
-        let mut post = template.clone();
-        let mut message_id = [0u8; 16];
-        message_id[..8].copy_from_slice(&(c as u64).to_le_bytes());
-        message_id[8..].copy_from_slice(&k.to_le_bytes());
-        post.message_id = message_id.to_vec();
-        post.payload = pool[(k as usize) % pool.len()].clone();
-        let frame = ClientFrame {
-            id: post_id(k),
-            request: Some(Request::Post(post)),
-        };
-        if out
-            .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
-            .is_err()
-        {
-            shared.counters.errors.fetch_add(1, Ordering::Relaxed);
-            break;
-        }
-        k += 1;
-        if let Pacing::Closed = shared.pacing {
-            match tokio::time::timeout(Duration::from_secs(30), answers.recv()).await {
-                Ok(Some(true)) => ok += 1,
-                Ok(Some(false)) => {}
-                _ => break,
-            }
-        }
-    }
-    if let Pacing::Open { .. } = shared.pacing {
-        // Collect the answers of the posts still in flight.
-        for _ in 0..k {
-            match tokio::time::timeout(Duration::from_secs(30), answers.recv()).await {
-                Ok(Some(true)) => ok += 1,
-                Ok(Some(false)) => {}
-                _ => break,
-            }
-        }
-    }
-    (ok, lag)
+/// What a device does besides reading its queue.
+enum Role {
+    /// Posts the conversation's pool; reports `(posts answered Ok, send lag)` on `done` once
+    /// every post it sent is answered, then reads until the window's end like a receiver.
+    Sender {
+        template: Post,
+        pool: Arc<Vec<Vec<u8>>>,
+        done: oneshot::Sender<(u64, Latencies)>,
+    },
+    Receiver,
 }
 
 type ReadResult = (usize, usize, Latencies, Vec<Vec<u8>>);
 
-async fn read_loop(
-    mut stream: futures_util::stream::SplitStream<Ws>,
-    out: mpsc::UnboundedSender<tungstenite::Message>,
-    answers: Option<mpsc::UnboundedSender<bool>>,
+/// One device: one task owning its WebSocket, reading and writing it in turn. A task per
+/// direction with a channel between (as before) woke two or three tasks per frame; the
+/// tool shares the 2 cores with the server it measures, so its own cost per message counts.
+struct Device {
+    ws: Ws,
     shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
     c: usize,
     m: usize,
-) -> ReadResult {
-    let is_sender = m == 0;
-    let mut latencies = Latencies::default();
-    let mut samples = Vec::new();
-    // The last post index seen from the sender (pool indexes repeat once the pool is used up).
-    let mut last_k: Option<u64> = None;
-    let mut next_id = 2u64;
-    let err = |shared: &Shared| shared.counters.errors.fetch_add(1, Ordering::Relaxed);
-    loop {
-        let msg = tokio::select! {
-            msg = stream.next() => msg,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                if shared.stop.load(Ordering::Relaxed) { break; }
-                continue;
+    next_ack_id: u64,
+    /// The last post index seen from the sender (pool indexes repeat once it is used up).
+    last_k: Option<u64>,
+    latencies: Latencies,
+    samples: Vec<Vec<u8>>,
+}
+
+/// A frame that needs the caller: the answer to a post, or the end of the connection.
+enum Event {
+    Answer(bool),
+    Closed,
+    Other,
+}
+
+impl Device {
+    async fn run(mut self, role: Role) -> ReadResult {
+        if let Role::Sender {
+            template,
+            pool,
+            done,
+        } = role
+        {
+            let result = self.post_all(template, &pool).await;
+            let _ = done.send(result);
+        }
+        // Read until the window (and its drain) is over.
+        loop {
+            let msg = tokio::select! {
+                msg = self.ws.next() => msg,
+                _ = self.stopped.changed() => break,
+            };
+            if let Event::Closed = self.handle(msg).await {
+                break;
+            }
+        }
+        let _ = self.ws.close(None).await;
+        (self.c, self.m, self.latencies, self.samples)
+    }
+
+    /// Post until the window ends; returns the posts answered `Ok` and, in an open loop, how
+    /// late each left its schedule.
+    async fn post_all(&mut self, template: Post, pool: &[Vec<u8>]) -> (u64, Latencies) {
+        let shared = self.shared.clone();
+        let mut ok = 0u64;
+        let mut answered = 0u64;
+        let mut lag = Latencies::default();
+        tokio::time::sleep_until(shared.start.into()).await;
+        let mut k: u64 = 0;
+        loop {
+            let left = match shared.pacing {
+                Pacing::Closed => {
+                    let now = Instant::now();
+                    if now >= shared.end {
+                        break;
+                    }
+                    now
+                }
+                Pacing::Open { rate } => {
+                    let at = shared.start + open_offset(rate, shared.conversations, self.c, k);
+                    if at >= shared.end {
+                        break;
+                    }
+                    // Take the answers that come in meanwhile.
+                    let sleep = tokio::time::sleep_until(at.into());
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            msg = self.ws.next() => match self.handle(msg).await {
+                                Event::Answer(good) => {
+                                    answered += 1;
+                                    ok += u64::from(good);
+                                }
+                                Event::Closed => return (ok, lag),
+                                Event::Other => {}
+                            },
+                        }
+                    }
+                    let left = Instant::now();
+                    lag.record(left.saturating_duration_since(at));
+                    left
+                }
+            };
+            if let Ok(mut v) = shared.sent[self.c].lock() {
+                v.push(left);
+            }
+            let mut post = template.clone();
+            let mut message_id = [0u8; 16];
+            message_id[..8].copy_from_slice(&(self.c as u64).to_le_bytes());
+            message_id[8..].copy_from_slice(&k.to_le_bytes());
+            post.message_id = message_id.to_vec();
+            post.payload = pool[(k as usize) % pool.len()].clone();
+            let frame = ClientFrame {
+                id: post_id(k),
+                request: Some(Request::Post(post)),
+            };
+            if self
+                .ws
+                .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+                .await
+                .is_err()
+            {
+                shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+                return (ok, lag);
+            }
+            k += 1;
+            if let Pacing::Closed = shared.pacing {
+                match self.answer().await {
+                    Some(good) => {
+                        answered += 1;
+                        ok += u64::from(good);
+                    }
+                    None => return (ok, lag),
+                }
+            }
+        }
+        // Open loop: collect the answers of the posts still in flight.
+        while answered < k {
+            match self.answer().await {
+                Some(good) => {
+                    answered += 1;
+                    ok += u64::from(good);
+                }
+                None => break,
+            }
+        }
+        (ok, lag)
+    }
+
+    /// Read until the answer to a post arrives (`Some(ok)`), or `None` if the connection ends
+    /// or none comes within 30 s.
+    async fn answer(&mut self) -> Option<bool> {
+        let wait = async {
+            loop {
+                let msg = self.ws.next().await;
+                match self.handle(msg).await {
+                    Event::Answer(good) => return Some(good),
+                    Event::Closed => return None,
+                    Event::Other => {}
+                }
             }
         };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Handle one frame: count a post's answer, record and acknowledge a push.
+    async fn handle(
+        &mut self,
+        msg: Option<Result<tungstenite::Message, tungstenite::Error>>,
+    ) -> Event {
+        let shared = self.shared.clone();
+        let err = |shared: &Shared| shared.counters.errors.fetch_add(1, Ordering::Relaxed);
         let Some(Ok(msg)) = msg else {
             if !shared.stop.load(Ordering::Relaxed) {
                 err(&shared);
             }
-            break;
+            return Event::Closed;
         };
         let tungstenite::Message::Binary(bytes) = msg else {
-            continue;
+            return Event::Other;
         };
         let Ok(frame) = wire::decode_server(&bytes) else {
             err(&shared);
-            continue;
+            return Event::Other;
         };
         match frame.kind {
             Some(server_frame::Kind::Response(r)) => {
@@ -442,10 +511,9 @@ async fn read_loop(
                     if ok {
                         shared.counters.posted.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(tx) = &answers {
-                        let _ = tx.send(ok);
-                    }
+                    return Event::Answer(ok);
                 }
+                Event::Other
             }
             Some(server_frame::Kind::Push(push)) => {
                 let now = Instant::now();
@@ -457,55 +525,64 @@ async fn read_loop(
                         // Left over from setup (e.g. the sender's own earlier messages).
                         continue;
                     };
-                    if from as usize != c {
+                    if from as usize != self.c {
                         err(&shared);
                         continue;
                     }
-                    if is_sender {
+                    if self.m == 0 {
                         shared.echoes.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     // The post index: the next one after the last seen with this pool index.
                     let p = shared.pool_len as u64;
                     let idx = u64::from(idx);
-                    let k = match last_k {
+                    let k = match self.last_k {
                         None => idx,
                         Some(l) => {
                             let base = (l + 1) / p * p + idx;
                             if base > l { base } else { base + p }
                         }
                     };
-                    last_k = Some(k);
+                    self.last_k = Some(k);
                     shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
                     if now <= shared.end {
                         shared.in_window.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(sent) = shared.sent_at(c, k) {
-                        latencies.record(now.saturating_duration_since(sent));
+                    if let Some(sent) = shared.sent_at(self.c, k) {
+                        self.latencies.record(now.saturating_duration_since(sent));
                     }
                     if (k as usize) < shared.pool_len
                         && (k as usize).is_multiple_of(shared.sample_every)
                     {
-                        samples.push(qm.payload.clone());
+                        self.samples.push(qm.payload.clone());
                     }
                 }
                 if max_seq > 0 {
                     let frame = ClientFrame {
-                        id: next_id,
+                        id: self.next_ack_id,
                         request: Some(Request::Ack(Ack {
                             queue_id: push.queue_id,
                             up_to_seq: max_seq,
                             quiet: true,
                         })),
                     };
-                    next_id += 2;
-                    let _ = out.send(tungstenite::Message::Binary(wire::encode(&frame).into()));
+                    self.next_ack_id += 2;
+                    if self
+                        .ws
+                        .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+                        .await
+                        .is_err()
+                    {
+                        err(&shared);
+                        return Event::Closed;
+                    }
                 }
+                Event::Other
             }
             None => {
                 err(&shared);
+                Event::Other
             }
         }
     }
-    (c, m, latencies, samples)
 }
