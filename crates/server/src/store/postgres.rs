@@ -776,6 +776,9 @@ impl Tx<'_> {
                 )));
             }
         };
+        // A relaxed transaction sent whole in this round trip: an acknowledgement, which the
+        // client repeats anyway, so running it again after an unknown outcome is safe.
+        let repeatable = begin == Some(BEGIN_RELAXED);
         self.phase = Phase::Ended;
         *self.in_tx = true;
         let (begun, rows, committed) = join3(
@@ -800,6 +803,9 @@ impl Tx<'_> {
                 *self.in_tx = committed.is_err();
                 Err(Fail::Db(e))
             }
+            // The connection ended (a database restart or failover found a pooled connection
+            // dead) before the outcome was known: only a repeatable transaction runs again.
+            (Err(e), _) | (Ok(_), Err(e)) if repeatable && e.is_closed() => Err(Fail::Db(e)),
             (Err(e), _) | (Ok(_), Err(e)) => Err(commit_failed(&e)),
         }
     }
@@ -2507,6 +2513,53 @@ mod tests {
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await
             .unwrap();
+    }
+
+    /// An acknowledgement's transaction (relaxed, sent with its `COMMIT` in one round trip)
+    /// that finds its pooled connection ended by the database can run again on a fresh one:
+    /// the client repeats it anyway. A durable transaction's unknown outcome cannot.
+    #[tokio::test]
+    async fn a_relaxed_commit_on_a_lost_connection_runs_again_a_durable_one_does_not() {
+        for (begin, runs_again) in [(BEGIN_RELAXED, true), (BEGIN, false)] {
+            let Some((client, schema)) = scratch_schema().await else {
+                return;
+            };
+            let (admin, admin_schema) = scratch_schema().await.unwrap();
+            client
+                .batch_execute("CREATE TABLE t (n int)")
+                .await
+                .unwrap();
+            let insert = "INSERT INTO t VALUES ($1)";
+            let mut in_tx = false;
+            let mut tx = tx_on!(&client, Phase::Pending(begin), in_tx);
+            // Prepared before the cut, as on a pooled connection: the operation's one round
+            // trip is then `BEGIN`, the statement and `COMMIT`.
+            tx.stmt(insert).await.map_err(Fail::into_store).unwrap();
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            admin
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .unwrap();
+            for _ in 0..500 {
+                if client.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(client.is_closed(), "the backend was not ended");
+            let Err(e) = tx.commit_with(insert, &[&1i32]).await else {
+                panic!("a commit on an ended connection succeeded");
+            };
+            assert_eq!(e.retryable(), runs_again, "{begin}");
+            admin
+                .batch_execute(&format!("DROP SCHEMA {schema}, {admin_schema} CASCADE"))
+                .await
+                .unwrap();
+        }
     }
 
     /// A connection whose operation stopped inside its transaction (cancelled, or ending it
