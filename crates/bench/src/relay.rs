@@ -262,6 +262,7 @@ pub async fn run(
             last_k: None,
             latencies: Latencies::default(),
             samples: Vec::new(),
+            closed: false,
         };
         tasks.push(tokio::spawn(device.run(role)));
     }
@@ -338,6 +339,8 @@ struct Device {
     last_k: Option<u64>,
     latencies: Latencies,
     samples: Vec<Vec<u8>>,
+    /// The connection ended (counted once, as an error if before the window's end).
+    closed: bool,
 }
 
 /// A frame that needs the caller: the answer to a post, or the end of the connection.
@@ -359,14 +362,12 @@ impl Device {
             let _ = done.send(result);
         }
         // Read until the window (and its drain) is over.
-        loop {
+        while !self.closed {
             let msg = tokio::select! {
                 msg = self.ws.next() => msg,
                 _ = self.stopped.changed() => break,
             };
-            if let Event::Closed = self.handle(msg).await {
-                break;
-            }
+            self.handle(msg).await;
         }
         let _ = self.ws.close(None).await;
         (self.c, self.m, self.latencies, self.samples)
@@ -436,6 +437,7 @@ impl Device {
                 .is_err()
             {
                 shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.closed = true;
                 return (ok, lag);
             }
             k += 1;
@@ -492,6 +494,7 @@ impl Device {
             if !shared.stop.load(Ordering::Relaxed) {
                 err(&shared);
             }
+            self.closed = true;
             return Event::Closed;
         };
         let tungstenite::Message::Binary(bytes) = msg else {
@@ -574,6 +577,7 @@ impl Device {
                         .is_err()
                     {
                         err(&shared);
+                        self.closed = true;
                         return Event::Closed;
                     }
                 }
