@@ -5,7 +5,7 @@
 //! does that afterwards through the client library).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,6 @@ struct Shared {
     end: Instant,
     pool_len: usize,
     sample_every: usize,
-    stop: AtomicBool,
     counters: Arc<Counters>,
     echoes: AtomicU64,
     in_window: AtomicU64,
@@ -218,7 +217,6 @@ pub async fn run(
         end: start + duration,
         pool_len,
         sample_every: sample_every.max(1),
-        stop: AtomicBool::new(false),
         counters,
         echoes: AtomicU64::new(0),
         in_window: AtomicU64::new(0),
@@ -282,7 +280,6 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    shared.stop.store(true, Ordering::Relaxed);
     let _ = stop.send(true);
     let mut latencies = Latencies::default();
     let mut samples: Vec<Vec<Vec<Vec<u8>>>> = convs
@@ -331,6 +328,8 @@ type ReadResult = (usize, usize, Latencies, Vec<Vec<u8>>);
 struct Device {
     ws: Ws,
     shared: Arc<Shared>,
+    /// `true` once the window and its drain are over: a connection ending after that is no
+    /// error.
     stopped: watch::Receiver<bool>,
     c: usize,
     m: usize,
@@ -491,7 +490,7 @@ impl Device {
         let shared = self.shared.clone();
         let err = |shared: &Shared| shared.counters.errors.fetch_add(1, Ordering::Relaxed);
         let Some(Ok(msg)) = msg else {
-            if !shared.stop.load(Ordering::Relaxed) {
+            if !*self.stopped.borrow() {
                 err(&shared);
             }
             self.closed = true;
