@@ -31,11 +31,11 @@ use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 /// hundreds of KB are what copies made expensive.
 pub const SHARE_FROM_BYTES: usize = 4096;
 
-/// Message ids a group's row holds (`groups.recent_posts`) before they move to `posted_ids`.
-/// Why: ids are random, so writing each post's id to `posted_ids` as it came wrote a B-tree
-/// page of its own, the largest cost of a post; the group row is read and written by every
-/// post anyway, and a group's ids moved together land in its own key range, on a few pages
-/// (ARCHITECTURE.md, "Idempotency keys").
+/// Message ids a group's row holds (`groups.recent_posts`) before they move, together, to
+/// one row of `posted_chunks`. Why: ids are random, so writing each post's id to a table keyed
+/// by it wrote (and, once the table outgrew the cache, read) a random B-tree page per post, the
+/// largest cost of a post; the group row is read and written by every post anyway, and a
+/// chunk is appended at the end of its group's key range (ARCHITECTURE.md, "Idempotency keys").
 pub const RECENT_POSTS: usize = 32;
 
 /// [`offsets::MODULUS`] as a SQL literal, for `concat!`.
@@ -106,29 +106,28 @@ pub(crate) mod offsets {
 
 /// The stored form of a group's latest message ids: up to [`RECENT_POSTS`] ids of
 /// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the
-/// layout both backends store. A post is a duplicate if its id is here or in `posted_ids`.
+/// layout both backends store, in the group row and in each `posted_chunks` row alike. A post
+/// is a duplicate if its id is here or in one of its group's chunks.
 pub(crate) mod recent_posts {
     use super::RECENT_POSTS;
     use crate::types::MessageId;
 
     const ID_LEN: usize = MessageId::LEN;
 
-    /// Whether `id` is among the ids in `stored` (a trailing partial id is ignored).
+    /// Whether `id` is among the ids in `stored` (a trailing partial id is ignored). Compares
+    /// whole ids only: a match across two ids' boundary does not count.
     pub fn contains(stored: &[u8], id: &MessageId) -> bool {
         stored.chunks_exact(ID_LEN).any(|c| c == id.as_bytes())
     }
 
     /// Records `id`: the value to store next and, when `stored` was full, the ids that must
-    /// move to `posted_ids` (all of them, so the next value holds `id` alone).
-    pub fn record<'a>(
-        stored: &'a [u8],
-        id: &MessageId,
-    ) -> (Vec<u8>, Option<impl Iterator<Item = &'a [u8]> + use<'a>>) {
-        let ids = stored.chunks_exact(ID_LEN);
-        if ids.len() >= RECENT_POSTS {
-            return (id.as_bytes().to_vec(), Some(ids));
+    /// move to a chunk of their own (all of them, in the same layout, so the next value holds
+    /// `id` alone).
+    pub fn record<'a>(stored: &'a [u8], id: &MessageId) -> (Vec<u8>, Option<&'a [u8]>) {
+        let whole = stored.len() / ID_LEN * ID_LEN;
+        if whole >= RECENT_POSTS * ID_LEN {
+            return (id.as_bytes().to_vec(), Some(&stored[..whole]));
         }
-        let whole = ids.len() * ID_LEN;
         let mut next = Vec::with_capacity(whole + ID_LEN);
         next.extend_from_slice(&stored[..whole]);
         next.extend_from_slice(id.as_bytes());
@@ -156,13 +155,23 @@ pub(crate) mod recent_posts {
                 assert!(contains(&stored, &id(n)));
             }
             let (next, moved) = record(&stored, &id(200));
-            let moved: Vec<&[u8]> = moved.expect("full").collect();
+            let moved: Vec<&[u8]> = moved.expect("full").chunks(ID_LEN).collect();
             assert_eq!(moved.len(), RECENT_POSTS);
             for n in 0..RECENT_POSTS as u8 {
                 assert_eq!(moved[usize::from(n)], id(n).as_bytes());
                 assert!(!contains(&next, &id(n)));
             }
             assert_eq!(next, id(200).as_bytes());
+        }
+
+        #[test]
+        fn an_id_spanning_two_stored_ids_is_not_found() {
+            let (stored, _) = record(&[], &id(1));
+            let (stored, _) = record(&stored, &id(2));
+            let mut straddling = [1; ID_LEN];
+            straddling[ID_LEN / 2..].fill(2);
+            assert!(stored.windows(ID_LEN).any(|w| w == straddling));
+            assert!(!contains(&stored, &MessageId::new(straddling)));
         }
 
         #[test]

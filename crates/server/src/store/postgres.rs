@@ -56,7 +56,7 @@ use super::{
     pending_bytes, recent_posts,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
-use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
+use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
 pub use super::sqlite::Clock;
 
@@ -229,6 +229,30 @@ const MIGRATIONS: &[&str] = &[
             SELECT m.queue_id, SUM(", body_len!(), ")::BIGINT AS bytes FROM messages m GROUP BY m.queue_id
         ) s
         WHERE q.id = s.queue_id;"
+    ),
+    // 6: as SQLite's migration 8: idempotency keys leave a group's row as one chunk
+    // (`posted_chunks`, keyed by the group and a counter that starts at a random base), not
+    // as 32 rows keyed by each random id. Existing keys become chunks of one id each.
+    concat!(
+        "ALTER TABLE groups ADD COLUMN posted_n BIGINT NOT NULL DEFAULT 0;
+        UPDATE groups SET posted_n = floor(random() * ", offset_modulus!(), ")::BIGINT;
+        CREATE TABLE posted_chunks (
+            group_id BYTEA NOT NULL,
+            n BIGINT NOT NULL,
+            ids BYTEA NOT NULL,
+            day BIGINT NOT NULL,
+            PRIMARY KEY (group_id, n)
+        );
+        CREATE INDEX posted_chunks_by_day ON posted_chunks (day);
+        INSERT INTO posted_chunks (group_id, n, ids, day)
+            SELECT p.group_id,
+                   g.posted_n + row_number() OVER (PARTITION BY p.group_id ORDER BY p.day),
+                   p.message_id, p.day
+            FROM posted_ids p JOIN groups g ON g.id = p.group_id;
+        UPDATE groups g SET posted_n = g.posted_n + c.moved
+        FROM (SELECT group_id, COUNT(*) AS moved FROM posted_ids GROUP BY group_id) c
+        WHERE c.group_id = g.id;
+        DROP TABLE posted_ids;"
     ),
 ];
 
@@ -1071,20 +1095,25 @@ macro_rules! group_routes {
 }
 
 /// A post's append to its group's routes ([`group_routes`]), in the same statement as the
-/// rest of its writes: the group's latest message ids become `$5`, the ids moving out of it
-/// (`$6`) go to `posted_ids`. One statement, so [`Tx::commit_with`] can send it with the
-/// `COMMIT`.
+/// rest of its writes: the group's latest message ids become `$5`, and the ids moving out of
+/// it (`$6`, if any) become the group's chunk number `$7`, its new counter. One statement, so
+/// [`Tx::commit_with`] can send it with the `COMMIT`.
 const POST_STATEMENTS: [&str; 2] = append_statements!(
     group_routes!(),
     ", g AS (
-        UPDATE groups SET recent_posts = $5, last_used_day = GREATEST(last_used_day, $3)
+        UPDATE groups SET recent_posts = $5, posted_n = $7,
+            last_used_day = GREATEST(last_used_day, $3)
         WHERE id = $1
      ), h AS (
-        INSERT INTO posted_ids (group_id, message_id, day)
-        SELECT $1, id, $3 FROM unnest($6::BYTEA[]) AS id
-        ON CONFLICT (group_id, message_id) DO NOTHING
+        INSERT INTO posted_chunks (group_id, n, ids, day)
+        SELECT $1, $7, $6::BYTEA, $3 WHERE $6::BYTEA IS NOT NULL
      )"
 );
+
+/// The group's chunks that hold a post's id's bytes somewhere; [`recent_posts::contains`]
+/// keeps only a whole id's match.
+const CHUNKS_HOLDING: &str =
+    "SELECT ids FROM posted_chunks WHERE group_id = $1 AND position($2 IN ids) > 0";
 
 /// Appends `payload` to every route of `group` but those in `skip`, in one statement; returns
 /// where it landed.
@@ -1168,23 +1197,31 @@ fn room_checked(
 }
 
 /// Locks a group's row and reads what [`group_checked`] checks.
-const GROUP_FOR_UPDATE: &str =
-    "SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = $1 FOR UPDATE";
+const GROUP_FOR_UPDATE: &str = "SELECT epoch, posting_token_hash, recent_posts, posted_n
+     FROM groups WHERE id = $1 FOR UPDATE";
 
-/// Locks the group row and checks epoch (first) and posting token (second). Returns the epoch
-/// and the group's latest message ids (`recent_posts`, which a post needs).
+/// What a post or commit reads of its group's row.
+struct GroupRow {
+    epoch: u64,
+    /// The group's latest message ids ([`recent_posts`]).
+    recent: Vec<u8>,
+    /// The counter of the group's latest chunk of moved ids (`posted_chunks.n`).
+    posted_n: i64,
+}
+
+/// Locks the group row and checks epoch (first) and posting token (second).
 async fn check_group(
     tx: &mut Tx<'_>,
     group: &GroupId,
     epoch: u64,
     token: &SecretHash,
-) -> Result<(u64, Vec<u8>), Fail> {
+) -> Result<GroupRow, Fail> {
     let row = tx.opt(GROUP_FOR_UPDATE, &[&group.as_bytes()]).await?;
     group_checked(row, epoch, token)
 }
 
 /// [`check_group`]'s verdict on the group's row.
-fn group_checked(row: Option<Row>, epoch: u64, token: &SecretHash) -> Result<(u64, Vec<u8>), Fail> {
+fn group_checked(row: Option<Row>, epoch: u64, token: &SecretHash) -> Result<GroupRow, Fail> {
     let Some(row) = row else {
         return Err(Refusal::NotFound(Entity::Group).into());
     };
@@ -1198,7 +1235,11 @@ fn group_checked(row: Option<Row>, epoch: u64, token: &SecretHash) -> Result<(u6
     if !hash_from_sql(row.try_get(1)?)?.matches(token) {
         return Err(Refusal::Forbidden(Credential::PostingToken).into());
     }
-    Ok((current, row.try_get(2)?))
+    Ok(GroupRow {
+        epoch: current,
+        recent: row.try_get(2)?,
+        posted_n: row.try_get(3)?,
+    })
 }
 
 /// A queue's receive-secret hash, send-token hash and next sequence number.
@@ -1296,13 +1337,14 @@ async fn op_create_group(tx: &mut Tx<'_>, g: &NewGroup) -> Result<(), Fail> {
     let epoch = seq_to_sql(g.epoch);
     let inserted = tx
         .exec(
-            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
-             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day, posted_n)
+             VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (id) DO NOTHING",
             &[
                 &g.id.as_bytes(),
                 &epoch,
                 &g.posting_token_hash.as_bytes(),
                 &day,
+                &offsets::random_base()?,
             ],
         )
         .await?;
@@ -1321,7 +1363,9 @@ async fn op_create_group(tx: &mut Tx<'_>, g: &NewGroup) -> Result<(), Fail> {
 }
 
 async fn op_commit(tx: &mut Tx<'_>, c: &CommitOp) -> Result<Committed, Fail> {
-    let (epoch, _) = check_group(tx, &c.group_id, c.epoch, &c.posting_token_hash).await?;
+    let epoch = check_group(tx, &c.group_id, c.epoch, &c.posting_token_hash)
+        .await?
+        .epoch;
     let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
         current_epoch: epoch,
     })?;
@@ -1409,39 +1453,42 @@ fn dedup(queues: &mut Vec<QueueId>) {
 }
 
 /// A retry of a stored post is a duplicate. The group row's lock (`GROUP_FOR_UPDATE`) makes
-/// posts to a group read and write `recent_posts` one at a time. Two round trips: the lock
-/// and every read (behind the `BEGIN`), then the writes with the `COMMIT`. Only a post whose
-/// id is not fresh reads `posted_ids`.
+/// posts to a group read and write `recent_posts` and its chunks one at a time. Two round
+/// trips: the lock and every read (behind the `BEGIN`), then the writes with the `COMMIT`.
+/// Only a post whose id is not fresh reads the group's chunks; that scan holds up only posts
+/// to its own group (the row lock), not other groups' as it would SQLite's one writer.
 async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
     let gid = p.group_id.as_bytes();
     let mid = p.message_id.as_bytes();
     let lock = tx.stmt(GROUP_FOR_UPDATE).await?;
-    let posted = match p.fresh_id {
+    let chunks = match p.fresh_id {
         true => None,
-        false => Some(
-            tx.stmt("SELECT 1 FROM posted_ids WHERE group_id = $1 AND message_id = $2")
-                .await?,
-        ),
+        false => Some(tx.stmt(CHUNKS_HOLDING).await?),
     };
     let room = tx.stmt(ROUTES_ROOM).await?;
     let client = tx.client;
     // In this order: the statements after the lock run once it is held (each query is
     // queued when its future is first polled, and `try_join3` polls in order).
-    let (group, posted, room) = tx
+    let (group, chunks, room) = tx
         .send(try_join3(
             client.query_opt(&lock, &[&gid]),
             async {
-                match &posted {
-                    Some(seen) => client.query_opt(seen, &[&gid, &mid]).await,
-                    None => Ok(None),
+                match &chunks {
+                    Some(holding) => client.query(holding, &[&gid, &mid]).await,
+                    None => Ok(Vec::new()),
                 }
             },
             client.query(&room, &[&gid]),
         ))
         .await?;
-    let (_, recent) = group_checked(group, p.epoch, &p.posting_token_hash)?;
-    if recent_posts::contains(&recent, &p.message_id) || posted.is_some() {
+    let group = group_checked(group, p.epoch, &p.posting_token_hash)?;
+    if recent_posts::contains(&group.recent, &p.message_id) {
         return Ok(Posted::Duplicate);
+    }
+    for chunk in &chunks {
+        if recent_posts::contains(chunk.try_get(0)?, &p.message_id) {
+            return Ok(Posted::Duplicate);
+        }
     }
     // Only the group's routes among the connection's queues go back to the database, not
     // every queue the connection holds (up to thousands).
@@ -1449,14 +1496,16 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
         p.skip.contains(q)
     })?;
     let skip: Vec<&[u8]> = skip.iter().map(|q| q.as_bytes()).collect();
-    let (recent, moved) = recent_posts::record(&recent, &p.message_id);
-    let moved: Vec<&[u8]> = moved.map(Iterator::collect).unwrap_or_default();
+    let (recent, moved) = recent_posts::record(&group.recent, &p.message_id);
+    // Starts below 2^62 (`offsets::random_base`) and grows by one per 32 posts: it cannot
+    // reach `i64::MAX`.
+    let posted_n = group.posted_n + i64::from(moved.is_some());
     let day = tx.day;
     let payload: &[u8] = &p.payload;
     let rows = tx
         .commit_with(
             append_form(POST_STATEMENTS, payload),
-            &[&gid, &payload, &day, &skip, &recent, &moved],
+            &[&gid, &payload, &day, &skip, &recent, &moved, &posted_n],
         )
         .await?;
     let appended = rows
@@ -1748,12 +1797,15 @@ async fn op_expire(tx: &mut Tx<'_>, expiry: &Expiry) -> Result<Expired, Fail> {
             &[&expiry.messages_before],
         )
         .await?;
-    let posted_ids = tx
-        .exec(
-            "DELETE FROM posted_ids WHERE day < $1",
+    let bytes: i64 = tx
+        .one(
+            "WITH d AS (DELETE FROM posted_chunks WHERE day < $1 RETURNING octet_length(ids) AS n)
+             SELECT COALESCE(SUM(n), 0)::BIGINT FROM d",
             &[&expiry.posted_ids_before],
         )
-        .await?;
+        .await?
+        .try_get(0)?;
+    let posted_ids = u64::try_from(bytes).unwrap_or(0) / MessageId::LEN as u64;
     Ok(Expired {
         messages,
         posted_ids,
@@ -2692,6 +2744,73 @@ mod tests {
         assert_eq!(pending(&client).await, vec![5000, 5000, 0]);
         client.execute("DELETE FROM messages", &[]).await.unwrap();
         assert_eq!(pending(&client).await, vec![0, 0, 0]);
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    /// Migration 6 turns each stored idempotency key into a chunk of its group, below the
+    /// group's counter, and the group's next move lands above them.
+    #[tokio::test]
+    async fn migration_6_keeps_every_key_in_a_chunk_below_its_groups_counter() {
+        let Some((mut client, schema)) = scratch_schema().await else {
+            return;
+        };
+        for sql in &MIGRATIONS[..5] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        client
+            .batch_execute(
+                "CREATE TABLE blindpost_schema (version BIGINT NOT NULL);
+                 INSERT INTO blindpost_schema VALUES (5);",
+            )
+            .await
+            .unwrap();
+        for g in [1u8, 2] {
+            client
+                .execute(
+                    "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
+                     VALUES ($1, 0, '\\x00', 1, 1)",
+                    &[&[g; 32].as_slice()],
+                )
+                .await
+                .unwrap();
+        }
+        // Group 1 has three keys, group 2 none, and group 3 (no row) one.
+        for (g, id) in [(1u8, 10u8), (1, 11), (1, 12), (3, 30)] {
+            client
+                .execute(
+                    "INSERT INTO posted_ids (group_id, message_id, day) VALUES ($1, $2, 4)",
+                    &[&[g; 32].as_slice(), &[id; 16].as_slice()],
+                )
+                .await
+                .unwrap();
+        }
+        migrate(&mut client)
+            .await
+            .map_err(Fail::into_store)
+            .unwrap();
+        let chunks = client
+            .query(
+                "SELECT c.ids, c.n, g.posted_n FROM posted_chunks c JOIN groups g ON g.id = c.group_id
+                 ORDER BY c.n",
+                &[],
+            )
+            .await
+            .unwrap();
+        let ids: Vec<Vec<u8>> = chunks.iter().map(|r| r.get(0)).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, [[10u8; 16], [11; 16], [12; 16]].map(|i| i.to_vec()));
+        let n: Vec<i64> = chunks.iter().map(|r| r.get(1)).collect();
+        let counter: i64 = chunks[0].get(2);
+        assert_eq!(n, [counter - 2, counter - 1, counter]);
+        let rows = client
+            .query("SELECT 1 FROM posted_chunks", &[])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 3, "the key of a group that is gone is dropped");
         client
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await

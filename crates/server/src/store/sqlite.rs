@@ -32,7 +32,7 @@ use super::{
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
-use crate::types::{BoxId, Day, GroupId, QueueId, SecretHash};
+use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 
 /// The database file's name inside the data directory.
 pub const DATABASE_FILE: &str = "blindpost.sqlite3";
@@ -150,7 +150,7 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX messages_by_day;",
     // 4: no index on posted_ids.day either. Message ids are random, so every post wrote a leaf
     // page of the index as well as of the table (the index is as large as the table); retention
-    // sweeps the table in key order instead, in slices (`expire_posted_ids`).
+    // sweeps the table in key order instead, in slices (now `expire_posted_chunks`).
     "DROP INDEX posted_ids_by_day;",
     // 5: a payload of at least `SHARE_FROM_BYTES` appended to several queues (a group's
     // commit, Welcome or large post) is stored once, in `payloads`; each of its message rows
@@ -203,6 +203,33 @@ const MIGRATIONS: &[&str] = &[
         offset_modulus!(),
         ";
         DROP TABLE before_each;"
+    ),
+    // 8: idempotency keys leave a group's row as one chunk (`posted_chunks`: the group's 32
+    // ids in one row, keyed by the group and a counter), not as 32 rows keyed by each random
+    // id: those landed on random leaf pages of a table holding days of traffic, a random page
+    // read and write per post once it outgrew the cache. The counter (`groups.posted_n`, the
+    // group's latest chunk) starts at a random base, so it does not tell how many posts a
+    // group ever made. Existing keys become chunks of one id each.
+    concat!(
+        "ALTER TABLE groups ADD COLUMN posted_n INTEGER NOT NULL DEFAULT 0;
+        UPDATE groups SET posted_n = abs(random() % ",
+        offset_modulus!(),
+        ");
+        CREATE TABLE posted_chunks (
+            group_id BLOB NOT NULL,
+            n INTEGER NOT NULL,
+            ids BLOB NOT NULL,
+            day INTEGER NOT NULL,
+            PRIMARY KEY (group_id, n)
+        ) WITHOUT ROWID;
+        INSERT INTO posted_chunks (group_id, n, ids, day)
+            SELECT p.group_id,
+                   g.posted_n + row_number() OVER (PARTITION BY p.group_id ORDER BY p.day),
+                   p.message_id, p.day
+            FROM posted_ids p JOIN groups g ON g.id = p.group_id;
+        UPDATE groups SET posted_n = posted_n
+            + (SELECT COUNT(*) FROM posted_ids p WHERE p.group_id = groups.id);
+        DROP TABLE posted_ids;"
     ),
 ];
 
@@ -880,21 +907,31 @@ fn routes_of(conn: &Connection, group: &GroupId) -> StoreResult<Vec<QueueId>> {
     Ok(out)
 }
 
+/// What a post or commit reads of its group's row.
+struct GroupRow {
+    epoch: u64,
+    /// The group's latest message ids ([`recent_posts`]).
+    recent: Vec<u8>,
+    /// The counter of the group's latest chunk of moved ids (`posted_chunks.n`).
+    posted_n: i64,
+}
+
 /// Loads a group and checks epoch (first) and posting token (second), as the wire specifies.
-/// Returns the epoch and the group's latest message ids (`recent_posts`, which a post needs).
 fn check_group(
     conn: &Connection,
     group: &GroupId,
     epoch: u64,
     token: &SecretHash,
-) -> StoreResult<(u64, Vec<u8>)> {
-    let row: Option<(i64, Vec<u8>, Vec<u8>)> = conn
-        .prepare_cached("SELECT epoch, posting_token_hash, recent_posts FROM groups WHERE id = ?1")?
+) -> StoreResult<GroupRow> {
+    let row: Option<(i64, Vec<u8>, Vec<u8>, i64)> = conn
+        .prepare_cached(
+            "SELECT epoch, posting_token_hash, recent_posts, posted_n FROM groups WHERE id = ?1",
+        )?
         .query_row([group.as_bytes()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    let Some((current, hash, recent)) = row else {
+    let Some((current, hash, recent, posted_n)) = row else {
         return Err(Refusal::NotFound(Entity::Group).into());
     };
     let current = seq_from_sql(current);
@@ -907,7 +944,63 @@ fn check_group(
     if !hash_from_sql(hash)?.matches(token) {
         return Err(Refusal::Forbidden(Credential::PostingToken).into());
     }
-    Ok((current, recent))
+    Ok(GroupRow {
+        epoch: current,
+        recent,
+        posted_n,
+    })
+}
+
+/// Whether `id` is in one of the group's chunks of moved ids (`posted_chunks`) with a counter
+/// above `after`. `instr` picks the chunks holding its bytes anywhere; [`recent_posts`] keeps
+/// only a whole id's match.
+fn chunk_holds(
+    conn: &Connection,
+    group: &GroupId,
+    id: &MessageId,
+    after: i64,
+) -> StoreResult<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ids FROM posted_chunks WHERE group_id = ?1 AND n > ?2 AND instr(ids, ?3) > 0",
+    )?;
+    let mut rows = stmt.query(params![group.as_bytes(), after, id.as_bytes()])?;
+    while let Some(row) = rows.next()? {
+        let ids: Vec<u8> = row.get(0)?;
+        if recent_posts::contains(&ids, id) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// How far a post's id was looked up among its group's moved ids before the write.
+#[derive(Debug, Clone, Copy)]
+enum Lookup {
+    /// The id is fresh ([`PostOp::fresh_id`]): compared with the group's row only.
+    Fresh,
+    /// [`read_lookup`] found it in none of the group's chunks with a counter up to this one;
+    /// the writer looks in the chunks moved since.
+    Before(i64),
+}
+
+/// A resend's lookup, on a read connection: scanning a busy group's chunks (days of its
+/// traffic) must not hold up the one writer, or any member could stall every post with
+/// resends. The group's checks come first, so only a member learns an id is known. `None`
+/// if the id was posted (a duplicate); otherwise the counter of the group's latest chunk seen,
+/// in the same snapshot.
+fn read_lookup(
+    conn: &mut Connection,
+    group: &GroupId,
+    epoch: u64,
+    token: &SecretHash,
+    id: &MessageId,
+) -> StoreResult<Option<i64>> {
+    let tx = conn.transaction()?;
+    let row = check_group(&tx, group, epoch, token)?;
+    if recent_posts::contains(&row.recent, id) || chunk_holds(&tx, group, id, i64::MIN)? {
+        return Ok(None);
+    }
+    Ok(Some(row.posted_n))
 }
 
 fn op_create_queue(conn: &Connection, day: Day, q: &NewQueue) -> StoreResult<()> {
@@ -962,14 +1055,15 @@ fn op_delete_queue(conn: &Connection, queue: &QueueId, secret: &SecretHash) -> S
 fn op_create_group(conn: &Connection, day: Day, g: &NewGroup) -> StoreResult<()> {
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
-             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day, posted_n)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5) ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
             g.id.as_bytes(),
             seq_to_sql(g.epoch),
             g.posting_token_hash.as_bytes(),
-            day
+            day,
+            offsets::random_base()?
         ])?;
     if inserted == 0 {
         return Err(Refusal::Conflict(ConflictKind::GroupExists).into());
@@ -983,7 +1077,7 @@ fn op_create_group(conn: &Connection, day: Day, g: &NewGroup) -> StoreResult<()>
 }
 
 fn op_commit(conn: &Connection, day: Day, c: &CommitOp) -> StoreResult<Committed> {
-    let (epoch, _) = check_group(conn, &c.group_id, c.epoch, &c.posting_token_hash)?;
+    let epoch = check_group(conn, &c.group_id, c.epoch, &c.posting_token_hash)?.epoch;
     let next_epoch = epoch.checked_add(1).ok_or(Refusal::StaleEpoch {
         current_epoch: epoch,
     })?;
@@ -1057,17 +1151,16 @@ fn dedup(queues: &mut Vec<QueueId>) {
 
 /// Every check comes before the first write, so a refused post changed nothing and needs no
 /// savepoint ([`Wrap::ChecksFirst`]). A retry of a stored post is a duplicate, whether or not
-/// a queue filled up since. Only a post whose id is not fresh reads `posted_ids`.
-fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
-    let (_, recent) = check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
+/// a queue filled up since. A full group row moves its ids to a new chunk, appended at the end
+/// of the group's range of `posted_chunks`.
+fn op_post(conn: &Connection, day: Day, p: &PostOp, lookup: Lookup) -> StoreResult<Posted> {
+    let group = check_group(conn, &p.group_id, p.epoch, &p.posting_token_hash)?;
     let gid = p.group_id.as_bytes();
-    if recent_posts::contains(&recent, &p.message_id) {
+    if recent_posts::contains(&group.recent, &p.message_id) {
         return Ok(Posted::Duplicate);
     }
-    if !p.fresh_id
-        && conn
-            .prepare_cached("SELECT 1 FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?
-            .exists(params![gid, p.message_id.as_bytes()])?
+    if let Lookup::Before(seen) = lookup
+        && chunk_holds(conn, &p.group_id, &p.message_id, seen)?
     {
         return Ok(Posted::Duplicate);
     }
@@ -1078,20 +1171,22 @@ fn op_post(conn: &Connection, day: Day, p: &PostOp) -> StoreResult<Posted> {
         .collect();
     check_room(conn, &fanout, p.payload.len())?;
     let appended = append_unchecked(conn, day, fanout.iter().map(|(q, _)| q), &p.payload)?;
-    let (recent, moved) = recent_posts::record(&recent, &p.message_id);
-    if let Some(moved) = moved {
-        let mut insert = conn.prepare_cached(
-            "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)
-             ON CONFLICT (group_id, message_id) DO NOTHING",
-        )?;
-        for id in moved {
-            insert.execute(params![gid, id, day])?;
-        }
+    let (recent, moved) = recent_posts::record(&group.recent, &p.message_id);
+    let mut posted_n = group.posted_n;
+    if let Some(ids) = moved {
+        // Starts below 2^62 (`offsets::random_base`) and grows by one per 32 posts: it cannot
+        // reach `i64::MAX`.
+        posted_n += 1;
+        conn.prepare_cached(
+            "INSERT INTO posted_chunks (group_id, n, ids, day) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![gid, posted_n, ids, day])?;
     }
     conn.prepare_cached(
-        "UPDATE groups SET recent_posts = ?2, last_used_day = max(last_used_day, ?3) WHERE id = ?1",
+        "UPDATE groups SET recent_posts = ?2, posted_n = ?3, last_used_day = max(last_used_day, ?4)
+         WHERE id = ?1",
     )?
-    .execute(params![gid, recent, day])?;
+    .execute(params![gid, recent, posted_n, day])?;
     Ok(Posted::Stored { appended })
 }
 
@@ -1314,54 +1409,54 @@ fn expire_messages(conn: &Connection, before: Day) -> StoreResult<u64> {
     Ok(deleted as u64)
 }
 
-/// Idempotency keys [`expire_posted_ids`] visits per call.
+/// Chunks of idempotency keys [`expire_posted_chunks`] visits per call.
 const SWEEP_SLICE: i64 = 4096;
 
-/// A `posted_ids` primary key: (group id, message id).
-type PostedKey = (Vec<u8>, Vec<u8>);
+/// A `posted_chunks` primary key: (group id, counter).
+type ChunkKey = (Vec<u8>, i64);
 
-/// Deletes the idempotency keys recorded before `before` among the next [`SWEEP_SLICE`] keys
-/// after `after` (from the first if `None`), in key order. Returns how many it deleted and the
-/// key to continue after, `None` once the table is done. The table has no index on `day`
-/// (migration 4): an index on a random key costs every post a leaf-page write, while this
-/// sweep reads each key once per retention pass.
-fn expire_posted_ids(
+/// Deletes the chunks of idempotency keys moved before `before` among the next
+/// [`SWEEP_SLICE`] chunks after `after` (from the first if `None`), in key order. Returns how
+/// many ids it deleted and the key to continue after, `None` once the table is done. The
+/// table has no index on `day`: it would cost every move a write at a second place, while
+/// this sweep reads each chunk once per retention pass.
+fn expire_posted_chunks(
     conn: &Connection,
     before: Day,
-    after: Option<&PostedKey>,
-) -> StoreResult<(u64, Option<PostedKey>)> {
-    let mut keys: Vec<(PostedKey, Day)> = Vec::new();
+    after: Option<&ChunkKey>,
+) -> StoreResult<(u64, Option<ChunkKey>)> {
+    let mut chunks: Vec<(ChunkKey, Day, i64)> = Vec::new();
     let mut stmt = match after {
         None => conn.prepare_cached(
-            "SELECT group_id, message_id, day FROM posted_ids
-             ORDER BY group_id, message_id LIMIT ?1",
+            "SELECT group_id, n, day, length(ids) FROM posted_chunks
+             ORDER BY group_id, n LIMIT ?1",
         )?,
         Some(_) => conn.prepare_cached(
-            "SELECT group_id, message_id, day FROM posted_ids
-             WHERE (group_id, message_id) > (?1, ?2)
-             ORDER BY group_id, message_id LIMIT ?3",
+            "SELECT group_id, n, day, length(ids) FROM posted_chunks
+             WHERE (group_id, n) > (?1, ?2)
+             ORDER BY group_id, n LIMIT ?3",
         )?,
     };
     let mut rows = match after {
         None => stmt.query([SWEEP_SLICE])?,
-        Some((group, message)) => stmt.query(params![group, message, SWEEP_SLICE])?,
+        Some((group, n)) => stmt.query(params![group, n, SWEEP_SLICE])?,
     };
     while let Some(row) = rows.next()? {
-        keys.push(((row.get(0)?, row.get(1)?), row.get(2)?));
+        chunks.push(((row.get(0)?, row.get(1)?), row.get(2)?, row.get(3)?));
     }
     drop(rows);
     let mut deleted = 0;
     let mut delete =
-        conn.prepare_cached("DELETE FROM posted_ids WHERE group_id = ?1 AND message_id = ?2")?;
-    for ((group, message), day) in &keys {
-        if *day < before {
-            deleted += delete.execute(params![group, message])? as u64;
+        conn.prepare_cached("DELETE FROM posted_chunks WHERE group_id = ?1 AND n = ?2")?;
+    for ((group, n), day, bytes) in &chunks {
+        if *day < before && delete.execute(params![group, n])? > 0 {
+            deleted += u64::try_from(*bytes).unwrap_or(0) / MessageId::LEN as u64;
         }
     }
-    let next = if keys.len() < SWEEP_SLICE as usize {
+    let next = if chunks.len() < SWEEP_SLICE as usize {
         None
     } else {
-        keys.pop().map(|(key, _)| key)
+        chunks.pop().map(|(key, _, _)| key)
     };
     Ok((deleted, next))
 }
@@ -1467,7 +1562,30 @@ impl Store for SqliteStore {
     }
 
     fn post(&self, post: PostOp) -> StoreFuture<'_, Posted> {
-        Box::pin(self.write_op(move |c, day| op_post(c, day, &post), Wrap::ChecksFirst))
+        Box::pin(async move {
+            let lookup = if post.fresh_id {
+                Lookup::Fresh
+            } else {
+                let (group, epoch, token, id) = (
+                    post.group_id,
+                    post.epoch,
+                    post.posting_token_hash,
+                    post.message_id,
+                );
+                match self
+                    .read(move |c| read_lookup(c, &group, epoch, &token, &id))
+                    .await?
+                {
+                    Some(seen) => Lookup::Before(seen),
+                    None => return Ok(Posted::Duplicate),
+                }
+            };
+            self.write_op(
+                move |c, day| op_post(c, day, &post, lookup),
+                Wrap::ChecksFirst,
+            )
+            .await
+        })
     }
 
     fn publish_key_packages(&self, publish: PublishOp) -> StoreFuture<'_, KeyPackageCount> {
@@ -1494,12 +1612,12 @@ impl Store for SqliteStore {
             // Slice by slice, each its own write operation, so posts and acks interleave with
             // the sweep instead of waiting for one long transaction.
             let mut posted_ids = 0;
-            let mut cursor: Option<PostedKey> = None;
+            let mut cursor: Option<ChunkKey> = None;
             loop {
                 let after = cursor.take();
                 let (deleted, next) = self
                     .write(move |c, _| {
-                        expire_posted_ids(c, expiry.posted_ids_before, after.as_ref())
+                        expire_posted_chunks(c, expiry.posted_ids_before, after.as_ref())
                     })
                     .await?;
                 posted_ids += deleted;
@@ -1788,6 +1906,67 @@ mod tests {
         }
     }
 
+    /// Migration 8 turns each stored idempotency key into a chunk of its group, below the
+    /// group's counter, so a resend still finds it and the group's next move does not collide.
+    #[test]
+    fn migration_8_keeps_every_key_findable_below_its_groups_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        let g = |n: u8| GroupId::new([n; 32]);
+        let m = |n: u8| MessageId::new([n; 16]);
+        for n in [1u8, 2] {
+            conn.execute(
+                "INSERT INTO groups (id, epoch, posting_token_hash, created_day, last_used_day)
+                 VALUES (?1, 0, x'00', 1, 1)",
+                [g(n).as_bytes()],
+            )
+            .unwrap();
+        }
+        // Group 1 has three keys, group 2 none, and group 3 (no row) one.
+        for (group, id) in [(1, 10), (1, 11), (1, 12), (3, 30)] {
+            conn.execute(
+                "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, 4)",
+                params![g(group).as_bytes(), m(id).as_bytes()],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        for id in [10, 11, 12] {
+            assert!(
+                chunk_holds(&conn, &g(1), &m(id), i64::MIN).unwrap(),
+                "id {id}"
+            );
+        }
+        assert!(!chunk_holds(&conn, &g(1), &m(30), i64::MIN).unwrap());
+        let counter = |n: u8| -> i64 {
+            conn.query_row(
+                "SELECT posted_n FROM groups WHERE id = ?1",
+                [g(n).as_bytes()],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let (low, high): (i64, i64) = conn
+            .query_row(
+                "SELECT MIN(n), MAX(n) FROM posted_chunks WHERE group_id = ?1",
+                [g(1).as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((high - low, high), (2, counter(1)));
+        assert!(counter(2) >= 0);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM posted_chunks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3, "the key of a group that is gone is dropped");
+        // A chunk holds only keys above the counter a reader saw.
+        assert!(!chunk_holds(&conn, &g(1), &m(12), high).unwrap());
+    }
+
     #[test]
     fn the_database_runs_in_wal_mode_with_full_sync() {
         let dir = tempfile::tempdir().unwrap();
@@ -1914,7 +2093,6 @@ mod tests {
 #[cfg(test)]
 mod fixtures {
     use super::*;
-    use crate::types::MessageId;
 
     pub(super) fn ids(n: u8) -> (QueueId, GroupId, SecretHash) {
         (
@@ -2052,6 +2230,81 @@ mod disk_full {
 }
 
 /// Expiry without an index on `day`: the expired messages are the oldest rows.
+/// A resend's lookup runs on a read connection before the write (`read_lookup`); ids moved
+/// to a chunk between the two are the writer's to find.
+#[cfg(test)]
+mod resend_lookup {
+    use super::fixtures::{ids, one_route_group, post};
+    use super::*;
+    use crate::store::RECENT_POSTS;
+
+    async fn lookup(store: &SqliteStore, p: &PostOp) -> Option<i64> {
+        let (group, epoch, token, id) = (p.group_id, p.epoch, p.posting_token_hash, p.message_id);
+        store
+            .read(move |c| read_lookup(c, &group, epoch, &token, &id))
+            .await
+            .unwrap()
+    }
+
+    async fn write(store: &SqliteStore, p: PostOp, lookup: Lookup) -> Posted {
+        store
+            .write(move |c, day| op_post(c, day, &p, lookup))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_id_moved_between_the_read_and_the_write_is_found_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
+        one_route_group(&store).await;
+        let resend = post(1, b"r".to_vec());
+        // The read finds nothing: the id was never posted.
+        let seen = lookup(&store, &resend).await.expect("not posted yet");
+        // Then the first send lands, and RECENT_POSTS more posts move it to a chunk.
+        let fresh = |n: u32| PostOp {
+            fresh_id: true,
+            ..post(n, b"f".to_vec())
+        };
+        for n in 1..=RECENT_POSTS as u32 + 1 {
+            assert!(matches!(
+                store.post(fresh(n)).await.unwrap(),
+                Posted::Stored { .. }
+            ));
+        }
+        // The writer looks in the chunks above the counter the read saw.
+        assert_eq!(
+            write(&store, resend.clone(), Lookup::Before(seen)).await,
+            Posted::Duplicate
+        );
+        // Those only: a chunk at or below it was the read's to search.
+        assert!(matches!(
+            write(&store, resend.clone(), Lookup::Before(seen + 1)).await,
+            Posted::Stored { .. }
+        ));
+        // Now the read finds it itself, and a wrong token learns nothing.
+        assert_eq!(lookup(&store, &resend).await, None);
+        let stranger = PostOp {
+            posting_token_hash: ids(2).2,
+            ..resend
+        };
+        let (group, token, id) = (
+            stranger.group_id,
+            stranger.posting_token_hash,
+            stranger.message_id,
+        );
+        let refused = store
+            .read(move |c| read_lookup(c, &group, 0, &token, &id))
+            .await;
+        assert!(matches!(
+            refused,
+            Err(StoreError::Refused(Refusal::Forbidden(
+                Credential::PostingToken
+            )))
+        ));
+    }
+}
+
 #[cfg(test)]
 mod expiry {
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -2098,19 +2351,19 @@ mod expiry {
     }
 
     #[tokio::test]
-    async fn expiry_sweeps_posted_ids_across_slices_and_keeps_recent_ones() {
+    async fn expiry_sweeps_posted_chunks_across_slices_and_keeps_recent_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Arc::new(|| 1)).unwrap();
-        // More than two slices of keys, days 1 and 2 interleaved in key order.
+        // More than two slices of chunks, of two ids each, days 1 and 2 interleaved in key
+        // order.
         let total = 2 * SWEEP_SLICE + 100;
         store
             .write(move |c, _| {
                 let mut insert = c.prepare_cached(
-                    "INSERT INTO posted_ids (group_id, message_id, day) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO posted_chunks (group_id, n, ids, day) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for n in 0..total {
-                    let key = n.to_be_bytes();
-                    insert.execute(params![[7u8; 16], key, 1 + n % 2])?;
+                    insert.execute(params![[7u8; 32], n, [9u8; 2 * MessageId::LEN], 1 + n % 2])?;
                 }
                 Ok(())
             })
@@ -2122,7 +2375,7 @@ mod expiry {
                 store
                     .run(move |c| {
                         Ok(c.query_row(
-                            "SELECT COUNT(*) FROM posted_ids WHERE day = ?1",
+                            "SELECT COUNT(*) FROM posted_chunks WHERE day = ?1",
                             [day],
                             |r| r.get::<_, i64>(0),
                         )?)
@@ -2138,9 +2391,12 @@ mod expiry {
             })
             .await
             .unwrap();
-        assert_eq!(expired.posted_ids, (total / 2) as u64);
-        assert_eq!(count(&store, 1).await, 0, "every day-1 key is gone");
-        assert_eq!(count(&store, 2).await, total / 2, "every day-2 key stays");
+        assert_eq!(
+            expired.posted_ids, total as u64,
+            "two ids in each day-1 chunk"
+        );
+        assert_eq!(count(&store, 1).await, 0, "every day-1 chunk is gone");
+        assert_eq!(count(&store, 2).await, total / 2, "every day-2 chunk stays");
         store.close().await.unwrap();
     }
 }
