@@ -22,8 +22,8 @@ use blindpost_server::store::postgres::{self, Wakeups};
 use blindpost_server::store::sqlite::Clock;
 use blindpost_server::store::{
     Appended, CommitOp, DirectoryStore, Expiry, FetchLimit, Fetched, NewGroup, NewQueue, PgStore,
-    PostOp, Posted, PublishOp, RECENT_POSTS, RouteGrant, SHARE_FROM_BYTES, SqliteStore, Store,
-    StoreError, TransparencyStore, UserRecord,
+    PostOp, Posted, PublishOp, RECENT_POSTS, RESEND_CHUNKS, RouteGrant, SHARE_FROM_BYTES,
+    SqliteStore, Store, StoreError, TransparencyStore, UserRecord,
 };
 use blindpost_server::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
 use blindpost_wire::{SignedDirectoryEntry, SignedRoot, root_signature_message};
@@ -46,6 +46,9 @@ trait Backend: Sized {
     fn reopen(&mut self) -> impl Future<Output = ()>;
     /// Rows of the `payloads` table (payloads stored once for several queues), read directly.
     fn shared_payload_rows(&self) -> impl Future<Output = i64>;
+    /// Moves every group's chunk counter (`groups.posted_n`) on by `by`, directly: as if each
+    /// had moved that many more chunks of ids since.
+    fn advance_chunk_counters(&self, by: i64) -> impl Future<Output = ()>;
 }
 
 struct Sqlite {
@@ -100,6 +103,17 @@ impl Backend for Sqlite {
             .unwrap()
             .query_row("SELECT count(*) FROM payloads", [], |r| r.get(0))
             .unwrap()
+    }
+    async fn advance_chunk_counters(&self, by: i64) {
+        let path = self
+            .dir
+            .path()
+            .join(blindpost_server::store::sqlite::DATABASE_FILE);
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        conn.execute("UPDATE groups SET posted_n = posted_n + ?1", [by])
+            .unwrap();
     }
 }
 
@@ -262,6 +276,14 @@ impl Backend for Postgres {
             .unwrap()
             .get(0)
     }
+    async fn advance_chunk_counters(&self, by: i64) {
+        admin_client(&self.db.url)
+            .await
+            .unwrap()
+            .execute("UPDATE groups SET posted_n = posted_n + $1", &[&by])
+            .await
+            .unwrap();
+    }
 }
 
 macro_rules! backend_suite {
@@ -296,6 +318,7 @@ backend_suite!(sqlite_backend: Sqlite, postgres_backend: Postgres; [
     concurrent_commits_at_one_epoch_have_one_winner,
     posts_are_idempotent_by_message_id,
     a_fresh_id_is_compared_with_the_groups_latest_ids_only,
+    a_resend_is_looked_up_in_the_groups_latest_chunks_only,
     create_group_checks_routes,
     key_package_publish_status_and_limits,
     concurrent_claims_never_hand_out_a_package_twice,
@@ -968,7 +991,7 @@ async fn posts_are_idempotent_by_message_id(b: &mut impl Backend) {
         s.post(post(1, 0, 1, 8, b"c")).await.unwrap(),
         Posted::Stored { .. }
     ));
-    // Ids the group row holds and ids moved on to `posted_ids` (RECENT_POSTS at a time) are
+    // Ids the group row holds and ids moved on to a chunk (RECENT_POSTS at a time) are
     // remembered alike, across a restart.
     let more = 100..100 + 2 * RECENT_POSTS as u32 + 3;
     for id in more.clone() {
@@ -1018,6 +1041,39 @@ async fn a_fresh_id_is_compared_with_the_groups_latest_ids_only(b: &mut impl Bac
         Posted::Stored { .. }
     ));
     assert_eq!(payloads(&*s, qid(1)).await.len(), last as usize + 1);
+}
+
+async fn a_resend_is_looked_up_in_the_groups_latest_chunks_only(b: &mut impl Backend) {
+    let s = b.store();
+    queue(&*s, 1).await;
+    group(&*s, 1, 0, 1, &[1]).await;
+    // The post after RECENT_POSTS moves ids 1..=RECENT_POSTS into one chunk.
+    for id in 1..=RECENT_POSTS as u32 + 1 {
+        assert!(matches!(
+            s.post(post(1, 0, 1, id, b"p")).await.unwrap(),
+            Posted::Stored { .. }
+        ));
+    }
+    // RESEND_CHUNKS - 1 chunks later, that chunk is still among the latest RESEND_CHUNKS.
+    b.advance_chunk_counters(RESEND_CHUNKS - 1).await;
+    assert_eq!(
+        s.post(post(1, 0, 1, 1, b"p")).await.unwrap(),
+        Posted::Duplicate
+    );
+    // One chunk more and it is not looked at: a resend of id 2 is stored again.
+    b.advance_chunk_counters(1).await;
+    assert!(matches!(
+        s.post(post(1, 0, 1, 2, b"p")).await.unwrap(),
+        Posted::Stored { .. }
+    ));
+    // The group's next move lands above the counter, and its ids are found.
+    for id in 100..100 + RECENT_POSTS as u32 {
+        s.post(post(1, 0, 1, id, b"p")).await.unwrap();
+    }
+    assert_eq!(
+        s.post(post(1, 0, 1, 100, b"p")).await.unwrap(),
+        Posted::Duplicate
+    );
 }
 
 async fn create_group_checks_routes(b: &mut impl Backend) {

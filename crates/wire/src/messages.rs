@@ -487,10 +487,11 @@ pub struct Post {
     pub skip_subscribed: bool,
     /// Set when no earlier post of `message_id` can have been stored: it was never sent, or
     /// every earlier send of it was refused. The server then compares the id only with the
-    /// group's latest ids, not with every id the group posted in its retention period (a
-    /// random read per post on a table that grows with traffic). Leave it unset on a resend
-    /// whose earlier answer was lost: that post is looked up in full and is a duplicate if
-    /// it was stored. A client that sets it wrongly can only get its own message stored twice.
+    /// group's latest ids, not with the ids the group posted before them (a scan of the
+    /// group's stored ids). Leave it unset on a resend whose earlier answer was lost: that
+    /// post is a duplicate if it was stored within the group's last 32,768 posts and the
+    /// retention period. A client that sets it wrongly can only get its own message stored
+    /// twice.
     #[prost(bool, tag = "7")]
     pub fresh_id: bool,
 }

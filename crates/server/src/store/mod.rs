@@ -38,6 +38,14 @@ pub const SHARE_FROM_BYTES: usize = 4096;
 /// chunk is appended at the end of its group's key range (ARCHITECTURE.md, "Idempotency keys").
 pub const RECENT_POSTS: usize = 32;
 
+/// How many of a group's latest chunks of moved ids (`posted_chunks`) a resend is looked up
+/// in: its last 32,768 posts (with the [`RECENT_POSTS`] in its row), within retention. Why a
+/// bound: a chunk is found by scanning the group's range, so an unbounded lookup cost
+/// O(the group's traffic over the retention period) per resend, and any member (or a client
+/// that never sets `Post.fresh_id`) could make every post cost that. A resend of an older
+/// post is stored again, which the group's members drop as a repeated ciphertext.
+pub const RESEND_CHUNKS: i64 = 1024;
+
 /// [`offsets::MODULUS`] as a SQL literal, for `concat!`.
 macro_rules! offset_modulus {
     () => {

@@ -1110,10 +1110,11 @@ const POST_STATEMENTS: [&str; 2] = append_statements!(
      )"
 );
 
-/// The group's chunks that hold a post's id's bytes somewhere; [`recent_posts::contains`]
-/// keeps only a whole id's match.
-const CHUNKS_HOLDING: &str =
-    "SELECT ids FROM posted_chunks WHERE group_id = $1 AND position($2 IN ids) > 0";
+/// The group's latest `$3` ([`super::RESEND_CHUNKS`]) chunks that hold a post's id's bytes
+/// somewhere; [`recent_posts::contains`] keeps only a whole id's match.
+const CHUNKS_HOLDING: &str = "SELECT ids FROM posted_chunks
+     WHERE group_id = $1 AND n > (SELECT posted_n FROM groups WHERE id = $1) - $3
+       AND position($2 IN ids) > 0";
 
 /// Appends `payload` to every route of `group` but those in `skip`, in one statement; returns
 /// where it landed.
@@ -1474,7 +1475,11 @@ async fn op_post(tx: &mut Tx<'_>, p: &PostOp) -> Result<Posted, Fail> {
             client.query_opt(&lock, &[&gid]),
             async {
                 match &chunks {
-                    Some(holding) => client.query(holding, &[&gid, &mid]).await,
+                    Some(holding) => {
+                        client
+                            .query(holding, &[&gid, &mid, &super::RESEND_CHUNKS])
+                            .await
+                    }
                     None => Ok(Vec::new()),
                 }
             },

@@ -26,9 +26,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
     EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
-    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, SHARE_FROM_BYTES, Store,
-    StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
-    offset_modulus, offsets, pending_bytes, recent_posts,
+    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RESEND_CHUNKS, RouteGrant, SHARE_FROM_BYTES,
+    Store, StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore,
+    UserRecord, offset_modulus, offsets, pending_bytes, recent_posts,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -983,9 +983,9 @@ enum Lookup {
     Before(i64),
 }
 
-/// A resend's lookup, on a read connection: scanning a busy group's chunks (days of its
-/// traffic) must not hold up the one writer, or any member could stall every post with
-/// resends. The group's checks come first, so only a member learns an id is known. `None`
+/// A resend's lookup, on a read connection: scanning a busy group's chunks (up to
+/// [`RESEND_CHUNKS`]) must not hold up the one writer, or any member could stall every post
+/// with resends. The group's checks come first, so only a member learns an id is known. `None`
 /// if the id was posted (a duplicate); otherwise the counter of the group's latest chunk seen,
 /// in the same snapshot.
 fn read_lookup(
@@ -997,7 +997,8 @@ fn read_lookup(
 ) -> StoreResult<Option<i64>> {
     let tx = conn.transaction()?;
     let row = check_group(&tx, group, epoch, token)?;
-    if recent_posts::contains(&row.recent, id) || chunk_holds(&tx, group, id, i64::MIN)? {
+    let oldest = row.posted_n.saturating_sub(RESEND_CHUNKS);
+    if recent_posts::contains(&row.recent, id) || chunk_holds(&tx, group, id, oldest)? {
         return Ok(None);
     }
     Ok(Some(row.posted_n))
