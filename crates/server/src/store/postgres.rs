@@ -2674,6 +2674,20 @@ mod tests {
         }
     }
 
+    /// Brings a scratch schema to `version`, as a database an older release left.
+    async fn schema_at(client: &Client, version: usize) {
+        for sql in &MIGRATIONS[..version] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE blindpost_schema (version BIGINT NOT NULL);
+                 INSERT INTO blindpost_schema VALUES ({version});"
+            ))
+            .await
+            .unwrap();
+    }
+
     /// Migration 5 gives existing queues running totals that make their pending bytes what
     /// their messages hold, and removing the oldest messages keeps that true.
     #[tokio::test]
@@ -2681,16 +2695,7 @@ mod tests {
         let Some((mut client, schema)) = scratch_schema().await else {
             return;
         };
-        for sql in &MIGRATIONS[..4] {
-            client.batch_execute(sql).await.unwrap();
-        }
-        client
-            .batch_execute(
-                "CREATE TABLE blindpost_schema (version BIGINT NOT NULL);
-                 INSERT INTO blindpost_schema VALUES (4);",
-            )
-            .await
-            .unwrap();
+        schema_at(&client, 4).await;
         for q in [1u8, 2, 3] {
             client
                 .execute(
@@ -2756,22 +2761,13 @@ mod tests {
     }
 
     /// Migration 6 turns each stored idempotency key into a chunk of its group, below the
-    /// group's counter, and the group's next move lands above them.
+    /// group's counter, so the group's next move lands above them.
     #[tokio::test]
     async fn migration_6_keeps_every_key_in_a_chunk_below_its_groups_counter() {
         let Some((mut client, schema)) = scratch_schema().await else {
             return;
         };
-        for sql in &MIGRATIONS[..5] {
-            client.batch_execute(sql).await.unwrap();
-        }
-        client
-            .batch_execute(
-                "CREATE TABLE blindpost_schema (version BIGINT NOT NULL);
-                 INSERT INTO blindpost_schema VALUES (5);",
-            )
-            .await
-            .unwrap();
+        schema_at(&client, 5).await;
         for g in [1u8, 2] {
             client
                 .execute(

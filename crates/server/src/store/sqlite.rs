@@ -1845,16 +1845,23 @@ mod tests {
         assert!(matches!(migrate(&mut conn), Err(StoreError::Backend(_))));
     }
 
+    /// A database in `dir` at schema `version`, as an older release left it.
+    fn database_at(dir: &Path, version: usize) -> Connection {
+        let conn = Connection::open(dir.join("x.sqlite3")).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        conn
+    }
+
     /// Migration 7 gives existing queues running totals that make their pending bytes what
     /// their messages hold, and appends and acknowledgements keep them so.
     #[test]
     fn migration_7_counts_what_queues_hold_and_appends_keep_the_count() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
-        for sql in &MIGRATIONS[..6] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 6).unwrap();
+        let mut conn = database_at(dir.path(), 6);
         let q = |n: u8| QueueId::new([n; 16]);
         for n in [1u8, 2, 3] {
             conn.execute(
@@ -1912,11 +1919,7 @@ mod tests {
     #[test]
     fn migration_8_keeps_every_key_findable_below_its_groups_counter() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("x.sqlite3")).unwrap();
-        for sql in &MIGRATIONS[..7] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 7).unwrap();
+        let mut conn = database_at(dir.path(), 7);
         let g = |n: u8| GroupId::new([n; 32]);
         let m = |n: u8| MessageId::new([n; 16]);
         for n in [1u8, 2] {
