@@ -1,7 +1,7 @@
 //! criterion benchmarks of the SQLite store's writer: what one post and its acknowledgements
 //! cost when another member's queue holds a backlog of constant size (a device offline for
-//! days in a busy group). The byte limit is checked on every post, so what it reads per post
-//! shows here.
+//! days in a busy group), and what a resend's lookup of its id adds in a group with a long
+//! history. The byte limit is checked on every post, so what it reads per post shows here.
 //! Not for the relay as a whole: `blindpost-bench` measures that.
 //!
 //! `cargo bench -p blindpost-server --bench store`; `TMPDIR` chooses the disk.
@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use blindpost_server::config::Durability;
-use blindpost_server::store::{NewGroup, NewQueue, PostOp, RouteGrant, SqliteStore, Store};
+use blindpost_server::store::{
+    NewGroup, NewQueue, PostOp, RECENT_POSTS, RESEND_CHUNKS, RouteGrant, SqliteStore, Store,
+};
 use blindpost_server::types::{GroupId, MessageId, QueueId, SecretHash};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
@@ -87,12 +89,34 @@ async fn group_with_backlog(dir: &std::path::Path, backlog: u64) -> Arc<SqliteSt
     store
 }
 
-fn post_beside_a_backlog(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// Posts id `next` (fresh or not) and acknowledges it as the two members would: the online
+/// member reads it; the offline one's backlog keeps its size (its oldest goes).
+async fn post_and_ack(store: &SqliteStore, next: u64, backlog: u64, fresh_id: bool) {
+    store
+        .post(PostOp {
+            fresh_id,
+            ..post(next)
+        })
+        .await
+        .unwrap();
+    // Both queues got it as sequence number `next + 1`.
+    store.ack(QueueId::new([1; 16]), next + 1).await.unwrap();
+    store
+        .ack(QueueId::new([2; 16]), next + 1 - backlog)
+        .await
+        .unwrap();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn post_beside_a_backlog(c: &mut Criterion) {
+    let rt = runtime();
     let mut group = c.benchmark_group("store");
     group.sample_size(20);
     for backlog in [0u64, 1_000, 10_000] {
@@ -103,17 +127,8 @@ fn post_beside_a_backlog(c: &mut Criterion) {
             BenchmarkId::new("post_and_ack_beside_backlog", backlog),
             |b| {
                 b.iter(|| {
-                    rt.block_on(async {
-                        store.post(post(next)).await.unwrap();
-                        next += 1;
-                        // Both queues got it as sequence number `next`. The online member
-                        // reads it; the offline one's backlog keeps its size (its oldest goes).
-                        store.ack(QueueId::new([1; 16]), next).await.unwrap();
-                        store
-                            .ack(QueueId::new([2; 16]), next - backlog)
-                            .await
-                            .unwrap();
-                    });
+                    rt.block_on(post_and_ack(&store, next, backlog, true));
+                    next += 1;
                 });
             },
         );
@@ -122,5 +137,30 @@ fn post_beside_a_backlog(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, post_beside_a_backlog);
+/// A post whose id is not fresh, in a group whose history fills the chunks a resend is looked
+/// up in ([`RESEND_CHUNKS`]): the worst case, an id found in none of them. Beside a fresh post
+/// in the same group.
+fn resend_lookup(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("store");
+    group.sample_size(20);
+    // Every RECENT_POSTS-th post moves a chunk; one post more than the chunks need.
+    let history = RESEND_CHUNKS as u64 * RECENT_POSTS as u64 + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let store = rt.block_on(group_with_backlog(dir.path(), history));
+    let mut next = history;
+    for fresh in [true, false] {
+        let name = if fresh { "fresh" } else { "resend" };
+        group.bench_function(BenchmarkId::new("post_after_1024_chunks", name), |b| {
+            b.iter(|| {
+                rt.block_on(post_and_ack(&store, next, history, fresh));
+                next += 1;
+            });
+        });
+    }
+    rt.block_on(store.close()).unwrap();
+    group.finish();
+}
+
+criterion_group!(benches, post_beside_a_backlog, resend_lookup);
 criterion_main!(benches);

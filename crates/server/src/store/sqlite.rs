@@ -952,21 +952,22 @@ fn check_group(
 }
 
 /// Whether `id` is in one of the group's chunks of moved ids (`posted_chunks`) with a counter
-/// above `after`. `instr` picks the chunks holding its bytes anywhere; [`recent_posts`] keeps
-/// only a whole id's match.
+/// above `after`. Compared here, whole ids only ([`recent_posts::contains`]), on the rows as
+/// SQLite holds them: SQL's `instr` tries every byte offset, and over [`RESEND_CHUNKS`]
+/// chunks that made a resend's lookup cost 1 ms instead of a quarter of that (BENCHMARKS.md).
 fn chunk_holds(
     conn: &Connection,
     group: &GroupId,
     id: &MessageId,
     after: i64,
 ) -> StoreResult<bool> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT ids FROM posted_chunks WHERE group_id = ?1 AND n > ?2 AND instr(ids, ?3) > 0",
-    )?;
-    let mut rows = stmt.query(params![group.as_bytes(), after, id.as_bytes()])?;
+    let mut stmt =
+        conn.prepare_cached("SELECT ids FROM posted_chunks WHERE group_id = ?1 AND n > ?2")?;
+    let mut rows = stmt.query(params![group.as_bytes(), after])?;
     while let Some(row) = rows.next()? {
-        let ids: Vec<u8> = row.get(0)?;
-        if recent_posts::contains(&ids, id) {
+        if let rusqlite::types::ValueRef::Blob(ids) = row.get_ref(0)?
+            && recent_posts::contains(ids, id)
+        {
             return Ok(true);
         }
     }
