@@ -28,7 +28,8 @@ pub struct Config {
     pub durability: Durability,
     /// Days an unacknowledged message is kept before deletion. Default 30.
     pub retention_days: u32,
-    /// Days a post's message id is remembered for idempotent retries. Default 7.
+    /// Days a post's message id is remembered for idempotent retries (within the group's
+    /// last 32,768 posts: `store::RESEND_CHUNKS`). Default 7.
     pub posted_id_retention_days: u32,
     /// Most simultaneous WebSocket connections. Default 10 000.
     pub max_connections: u32,
