@@ -1574,13 +1574,16 @@ async fn group_route_limit_is_enforced_by_commit(b: &mut impl Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The property: random interleavings of post / retried post / deliver / ack / restart keep the
-// queue invariants.
+// The property: random interleavings of post / burst of posts / retried post / deliver / ack /
+// restart keep the queue invariants.
 
 #[derive(Debug, Clone)]
 enum QueueOp {
     /// A new post of `len` bytes to the group (routes: queues 1 and 2).
     Post(usize),
+    /// This many new posts of a few bytes each, fresh ids: enough to move the group's latest
+    /// ids to chunks (`RECENT_POSTS` at a time), so that retries are looked up there.
+    Burst(usize),
     /// The post with this index (modulo those made) is retried with its message id.
     Retry(usize),
     /// Queue `q` fetches at most `limit` messages above its `cursor`-th pending message.
@@ -1595,7 +1598,8 @@ fn queue_ops() -> impl proptest::strategy::Strategy<Value = Vec<QueueOp>> {
     use proptest::prelude::*;
     let op = prop_oneof![
         4 => (1usize..300).prop_map(QueueOp::Post),
-        1 => any::<usize>().prop_map(QueueOp::Retry),
+        1 => (1usize..2 * RECENT_POSTS).prop_map(QueueOp::Burst),
+        2 => any::<usize>().prop_map(QueueOp::Retry),
         3 => (1u8..=2, 1u32..5, 0usize..8)
             .prop_map(|(q, limit, cursor)| QueueOp::Deliver { q, limit, cursor }),
         2 => (1u8..=2, 0usize..6).prop_map(|(q, k)| QueueOp::Ack { q, k }),
@@ -1656,6 +1660,23 @@ async fn queue_invariants(
                 }
                 posts.push(payload);
             }
+            QueueOp::Burst(k) => {
+                for _ in 0..*k {
+                    let n = posts.len() as u32;
+                    let payload = n.to_be_bytes().to_vec();
+                    let fresh = PostOp {
+                        fresh_id: true,
+                        ..post(1, 0, 1, n, &payload)
+                    };
+                    let stored = matches!(s.post(fresh).await.unwrap(), Posted::Stored { .. });
+                    proptest::prop_assert!(stored, "fresh post {} of a burst", n);
+                    for q in 0..2 {
+                        pending[q].insert(next_seq[q], payload.clone());
+                        next_seq[q] += 1;
+                    }
+                    posts.push(payload);
+                }
+            }
             QueueOp::Retry(i) => {
                 if !posts.is_empty() {
                     let i = i % posts.len();
@@ -1713,22 +1734,24 @@ async fn queue_invariants(
         // increasing order: nothing acknowledged reappears, nothing unacknowledged is lost.
         let s = b.store();
         for q in 1..=2u8 {
-            let all = s
-                .fetch(
-                    qid(q),
-                    0,
-                    FetchLimit {
-                        max_messages: 256,
-                        max_bytes: usize::MAX,
-                    },
-                )
-                .await
-                .unwrap();
-            let got: Vec<(u64, Vec<u8>)> = all
-                .messages
-                .into_iter()
-                .map(|m| (m.seq, m.payload))
-                .collect();
+            let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+            loop {
+                let page = s
+                    .fetch(
+                        qid(q),
+                        got.last().map_or(0, |(seq, _)| *seq),
+                        FetchLimit {
+                            max_messages: 256,
+                            max_bytes: usize::MAX,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                got.extend(page.messages.into_iter().map(|m| (m.seq, m.payload)));
+                if !page.more {
+                    break;
+                }
+            }
             let want: Vec<(u64, Vec<u8>)> = pending[usize::from(q - 1)]
                 .iter()
                 .map(|(k, v)| (*k, v.clone()))
