@@ -1019,7 +1019,7 @@ async fn a_fresh_id_is_compared_with_the_groups_latest_ids_only(b: &mut impl Bac
         fresh_id: true,
         ..post(1, 0, 1, id, b"f")
     };
-    // The post after RECENT_POSTS moves the group's ids 1..=RECENT_POSTS to `posted_ids`.
+    // The post after RECENT_POSTS moves the group's ids 1..=RECENT_POSTS to a chunk.
     let last = RECENT_POSTS as u32 + 1;
     for id in 1..=last {
         assert!(matches!(
@@ -1264,7 +1264,7 @@ async fn retention_expires_old_messages_and_posted_ids(b: &mut impl Backend) {
     queue(&*s, 1).await;
     group(&*s, 1, 0, 1, &[1]).await;
     b.set_day(100);
-    // The last of these moves the first RECENT_POSTS ids from the group row to `posted_ids`.
+    // The last of these moves the first RECENT_POSTS ids from the group row to a chunk.
     let old = RECENT_POSTS as u32 + 1;
     for id in 1..=old {
         s.post(post(1, 0, 1, id, b"old")).await.unwrap();

@@ -112,6 +112,16 @@ pub(crate) mod offsets {
     }
 }
 
+/// What a post or commit reads of its group's row, once its epoch and posting token passed
+/// (both backends' `check_group`).
+pub(crate) struct GroupRow {
+    pub epoch: u64,
+    /// The group's latest message ids ([`recent_posts`]).
+    pub recent: Vec<u8>,
+    /// The counter of the group's latest chunk of moved ids (`posted_chunks.n`).
+    pub posted_n: i64,
+}
+
 /// The stored form of a group's latest message ids: up to [`RECENT_POSTS`] ids of
 /// [`MessageId::LEN`](crate::types::MessageId::LEN) bytes, oldest first. One place for the
 /// layout both backends store, in the group row and in each `posted_chunks` row alike. A post
@@ -332,7 +342,7 @@ pub struct PostOp {
     /// The idempotency key.
     pub message_id: MessageId,
     /// The client says no earlier post of this id can have been stored (`Post.fresh_id`):
-    /// the id is compared with the group's latest ids only, not looked up in `posted_ids`.
+    /// the id is compared with the group's latest ids only, not looked up in its chunks.
     pub fresh_id: bool,
     /// The payload (shared: the hub hands the same bytes to subscribers after the commit).
     pub payload: Arc<[u8]>,

@@ -50,10 +50,10 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
-    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
-    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError, StoreFuture,
-    StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord, offset_modulus, offsets,
-    pending_bytes, recent_posts,
+    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, GroupRow, KeyPackageCount,
+    NewGroup, NewQueue, PendingEntry, PostOp, Posted, PublishOp, RouteGrant, Store, StoreError,
+    StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore, UserRecord,
+    offset_modulus, offsets, pending_bytes, recent_posts,
 };
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
 use crate::types::{BoxId, Day, GroupId, MessageId, QueueId, SecretHash};
@@ -1200,15 +1200,6 @@ fn room_checked(
 /// Locks a group's row and reads what [`group_checked`] checks.
 const GROUP_FOR_UPDATE: &str = "SELECT epoch, posting_token_hash, recent_posts, posted_n
      FROM groups WHERE id = $1 FOR UPDATE";
-
-/// What a post or commit reads of its group's row.
-struct GroupRow {
-    epoch: u64,
-    /// The group's latest message ids ([`recent_posts`]).
-    recent: Vec<u8>,
-    /// The counter of the group's latest chunk of moved ids (`posted_chunks.n`).
-    posted_n: i64,
-}
 
 /// Locks the group row and checks epoch (first) and posting token (second).
 async fn check_group(

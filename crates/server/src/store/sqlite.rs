@@ -25,10 +25,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
     AkdNodeRow, AkdValueRow, Appended, ClaimedKeyPackage, CommitOp, Committed, DirectoryStore,
-    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, KeyPackageCount, NewGroup,
-    NewQueue, PendingEntry, PostOp, Posted, PublishOp, RESEND_CHUNKS, RouteGrant, SHARE_FROM_BYTES,
-    Store, StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage, TransparencyStore,
-    UserRecord, offset_modulus, offsets, pending_bytes, recent_posts,
+    EpochLock, EpochRoot, Expired, Expiry, FetchLimit, Fetched, GroupRow, KeyPackageCount,
+    NewGroup, NewQueue, PendingEntry, PostOp, Posted, PublishOp, RESEND_CHUNKS, RouteGrant,
+    SHARE_FROM_BYTES, Store, StoreError, StoreFuture, StoreResult, StoredKeys, StoredMessage,
+    TransparencyStore, UserRecord, offset_modulus, offsets, pending_bytes, recent_posts,
 };
 use crate::config::Durability;
 use crate::error::{ConflictKind, Credential, Entity, Limit, Refusal};
@@ -905,15 +905,6 @@ fn routes_of(conn: &Connection, group: &GroupId) -> StoreResult<Vec<QueueId>> {
         out.push(id);
     }
     Ok(out)
-}
-
-/// What a post or commit reads of its group's row.
-struct GroupRow {
-    epoch: u64,
-    /// The group's latest message ids ([`recent_posts`]).
-    recent: Vec<u8>,
-    /// The counter of the group's latest chunk of moved ids (`posted_chunks.n`).
-    posted_n: i64,
 }
 
 /// Loads a group and checks epoch (first) and posting token (second), as the wire specifies.
