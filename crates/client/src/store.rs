@@ -236,6 +236,13 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // openmls_sqlite_storage's `openmls_group_data` checks `data_type IN (12 names)`, and
+        // SQLite evaluates such a list by building a temporary B-tree of the names on every
+        // execution; openmls writes its message secrets there twice per message (sender and
+        // receiver), each write a fresh statement. The names come from openmls's code, never
+        // from input, and our one CHECK (`bp_member_checks.state`) is written from constants
+        // and read by equality. ARCHITECTURE.md "Client store: CHECK constraints ignored".
+        conn.pragma_update(None, "ignore_check_constraints", "ON")?;
         // Take the write lock up front: migrations of two processes must not interleave.
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| -> Result<()> {
@@ -813,6 +820,27 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
         let (gid, _) = group(&store);
         assert_eq!(epoch(&store, &gid), 0);
+    }
+
+    #[test]
+    fn openmls_writes_build_no_temporary_btree_for_their_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // The statement openmls_sqlite_storage prepares for every group value it writes.
+        let sql = "EXPLAIN INSERT OR REPLACE INTO openmls_group_data \
+                   (group_id, data_type, group_data, provider_version) VALUES (?, ?, ?, ?)";
+        let ops: Vec<String> = store
+            .conn
+            .prepare(sql)
+            .unwrap()
+            .query_map(params![b"g".as_slice(), "tree", b"v".as_slice(), 1], |r| {
+                r.get(1)
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(ops.iter().any(|op| op == "Insert"), "{ops:?}");
+        assert!(!ops.iter().any(|op| op == "OpenEphemeral"), "{ops:?}");
     }
 
     #[test]
