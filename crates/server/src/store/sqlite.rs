@@ -1974,6 +1974,26 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// `.cargo/config.toml`'s `LIBSQLITE3_FLAGS` reached the bundled SQLite (without it the
+    /// build silently gets the default, slower SQLite).
+    #[test]
+    fn the_bundled_sqlite_is_built_with_the_repository_flags() {
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for wanted in ["DEFAULT_MEMSTATUS=0", "USE_ALLOCA"] {
+            assert!(
+                options.iter().any(|o| o == wanted),
+                "{wanted} missing from {options:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_writer_journals_savepoints_in_memory_and_checkpoints_only_as_a_backstop() {
         let dir = tempfile::tempdir().unwrap();
