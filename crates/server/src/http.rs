@@ -136,6 +136,7 @@ impl axum::serve::Listener for DeadlineListener {
                         tcp,
                         progress,
                         sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                        sleep_set: false,
                     };
                     return (stream, ());
                 }
@@ -220,6 +221,9 @@ pub struct DeadlineStream {
     tcp: TcpStream,
     progress: Arc<Progress>,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Whether `sleep` was set to a deadline and polled since it was last let go: it then
+    /// holds the waker of the task that polled it.
+    sleep_set: bool,
 }
 
 impl AsyncRead for DeadlineStream {
@@ -233,6 +237,16 @@ impl AsyncRead for DeadlineStream {
         let read = Pin::new(&mut this.tcp).poll_read(cx, buf);
         let arrived = buf.filled().len() > before;
         let Some(deadline) = this.progress.deadline(arrived) else {
+            if this.sleep_set {
+                // Disarmed (the upgrade, or a frame completed): set the sleep to fire now, so
+                // the timer wakes and drops the waker it holds. After the handshake that is
+                // the waker of hyper's connection task, finished once it handed the socket
+                // over; held until the handshake deadline, it kept that task's memory
+                // (~1.1 KiB) allocated for 10 s after every connection's upgrade (massif;
+                // BENCHMARKS.md, "Idle connections").
+                this.sleep.as_mut().reset(Instant::now());
+                this.sleep_set = false;
+            }
             return read;
         };
         if Instant::now() >= deadline {
@@ -245,6 +259,7 @@ impl AsyncRead for DeadlineStream {
         if read.is_pending() {
             // Wake up at the deadline even if no byte ever comes.
             this.sleep.as_mut().reset(deadline);
+            this.sleep_set = true;
             if this.sleep.as_mut().poll(cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
@@ -280,5 +295,65 @@ impl AsyncWrite for DeadlineStream {
 
     fn is_write_vectored(&self) -> bool {
         self.tcp.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Wake, Waker};
+
+    use axum::serve::Listener as _;
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// A task's waker, counted: the timer holding a clone keeps the `Arc` (as it would keep
+    /// the task's memory) alive.
+    struct Task;
+
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    fn poll_once(stream: &mut DeadlineStream, task: &Arc<Task>) -> Poll<std::io::Result<()>> {
+        let waker = Waker::from(Arc::clone(task));
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        Pin::new(stream).poll_read(&mut Context::from_waker(&waker), &mut buf)
+    }
+
+    /// The handshake runs in hyper's connection task and the frames in the WebSocket task:
+    /// once the connection is upgraded, the deadline's timer must not keep holding the
+    /// connection task's waker, which kept that finished task's memory allocated until the
+    /// handshake deadline.
+    #[tokio::test]
+    async fn the_upgrade_lets_go_of_the_handshake_tasks_waker() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener =
+            DeadlineListener::new(tcp, Duration::from_secs(10), Duration::from_secs(10));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut stream, ()) = listener.accept().await;
+
+        let handshake = Arc::new(Task);
+        assert!(poll_once(&mut stream, &handshake).is_pending());
+        assert_eq!(
+            Arc::strong_count(&handshake),
+            3,
+            "the socket's read interest and the handshake deadline's timer hold its waker"
+        );
+
+        stream.progress.upgraded();
+        let frames = Arc::new(Task);
+        assert!(poll_once(&mut stream, &frames).is_pending());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            Arc::strong_count(&handshake),
+            1,
+            "after the upgrade the timer still holds the handshake task's waker"
+        );
+        // The socket's read interest holds the frames task's waker; no deadline does, since
+        // no frame has begun.
+        assert_eq!(Arc::strong_count(&frames), 2);
     }
 }
