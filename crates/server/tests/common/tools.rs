@@ -23,7 +23,9 @@ pub fn tools_or_skip(test: &str, tools: &[&str]) -> bool {
     if std::env::var_os(REQUIRE_TOOLS_ENV).is_some_and(|v| v == "1") {
         panic!("{message} and {REQUIRE_TOOLS_ENV}=1 requires it");
     }
-    eprintln!("SKIPPED {message}");
+    // Straight to stderr, past libtest's capture, so a plain `cargo test` shows the skip.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {message}");
     false
 }
 
