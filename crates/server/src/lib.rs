@@ -6,10 +6,11 @@
 //! codes), `store` (storage seam, SQLite, PostgreSQL), `kt` (key transparency: akd
 //! directory, keys, epochs), `service` (request rules), `hub` (wake-ups), `session`
 //! (per-connection state), `ws` (socket loop), `http` (router, slow-client deadlines), `rate`
-//! (token buckets), `retention`.
+//! (token buckets), `retention`, `acme` (certificates ordered and renewed from an ACME CA).
 
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod config;
 pub mod error;
 pub mod http;
