@@ -217,9 +217,16 @@ where
     read_all(io).await
 }
 
-/// An HTTP/1.1 request for `path` with `method` and extra header lines, closing after.
+/// An HTTP/1.1 request for `path` with `method` and extra header lines, closing after (unless
+/// the headers hold their own `Connection`).
 pub fn http_request(method: &str, path: &str, headers: &[&str]) -> Vec<u8> {
-    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("connection:"))
+    {
+        r.push_str("Connection: close\r\n");
+    }
     for h in headers {
         r.push_str(h);
         r.push_str("\r\n");
