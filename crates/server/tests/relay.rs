@@ -209,10 +209,9 @@ async fn a_client_reaches_the_server_through_the_relay_with_its_own_tls_inside()
     .await;
 }
 
-#[tokio::test]
-async fn a_text_message_closes_the_tunnel() {
-    let dir = tempfile::tempdir().unwrap();
-    // Any TCP server will do as the upstream: it echoes what it gets.
+/// A relay in front of a TCP echo server (any TCP server will do as the upstream), with
+/// `extra` flags.
+async fn echo_relay(dir: &tempfile::TempDir, extra: &[&str]) -> Binary {
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -224,26 +223,79 @@ async fn a_text_message_closes_the_tunnel() {
         }
     });
     let data = dir.path().join("relay");
-    let relay = Binary::start(
-        &[
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream_addr,
-            "--ws-path",
-            RELAY_PATH,
-            "--tls",
-            "self-signed",
-            "--data",
-            data.to_str().unwrap(),
-            "--log",
-            "warn",
-        ],
-        true,
-        false,
+    let mut args = vec![
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream_addr,
+        "--ws-path",
+        RELAY_PATH,
+        "--tls",
+        "self-signed",
+        "--data",
+        data.to_str().unwrap(),
+        "--log",
+        "warn",
+    ];
+    args.extend_from_slice(extra);
+    Binary::start(&args, true, false).await
+}
+
+/// Reads binary messages until `len` bytes arrived.
+async fn receive(ws: &mut Outer, len: usize) {
+    let mut got = 0;
+    while got < len {
+        match tokio::time::timeout(PATIENCE, ws.next()).await.unwrap() {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn tunnels_are_throttled_and_closed_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = echo_relay(
+        &dir,
+        &["--tunnel-bytes-per-sec", "4096", "--tunnel-idle-secs", "1"],
     )
     .await;
+    let mut ws = open_tunnel(&relay).await.unwrap();
+    // 4 KiB of burst, then 8 KiB more at 4 KiB/s: about 2 s.
+    let started = tokio::time::Instant::now();
+    for _ in 0..12 {
+        ws.send(Message::binary(vec![7u8; 1024])).await.unwrap();
+    }
+    receive(&mut ws, 12 * 1024).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "12 KiB at 4 KiB/s with a 4 KiB burst took only {took:?}"
+    );
+    // Then nothing for a second: the relay closes the tunnel.
+    let idle = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_) | Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle tunnel is closed");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        idle.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_text_message_closes_the_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = echo_relay(&dir, &[]).await;
     let mut ws = open_tunnel(&relay).await.unwrap();
     ws.send(Message::binary(b"echo me".to_vec())).await.unwrap();
     let echoed = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();
