@@ -323,8 +323,15 @@ impl AsyncWrite for DeadlineStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if matches!(this.io, Io::Failed) {
-            return Poll::Ready(Ok(()));
+        match this.io {
+            Io::Failed => return Poll::Ready(Ok(())),
+            // Closing before the handshake finished (a graceful shutdown): drop it, which
+            // closes the socket, rather than wait for a client that may never finish.
+            Io::Handshaking(_) => {
+                this.io = Io::Failed;
+                return Poll::Ready(Ok(()));
+            }
+            Io::Plain(_) | Io::Tls(_) => {}
         }
         forward!(this, cx, poll_shutdown)
     }

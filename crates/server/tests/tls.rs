@@ -250,3 +250,46 @@ async fn sighup_reloads_certificate_files_and_keeps_open_connections() {
     // The connection made under certificate A still works.
     ping(&mut old, 2).await;
 }
+
+/// Runs `blindpostd ARGS` to its exit; its stderr, asserting it failed without a panic.
+fn refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blindpostd"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing on stdout before a refusal");
+    stderr
+}
+
+#[test]
+fn acme_and_contradictory_tls_flags_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let base = ["--listen", "127.0.0.1:0", "--data", data, "--log", "off"];
+    let with = |extra: &[&'static str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        refused(&args)
+    };
+    assert!(with(&["--acme", "chat.example.org"]).contains("ACME support is not in this build"));
+    assert!(with(&["--tls-cert", "/nonexistent.pem"]).contains("tls_cert needs tls_key"));
+    assert!(
+        with(&["--tls", "self-signed", "--acme", "chat.example.org"])
+            .contains("choose one certificate source")
+    );
+    assert!(
+        with(&[
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.key"
+        ])
+        .contains("/nonexistent.pem")
+    );
+    assert!(with(&["--ws-path", "no-slash"]).contains("ws_path"));
+}
