@@ -25,9 +25,6 @@ use sha2::{Digest, Sha256};
 /// Let's Encrypt's production directory, the default for [`AcmeSettings::directory`].
 pub const LETS_ENCRYPT_DIRECTORY: &str = rustls_acme::acme::LETS_ENCRYPT_PRODUCTION_DIRECTORY;
 
-/// The ALPN protocol ordinary handshakes negotiate (the server speaks HTTP/1.1 and WebSocket).
-const HTTP_ALPN: &[u8] = b"http/1.1";
-
 /// What to ask the ACME CA for, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,7 +131,7 @@ impl Acme {
                 url: settings.directory,
             });
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::provider();
         let client = acme_client_config(Arc::clone(&provider), settings.ca.as_deref())?;
         prepare_cache_dir(cache_dir)?;
 
@@ -146,7 +143,7 @@ impl Acme {
             })
             .state();
         let resolver = state.resolver();
-        let server = server_config(&provider, resolver.clone(), HTTP_ALPN)?;
+        let server = server_config(&provider, resolver.clone(), crate::tls::ALPN_HTTP1)?;
         let challenge = server_config(&provider, resolver, ACME_TLS_ALPN_NAME)?;
         let task = runtime.spawn(drive(state, domain));
         Ok(Acme {
@@ -171,6 +168,18 @@ impl Acme {
     /// Whether a ClientHello is an ACME TLS-ALPN-01 validation (its only ALPN is `acme-tls/1`).
     pub fn is_challenge(hello: &ClientHello<'_>) -> bool {
         rustls_acme::is_tls_alpn_challenge(hello)
+    }
+}
+
+/// The listener asks per ClientHello: a TLS-ALPN-01 validation gets the challenge
+/// configuration, everything else the certificate ACME obtained.
+impl crate::tls::ConfigSource for Acme {
+    fn config_for(&self, hello: &ClientHello<'_>) -> Arc<ServerConfig> {
+        if Self::is_challenge(hello) {
+            self.challenge_config()
+        } else {
+            self.server_config()
+        }
     }
 }
 

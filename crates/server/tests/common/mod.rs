@@ -36,6 +36,8 @@ pub use tokio::net::{TcpListener, TcpStream};
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod tls;
+
 /// Guards against a hung test; never an assertion about speed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
