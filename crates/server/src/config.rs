@@ -227,6 +227,75 @@ pub enum Command {
     /// A volunteer relay: tunnels WebSocket messages on its secret path to one upstream
     /// server, and answers everything else as an ordinary web site.
     Relay(RelayArgs),
+    /// Print the server link clients set up from (`blindpost setup --server-link LINK`):
+    /// the public URLs with the WebSocket path, the certificate pin and the relays given,
+    /// then a QR code of it. Reads the same configuration as the server.
+    Link(LinkArgs),
+}
+
+/// Flags of `blindpostd link`: the server's configuration sources, and what only the operator
+/// knows (the public URLs, the relays).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LinkArgs {
+    /// Public URL of the server, e.g. wss://chat.example.org (repeat for several nodes); the
+    /// WebSocket path is added unless the URL has one. Default: the ACME domain, else the
+    /// listen address.
+    #[arg(long = "url", value_name = "URL")]
+    pub urls: Vec<String>,
+    /// A relay tunnelling to this server, e.g. wss://relay.example/path (repeatable).
+    #[arg(long = "relay", value_name = "URL")]
+    pub relays: Vec<String>,
+    /// The pin of the relay before it (sha256:HEX, its `tls certificate` line).
+    #[arg(long = "relay-pin", value_name = "PIN")]
+    pub relay_pins: Vec<String>,
+    /// TOML configuration file (the server's).
+    #[arg(long, value_name = "FILE", env = "BLINDPOSTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address (the default URL when no --url is given).
+    #[arg(long, value_name = "ADDR", env = "BLINDPOSTD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (where a self-signed certificate is).
+    #[arg(long = "data", value_name = "DIR", env = "BLINDPOSTD_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// TLS options, as the server's.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The protocol path, as the server's.
+    #[command(flatten)]
+    pub front: FrontArgs,
+}
+
+impl LinkArgs {
+    /// The server's configuration as these flags, the file and the environment resolve it,
+    /// and what the link is asked to carry besides.
+    pub fn resolve(self) -> Result<(Config, crate::link::LinkRequest), ConfigError> {
+        let Self {
+            urls,
+            relays,
+            relay_pins,
+            config,
+            listen,
+            data_dir,
+            tls,
+            front,
+        } = self;
+        let config = Config::resolve(Args {
+            config,
+            listen,
+            data_dir,
+            tls,
+            front,
+            ..Args::default()
+        })?;
+        Ok((
+            config,
+            crate::link::LinkRequest {
+                urls,
+                relays,
+                relay_pins,
+            },
+        ))
+    }
 }
 
 /// The TLS flags, shared by the server and the relay.

@@ -8,7 +8,8 @@
 //! (per-connection state), `ws` (socket loop), `http` (router), `listener` (slow-client
 //! deadlines, lazy TLS handshakes), `tls` (certificates, pins), `acme` (certificates ordered
 //! and renewed from an ACME CA), `decoy` (the web site probes see), `admin` (`/healthz`,
-//! `/metrics`), `relay` (`blindpostd relay`), `rate` (token buckets), `retention`.
+//! `/metrics`), `relay` (`blindpostd relay`), `link`
+//! (`blindpostd link`), `rate` (token buckets), `retention`.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod kt;
+pub mod link;
 pub mod listener;
 pub mod rate;
 pub mod relay;

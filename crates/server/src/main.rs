@@ -2,7 +2,8 @@
 //! prints the stdout lines scripts read (`blindpostd listening on ADDR`, then with file or
 //! self-signed TLS `tls certificate sha256:HEX`, then with TLS `blindpostd admin listening on
 //! ADDR`; for `blindpostd relay`, `blindpostd relay listening on ADDR` and the pin), reloads
-//! certificate files on SIGHUP, and runs until SIGINT/SIGTERM.
+//! certificate files on SIGHUP, and runs until SIGINT/SIGTERM; `blindpostd link` prints the
+//! server link and its QR code.
 //! Not for: server logic (see the `blindpost_server` library).
 
 #![forbid(unsafe_code)]
@@ -13,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use blindpost_server::config::{Args, Command, Config, RelayConfig};
+use blindpost_server::config::{Args, Command, Config, LinkArgs, RelayConfig};
 use blindpost_server::tls::Tls;
 
 #[tokio::main]
@@ -22,7 +23,28 @@ async fn main() -> anyhow::Result<()> {
     match args.command.take() {
         None => server(Config::resolve(args)?).await,
         Some(Command::Relay(args)) => relay(RelayConfig::resolve(args)?).await,
+        Some(Command::Link(args)) => link(args),
     }
+}
+
+/// `blindpostd link`: the link on one line, then its QR code.
+fn link(args: LinkArgs) -> anyhow::Result<()> {
+    let (config, request) = args.resolve()?;
+    let link = blindpost_server::link::server_link(&config, &request)?.to_uri();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{link}")?;
+    match qrcode::QrCode::new(link.as_bytes()) {
+        Ok(code) => {
+            let art = code
+                .render::<qrcode::render::unicode::Dense1x2>()
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .build();
+            writeln!(out, "{art}")?;
+        }
+        Err(e) => writeln!(out, "(no QR code: {e})")?,
+    }
+    Ok(())
 }
 
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
