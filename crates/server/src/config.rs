@@ -95,6 +95,9 @@ pub struct Config {
     pub send_timeout_secs: u64,
     /// Seconds to wait for connections to close at shutdown. Default 10.
     pub shutdown_grace_secs: u64,
+    /// Seconds between WebSocket pings to every connection, so NAT and middleboxes keep idle
+    /// connections open. Default 30.
+    pub keepalive_secs: u64,
     /// Log filter (`tracing` env-filter syntax). Default `info`.
     pub log: String,
     /// Seconds between scheduled key-directory publications (registrations also publish an
@@ -135,6 +138,7 @@ impl Default for Config {
             frame_timeout_secs: 30,
             send_timeout_secs: 30,
             shutdown_grace_secs: 10,
+            keepalive_secs: 30,
             log: "info".to_owned(),
             directory_publish_interval_secs: 60,
         }
@@ -844,8 +848,11 @@ impl Config {
         if self.handshake_timeout_secs == 0
             || self.frame_timeout_secs == 0
             || self.send_timeout_secs == 0
+            || self.keepalive_secs == 0
         {
-            return Err(ConfigError::Invalid("timeouts must be at least 1 second"));
+            return Err(ConfigError::Invalid(
+                "timeouts and keepalive_secs must be at least 1 second",
+            ));
         }
         Ok(())
     }

@@ -29,6 +29,8 @@ pub struct AppState {
     pub max_connections: u32,
     /// Becomes `true` at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// Ticks every `keepalive_secs`: each connection then pings its client.
+    pub keepalive: watch::Receiver<u64>,
     /// Per-connection limits.
     pub limits: SessionLimits,
     /// Numbers connections for log spans (a counter, never an address).
@@ -78,7 +80,8 @@ fn upgrade(app: Arc<AppState>, progress: Arc<Progress>, ws: WebSocketUpgrade) ->
             async move {
                 tracing::debug!("connection opened");
                 let (service, shutdown) = (Arc::clone(&app.service), app.shutdown.clone());
-                crate::ws::serve(socket, service, app.limits, &progress, shutdown).await;
+                let keepalive = app.keepalive.clone();
+                crate::ws::serve(socket, service, app.limits, &progress, shutdown, keepalive).await;
                 tracing::debug!("connection closed");
                 drop(permit);
             }

@@ -205,10 +205,16 @@ pub async fn run_front(
     ));
 
     let connections = Arc::new(Semaphore::new(config.max_connections as usize));
+    let (keepalive_tx, keepalive) = watch::channel(0u64);
+    let keepalive_ticker = tokio::spawn(tick(
+        Duration::from_secs(config.keepalive_secs),
+        keepalive_tx,
+    ));
     let state = Arc::new(http::AppState {
         service: Arc::clone(&service),
         connections: Arc::clone(&connections),
         shutdown: stop_rx.clone(),
+        keepalive,
         limits: SessionLimits::from_config(&config),
         next_connection: std::sync::atomic::AtomicU64::new(1),
         max_connections: config.max_connections,
@@ -256,6 +262,7 @@ pub async fn run_front(
     }
     retention.abort();
     let _ = retention.await;
+    keepalive_ticker.abort();
     publisher.abort();
     let _ = publisher.await;
     if let Some(listen) = listen {
@@ -266,6 +273,18 @@ pub async fn run_front(
     store.close().await?;
     tracing::info!("stopped");
     served.map_err(RunError::Serve)
+}
+
+/// Bumps `tx` every `every`, for as long as anyone listens: one timer for all connections'
+/// keepalive pings, rather than one per connection.
+async fn tick(every: Duration, tx: watch::Sender<u64>) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// Completes once the shutdown flag is set (or its sender is gone).

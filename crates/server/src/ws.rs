@@ -31,6 +31,7 @@ pub async fn serve(
     limits: SessionLimits,
     progress: &Progress,
     mut shutdown: watch::Receiver<bool>,
+    mut keepalive: watch::Receiver<u64>,
 ) {
     let send_timeout = limits.send_timeout;
     let mut session = Session::new(service, limits);
@@ -70,6 +71,14 @@ pub async fn serve(
                     send_timeout,
                 ));
                 if written.await.is_err() {
+                    break;
+                }
+            }
+            Ok(()) = keepalive.changed() => {
+                // A ping keeps NAT and middleboxes from forgetting an idle connection; the
+                // client's pong needs no answer. A client that does not take it is dropped.
+                let ping = socket.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(send_timeout, ping).await, Ok(Ok(()))) {
                     break;
                 }
             }

@@ -63,6 +63,42 @@ async fn a_text_frame_gets_a_malformed_error() {
 }
 
 #[tokio::test]
+async fn an_idle_connection_is_pinged_and_frames_leave_padded_to_size_buckets() {
+    use futures_util::StreamExt as _;
+    let server = start_with(|c| c.keepalive_secs = 1).await;
+    let mut c = Client::connect(server.addr).await;
+    c.ok(Request::Ping(Ping {})).await;
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Ping(_))) => return,
+                Some(Ok(_)) => {}
+                other => panic!("the connection ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(ping.is_ok(), "no ping within 5 s with keepalive_secs = 1");
+    // An answer as small as a ping's still fills the smallest bucket.
+    c.send(Message::binary(blindpost_wire::encode(
+        &blindpost_wire::ClientFrame {
+            id: 9,
+            request: Some(Request::Ping(Ping {})),
+        },
+    )))
+    .await;
+    let answer = loop {
+        match c.ws.next().await {
+            Some(Ok(Message::Binary(bytes))) => break bytes,
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended: {other:?}"),
+        }
+    };
+    assert_eq!(answer.len(), 256);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn full_flow_commit_welcome_post_push_fetch_ack() {
     let server = start().await;
     let mut alice = Client::connect(server.addr).await;
