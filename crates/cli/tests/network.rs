@@ -136,14 +136,18 @@ fn chat_through_a_relay_shows_nothing_but_tls_on_the_wire() {
     };
     let capture = Capture::start(&[port(&server.addr), port(&relay.addr)]);
 
-    // The server's own name does not resolve: only the relay can reach it.
-    let url = format!("wss://blindpost-server.invalid{ws_path}");
+    // Nothing answers at the server's own address from here (it listens on 127.0.0.1 only):
+    // only the relay reaches it. Its name travels only inside the tunnel, as the inner SNI.
+    let server_port = port(&server.addr);
+    let url = format!("wss://127.0.0.2:{server_port}{ws_path}");
     let relay_url = format!("wss://{}{relay_path}", relay.addr);
     let via_relay = [
         "--relay",
         relay_url.as_str(),
         "--relay-pin",
         relay.pin.as_str(),
+        "--sni",
+        "chat.blindpost.test",
     ];
     let alice = setup_pinned("alicerelayed", &url, &server.pin, &via_relay);
     let bob = setup_pinned("bobrelayed", &url, &server.pin, &via_relay);
@@ -174,7 +178,6 @@ fn chat_through_a_relay_shows_nothing_but_tls_on_the_wire() {
         secret,
         ws_path,
         relay_path,
-        "blindpost-server.invalid",
         "Upgrade",
         "websocket",
     ] {
@@ -191,6 +194,12 @@ fn chat_through_a_relay_shows_nothing_but_tls_on_the_wire() {
         }
     }
     assert!(flows.len() >= 4, "expected both hops in both directions");
+    // Between the client and the relay, not even the server's name shows (the inner
+    // ClientHello is inside the outer TLS); past the relay it does, as any TLS SNI would.
+    let relay_port = port(&relay.addr);
+    for flow in flows.iter().filter(|f| f.from.1 == relay_port || f.to.1 == relay_port) {
+        assert!(!net::contains(&flow.bytes, b"chat.blindpost.test"));
+    }
 }
 
 /// The censor: a client namespace whose firewall drops every packet to the server's address
