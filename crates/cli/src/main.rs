@@ -395,7 +395,13 @@ async fn audit(server: &str, server_key: Option<&str>, json: bool) -> Result<()>
         }
         None => None,
     };
-    match blindpost_client::audit(server, pinned).await {
+    match blindpost_client::audit(
+        &blindpost_client::ServerSettings::new(server),
+        pinned,
+        |_| {},
+    )
+    .await
+    {
         Ok(report) => {
             if json {
                 println!(
