@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use blindpost_wire::limits::MAX_FRAME_BYTES;
-use blindpost_wire::{DecodeError, ErrorCode, Response, ServerFrame, decode_client, encode};
+use blindpost_wire::{DecodeError, ErrorCode, Response, ServerFrame, decode_client, encode_padded};
 use futures_util::SinkExt;
 use tokio::sync::watch;
 
@@ -126,7 +126,9 @@ async fn write_out(
     let work = async {
         let mut queued = false;
         if let Some(frame) = first {
-            socket.feed(Message::Binary(encode(&frame).into())).await?;
+            socket
+                .feed(Message::Binary(encode_padded(&frame).into()))
+                .await?;
             queued = true;
         }
         for _ in 0..PUSHES_PER_WRITE {
@@ -136,7 +138,9 @@ async fn write_out(
             match session.next_push().await {
                 Ok(Some(push)) => {
                     let frame = ServerFrame::from(push);
-                    socket.feed(Message::Binary(encode(&frame).into())).await?;
+                    socket
+                        .feed(Message::Binary(encode_padded(&frame).into()))
+                        .await?;
                     queued = true;
                 }
                 Ok(None) => {}

@@ -1,5 +1,7 @@
 //! Frame codec: bytes ↔ [`ClientFrame`] / [`ServerFrame`]. Checks the frame-size limit before
-//! decoding, so a peer cannot make us allocate more than [`MAX_FRAME_BYTES`] for one frame.
+//! decoding, so a peer cannot make us allocate more than [`MAX_FRAME_BYTES`] for one frame, and
+//! pads frames for the network to size buckets, so a frame's size does not tell a post from an
+//! acknowledgement.
 
 use prost::Message;
 
@@ -31,9 +33,73 @@ pub fn request_fits(len: usize) -> bool {
     len.saturating_add(REQUEST_HEADROOM) <= MAX_FRAME_BYTES
 }
 
-/// Encode any frame.
+/// Encode any frame, unpadded (snapshots, sizes, storage).
 pub fn encode(frame: &impl Message) -> Vec<u8> {
     frame.encode_to_vec()
+}
+
+/// The protobuf field number of padding. No frame type uses it, so every decoder skips it as
+/// an unknown field (protobuf's rule), old peers included.
+const PADDING_FIELD: u32 = 100;
+/// The smallest padded frame.
+const MIN_BUCKET: usize = 256;
+/// Past this size frames are padded to a multiple of it rather than a power of two, so a
+/// large frame costs at most this much more.
+const LARGE_STEP: usize = 64 * 1024;
+
+/// Encode a frame for the network: padded with an unknown field to its size bucket (256
+/// bytes, then powers of two up to 64 KiB, then multiples of 64 KiB, never past
+/// [`MAX_FRAME_BYTES`]). It decodes to the same frame.
+pub fn encode_padded(frame: &impl Message) -> Vec<u8> {
+    let mut bytes = frame.encode_to_vec();
+    pad_to_bucket(&mut bytes);
+    bytes
+}
+
+/// The bucket a frame of `len` bytes is padded to.
+pub fn padded_len(len: usize) -> usize {
+    let bucket = if len <= MIN_BUCKET {
+        MIN_BUCKET
+    } else if len <= LARGE_STEP {
+        len.next_power_of_two()
+    } else {
+        len.div_ceil(LARGE_STEP) * LARGE_STEP
+    };
+    bucket.min(MAX_FRAME_BYTES.max(len))
+}
+
+fn pad_to_bucket(bytes: &mut Vec<u8>) {
+    let tag = u64::from(PADDING_FIELD << 3 | 2);
+    let tag_len = prost::encoding::encoded_len_varint(tag);
+    let mut target = padded_len(bytes.len());
+    // The smallest padding field (tag and a zero length) may not fit in what is left of the
+    // bucket: then the frame goes in the next one.
+    if target - bytes.len() < tag_len + 1 {
+        target = padded_len(target + 1);
+        if target - bytes.len() < tag_len + 1 {
+            return; // at the frame limit: sent as it is
+        }
+    }
+    // Fill `target - len` with padding fields: tag, varint length, zeros. A length and its
+    // varint cannot always sum to the gap exactly (at 128, 16384, …), so empty fields take
+    // up the difference first.
+    let mut gap = target - bytes.len();
+    bytes.reserve(gap);
+    loop {
+        let body = gap - tag_len;
+        if let Some(len) = (1..=4).find_map(|v| {
+            let len = body.checked_sub(v)?;
+            (prost::encoding::encoded_len_varint(len as u64) == v).then_some(len)
+        }) {
+            prost::encoding::encode_varint(tag, bytes);
+            prost::encoding::encode_varint(len as u64, bytes);
+            bytes.resize(bytes.len() + len, 0);
+            return;
+        }
+        prost::encoding::encode_varint(tag, bytes);
+        bytes.push(0);
+        gap -= tag_len + 1;
+    }
 }
 
 /// Decode a frame sent by a client.
@@ -100,6 +166,69 @@ mod tests {
             decode_client(&[0xff, 0xff, 0xff]),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn padded_frames_fall_in_buckets_and_decode_to_the_same_frame() {
+        for size in [
+            0usize, 1, 100, 200, 250, 253, 254, 255, 256, 300, 5000, 16_380, 70_000,
+        ] {
+            let frame = ClientFrame {
+                id: 9,
+                request: Some(Request::Post(crate::Post {
+                    payload: vec![7; size],
+                    ..Default::default()
+                })),
+            };
+            let plain = encode(&frame);
+            let padded = encode_padded(&frame);
+            assert!(padded.len() >= plain.len());
+            let bucket = padded.len();
+            assert!(
+                bucket == 256
+                    || (bucket <= 64 * 1024 && bucket.is_power_of_two())
+                    || bucket.is_multiple_of(64 * 1024),
+                "{size}: {bucket} is no bucket"
+            );
+            assert_eq!(decode_client(&padded).expect("padded decodes"), frame);
+        }
+        // Every gap a bucket can leave is filled exactly, the awkward varint sizes included.
+        for len in 0..=20_000usize {
+            let mut bytes = vec![0x08, 0x01];
+            bytes.resize(len.max(2), 0x08);
+            let mut padded = bytes.clone();
+            pad_to_bucket(&mut padded);
+            let want = padded_len(bytes.len());
+            assert!(
+                padded.len() == want || padded.len() == padded_len(want + 1),
+                "{len}: {} bytes",
+                padded.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_and_a_small_post_are_the_same_size_on_the_wire() {
+        let ack = ClientFrame {
+            id: 1,
+            request: Some(Request::Ping(Ping {})),
+        };
+        let post = ClientFrame {
+            id: 2,
+            request: Some(Request::Post(crate::Post {
+                group_id: vec![1; 32],
+                posting_token: vec![2; 32],
+                message_id: vec![3; 16],
+                payload: vec![4; 120],
+                ..Default::default()
+            })),
+        };
+        assert_eq!(encode_padded(&ack).len(), encode_padded(&post).len());
+        assert_eq!(
+            decode_server(&encode_padded(&ServerFrame::default()))
+                .expect("padded server frame decodes"),
+            ServerFrame::default()
+        );
     }
 
     #[test]

@@ -16,8 +16,11 @@ mod codec;
 mod messages;
 
 pub mod limits;
+pub mod link;
 
-pub use codec::{DecodeError, decode_client, decode_server, encode, request_fits};
+pub use codec::{
+    DecodeError, decode_client, decode_server, encode, encode_padded, padded_len, request_fits,
+};
 pub use messages::*;
 
 /// Length in bytes of a queue id.

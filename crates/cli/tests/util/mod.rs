@@ -9,6 +9,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod net;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -278,6 +280,8 @@ fn psql(user: &str, sql: &str) -> Result<(), String> {
 pub struct User {
     pub name: String,
     dir: TempDir,
+    /// The network namespace its commands run in (`ip netns exec`), if not this one.
+    netns: Option<String>,
 }
 
 impl User {
@@ -286,6 +290,15 @@ impl User {
         Self {
             name: name.to_string(),
             dir: tempfile::tempdir().unwrap(),
+            netns: None,
+        }
+    }
+
+    /// A new, empty profile whose commands run inside network namespace `ns`.
+    pub fn fresh_in(ns: &str, name: &str) -> Self {
+        Self {
+            netns: Some(ns.to_string()),
+            ..Self::fresh(name)
         }
     }
 
@@ -317,7 +330,14 @@ impl User {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("blindpost"));
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("blindpost"));
+                c
+            }
+            None => Command::new(bin("blindpost")),
+        };
         c.arg("--profile").arg(self.dir.path()).args(args);
         c
     }
