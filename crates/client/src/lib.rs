@@ -21,6 +21,7 @@ mod nilpack;
 mod ops;
 mod payload;
 mod safety;
+mod server_link;
 mod signer;
 mod store;
 mod sync;
@@ -34,6 +35,7 @@ pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, MAX_PAST_EPOCHS, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};
 pub use safety::SafetyNumber;
+pub use server_link::servers_from_link;
 pub use signer::DeviceSigner;
 pub use transport::{
     BoxIo, Io, KEEPALIVE, MAX_PINS, MAX_RELAYS, RelaySettings, Route, ServerSettings,
@@ -187,11 +189,11 @@ impl Client {
     /// is already listed is an error.
     pub fn add_server(&self, settings: impl Into<ServerSettings>) -> Result<()> {
         let settings = settings.into().normalized();
-        settings.check()?;
         let mut servers = self.server_settings()?;
         if servers.is_empty() {
             return Err(Error::NotSetUp);
         }
+        settings.check()?;
         if servers.iter().any(|s| s.url == settings.url) {
             return Err(Error::Invalid(format!(
                 "{} is already listed",
@@ -409,18 +411,31 @@ mod tests {
         client.store.set("server", b"ws://a:1").unwrap();
         assert_eq!(client.servers().unwrap(), vec!["ws://a:1"]);
 
-        client.add_server("ws://b:2").unwrap();
-        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "ws://b:2"]);
-        assert!(client.add_server("ws://b:2").is_err(), "listed twice");
+        client.add_server("wss://b:2").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "wss://b:2"]);
+        assert!(client.add_server("wss://b:2").is_err(), "listed twice");
         assert!(client.add_server("http://c:3").is_err(), "not a ws:// URL");
+        let err = client.add_server("ws://c:3").unwrap_err();
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
         assert!(client.remove_server("ws://nope:9").is_err());
         client.remove_server("ws://a:1").unwrap();
-        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert_eq!(client.servers().unwrap(), vec!["wss://b:2"]);
+        // The settings are stored as JSON; the URLs also under the old key.
+        assert_eq!(
+            client.store.get_str("server").unwrap().unwrap(),
+            "wss://b:2"
+        );
+        let mut relayed = ServerSettings::new("wss://d:4/p");
+        relayed.proxy = Some("socks5h://u:pw@127.0.0.1:9050".into());
+        relayed.relays = vec![RelaySettings::new("wss://r/q", vec![])];
+        client.add_server(relayed.clone()).unwrap();
+        assert_eq!(client.server_settings().unwrap()[1], relayed);
+        client.remove_server("wss://d:4/p").unwrap();
         assert!(
-            client.remove_server("ws://b:2").is_err(),
+            client.remove_server("wss://b:2").is_err(),
             "the last server stays"
         );
-        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert_eq!(client.servers().unwrap(), vec!["wss://b:2"]);
     }
 
     #[tokio::test]

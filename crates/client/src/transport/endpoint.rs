@@ -14,10 +14,10 @@ use crate::error::{Error, Result};
 
 /// Longest URL, proxy URL or host name accepted, checked before anything is parsed.
 const MAX_URL_BYTES: usize = 2048;
-/// Most relays one server may have.
-pub const MAX_RELAYS: usize = 16;
-/// Most certificate pins one server or relay may have.
-pub const MAX_PINS: usize = 8;
+/// Most relays one server may have (as many as a server link carries).
+pub const MAX_RELAYS: usize = blindpost_wire::link::MAX_LINK_ENDPOINTS;
+/// Most certificate pins one server or relay may have (as many as a server link carries).
+pub const MAX_PINS: usize = blindpost_wire::link::MAX_LINK_PINS;
 /// The prefix of a certificate pin.
 const PIN_PREFIX: &str = "sha256:";
 
@@ -528,7 +528,7 @@ fn plaintext_rule(url: &WsUrl, insecure_plaintext: bool) -> Result<()> {
     }
     Err(invalid(format!(
         "refusing {url}: plain ws:// to a host other than this machine would carry everything \
-         (receive secrets, tokens, usernames, messages' routing) across the network readable \
+         (receive secrets, tokens, usernames) across the network readable \
          and changeable by anyone on the path; use wss://, or pass --insecure-plaintext to \
          accept that risk"
     )))
