@@ -2,8 +2,9 @@
 //! the server or the relay; the relay's TLS and WebSocket tunnel when going through a relay;
 //! TLS with the server (its pins or roots; SNI from the URL or `--sni`); finally the blindpost
 //! WebSocket on the server URL's path (its `Host` header always the URL's host). Through a
-//! relay the server's own host name is never resolved or contacted. Not for: choosing the
-//! path (`route`) or speaking the protocol (`Connection`).
+//! relay the server's own host name is never resolved or contacted (the relay chooses the
+//! upstream, so `--connect-to` applies to the direct path only). Not for: choosing the path
+//! (`route`) or speaking the protocol (`Connection`).
 
 use std::time::Duration;
 
