@@ -68,6 +68,9 @@ pub const KEY_PACKAGE_TARGET: usize = 10;
 /// Top up when fewer than this many remain.
 pub const KEY_PACKAGE_LOW_WATER: u32 = 5;
 
+/// What [`Client::on_connect`] stores.
+type RouteObserver = Box<dyn Fn(&Route) + Send + Sync>;
+
 /// A client over one profile directory.
 pub struct Client {
     dir: PathBuf,
@@ -76,7 +79,7 @@ pub struct Client {
     /// answered, moved on when a connection drops.
     preferred_server: std::sync::atomic::AtomicUsize,
     /// Told the way each connection went (see [`Client::on_connect`]).
-    route_observer: Option<Box<dyn Fn(&Route) + Send + Sync>>,
+    route_observer: Option<RouteObserver>,
 }
 
 /// Something to show the user: a message or a membership change.

@@ -34,6 +34,8 @@ async fn relay(
             let count = count.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
+                // The callback's error type is tungstenite's, large by its design.
+                #[allow(clippy::result_large_err)]
                 let check = |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
                              resp| {
                     assert_eq!(req.uri().path(), path, "the relay's secret path");
