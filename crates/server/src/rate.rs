@@ -45,6 +45,19 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `amount` tokens, going into debt if there are fewer; returns how long from `now`
+    /// until the debt is repaid (zero if there is none). For byte budgets: a caller that waits
+    /// that long before its next take keeps to the rate on average, with bursts up to the
+    /// bucket's size.
+    pub fn take_with_debt(&mut self, amount: usize, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= amount as f64;
+        if self.tokens >= 0.0 || self.per_sec <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((-self.tokens / self.per_sec).min(86_400.0))
+    }
+
     /// Whether the bucket is full again at `now` (so forgetting it changes nothing).
     fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -120,6 +133,24 @@ mod tests {
         let later = t0 + Duration::from_secs(600);
         assert!((0..3).all(|_| b.try_take(later)));
         assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn a_byte_budget_goes_into_debt_and_says_how_long_to_wait() {
+        let mut b = TokenBucket::new(1000, 1000.0);
+        let t0 = Instant::now();
+        assert_eq!(
+            b.take_with_debt(1000, t0),
+            Duration::ZERO,
+            "the burst is free"
+        );
+        let wait = b.take_with_debt(500, t0);
+        assert!(
+            (wait.as_secs_f64() - 0.5).abs() < 1e-6,
+            "500 bytes over at 1000/s is half a second: {wait:?}"
+        );
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(b.take_with_debt(0, t1), Duration::ZERO, "repaid by then");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The WebSocket test harness shared by the server's integration tests: `blindpost_server::run`
 //! on port 0 with a fresh data directory, a `tokio-tungstenite` client speaking the wire types,
-//! and request builders. Not for: tests themselves.
+//! and request builders; `tools` drives external programs (Pebble, proxies). Not for: tests
+//! themselves.
 
 #![allow(
     dead_code,
@@ -9,6 +10,8 @@
     clippy::expect_used,
     clippy::panic
 )]
+
+pub mod tools;
 
 pub use std::collections::VecDeque;
 pub use std::net::SocketAddr;
@@ -32,6 +35,8 @@ pub use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 pub use tokio::net::{TcpListener, TcpStream};
 pub use tokio_tungstenite::tungstenite::Message;
 pub use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub mod tls;
 
 /// Guards against a hung test; never an assertion about speed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
