@@ -3,7 +3,10 @@
 //! TLS with the server (its pins or roots; SNI from the URL or `--sni`); finally the blindpost
 //! WebSocket on the server URL's path (its `Host` header always the URL's host). Through a
 //! relay the server's own host name is never resolved or contacted (the relay chooses the
-//! upstream, so `--connect-to` applies to the direct path only). Not for: choosing the path
+//! upstream, so `--connect-to` applies to the direct path only), and it is not sent as SNI
+//! either unless `--sni` asks for a name: the relay's upstream is fixed, so the name routes
+//! nothing there, and left out it stays off the relay-to-server hop and out of the relay
+//! operator's sight. The certificate is still checked against it (or the pins). Not for: choosing the path
 //! (`route`) or speaking the protocol (`Connection`).
 
 use std::time::Duration;
@@ -49,6 +52,7 @@ pub(crate) async fn open(
                         role: Role::Relay,
                         pins: &relay.pins,
                         extra_roots: &endpoint.extra_roots,
+                        send_sni: true,
                     };
                     tls::handshake(tcp, &relay.url.host, &trust).await?
                 } else {
@@ -69,6 +73,7 @@ pub(crate) async fn open(
                 role: Role::Server,
                 pins: &endpoint.pins,
                 extra_roots: &endpoint.extra_roots,
+                send_sni: path == Path::Direct || endpoint.sni.is_some(),
             };
             tls::handshake(io, &name, &trust).await?
         } else {

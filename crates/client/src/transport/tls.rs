@@ -42,11 +42,13 @@ impl Role {
     }
 }
 
-/// What the TLS layer checks: pins, or roots (the platform's plus `extra_roots`).
+/// What the TLS layer checks: pins, or roots (the platform's plus `extra_roots`); and
+/// whether the name goes out as SNI (it is checked against the certificate either way).
 pub(crate) struct Trust<'a> {
     pub(crate) role: Role,
     pub(crate) pins: &'a [Pin],
     pub(crate) extra_roots: &'a [CertificateDer<'static>],
+    pub(crate) send_sni: bool,
 }
 
 /// Runs a TLS handshake over `io` for the name `name` and returns the encrypted stream.
@@ -98,6 +100,7 @@ pub(crate) fn client_config(trust: &Trust<'_>) -> Result<Arc<ClientConfig>> {
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.enable_sni = trust.send_sni;
     Ok(Arc::new(config))
 }
 

@@ -140,6 +140,7 @@ async fn our_client_hello_has_the_measured_ja4() {
             role: Role::Server,
             pins: &[],
             extra_roots: &[],
+            send_sni: true,
         };
         // The listener never answers; the handshake fails once it hangs up.
         let _ = tls::handshake(Box::new(tcp), &Host::Name("example.org".into()), &trust).await;

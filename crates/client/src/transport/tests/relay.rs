@@ -5,8 +5,8 @@
 //! starts with it next time.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,21 +17,24 @@ use crate::transport::endpoint::{Endpoint, RelaySettings, ServerSettings};
 use crate::transport::route::Path;
 use crate::transport::tests::support::{Cert, TlsServer, acceptor, round_trip, self_signed};
 
-/// Starts a relay to `upstream` on `path`; returns its address and a count of tunnels.
-async fn relay(
-    cert: &Cert,
-    upstream: SocketAddr,
-    path: &'static str,
-) -> (SocketAddr, Arc<AtomicUsize>) {
+/// What a test relay reports: its address, how many tunnels it opened, every byte it
+/// forwarded upstream.
+type RelayHandle = (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<u8>>>);
+
+/// Starts a relay to `upstream` on `path`.
+async fn relay(cert: &Cert, upstream: SocketAddr, path: &'static str) -> RelayHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = acceptor(cert);
     let tunnels = Arc::new(AtomicUsize::new(0));
     let count = tunnels.clone();
+    let forwarded = Arc::new(Mutex::new(Vec::new()));
+    let log = forwarded.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let count = count.clone();
+            let log = log.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 // The callback's error type is tungstenite's, large by its design.
@@ -50,7 +53,10 @@ async fn relay(
                 loop {
                     tokio::select! {
                         msg = ws.next() => match msg {
-                            Some(Ok(Message::Binary(b))) => up.write_all(&b).await.unwrap(),
+                            Some(Ok(Message::Binary(b))) => {
+                                log.lock().unwrap().extend_from_slice(&b);
+                                up.write_all(&b).await.unwrap();
+                            }
                             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                             Some(Ok(_)) => {}
                         },
@@ -72,7 +78,7 @@ async fn relay(
             });
         }
     });
-    (addr, tunnels)
+    (addr, tunnels, forwarded)
 }
 
 #[tokio::test]
@@ -80,7 +86,7 @@ async fn tls_to_the_server_runs_inside_the_relay_tunnel() {
     let server_cert = self_signed(&["server.invalid"]);
     let server = TlsServer::start(&server_cert).await;
     let relay_cert = self_signed(&["localhost"]);
-    let (relay_addr, tunnels) = relay(&relay_cert, server.addr, "/secret-relay").await;
+    let (relay_addr, tunnels, forwarded) = relay(&relay_cert, server.addr, "/secret-relay").await;
     let relay_url = format!("wss://localhost:{}/secret-relay", relay_addr.port());
 
     let mut s = ServerSettings::new("wss://server.invalid/v1/ws");
@@ -96,6 +102,19 @@ async fn tls_to_the_server_runs_inside_the_relay_tunnel() {
         format!("connected to wss://server.invalid/v1/ws through relay {relay_url}")
     );
     assert_eq!(tunnels.load(Ordering::SeqCst), 1);
+    // What the relay passed on is TLS whose ClientHello does not name the server.
+    let bytes = forwarded.lock().unwrap().clone();
+    assert_eq!(bytes.first(), Some(&0x16), "a TLS handshake record");
+    assert!(
+        !bytes
+            .windows(b"server.invalid".len())
+            .any(|w| w == b"server.invalid"),
+        "the server's name went through the relay"
+    );
+    assert!(
+        !bytes.windows(6).any(|w| w == b"/v1/ws"),
+        "the ws path is inside TLS"
+    );
 
     // The inner TLS is still the server's: a wrong server pin fails through the relay too.
     let mut wrong = s.clone();
@@ -115,7 +134,7 @@ async fn the_client_moves_on_to_a_relay_and_remembers_it() {
     let server_cert = self_signed(&["localhost"]);
     let server = TlsServer::start(&server_cert).await;
     let relay_cert = self_signed(&["localhost"]);
-    let (relay_addr, tunnels) = relay(&relay_cert, server.addr, "/r").await;
+    let (relay_addr, tunnels, _) = relay(&relay_cert, server.addr, "/r").await;
     // The direct path: a listener that accepts and hangs up at once (a censor's reset).
     let blocked = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let blocked_port = blocked.local_addr().unwrap().port();
