@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use blindpost_client::{Chat, Client, Item, Member, Suite, VerifyAction};
-use clap::{Parser, Subcommand};
+use blindpost_client::{
+    Chat, Client, Item, Member, RelaySettings, ServerSettings, Suite, VerifyAction,
+};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 /// An end-to-end-encrypted messenger whose server sees only ciphertext.
@@ -22,7 +24,8 @@ struct Cli {
     /// Profile directory (local state). Default: $BLINDPOST_HOME, else the XDG data dir.
     #[arg(long, global = true, env = "BLINDPOST_HOME")]
     profile: Option<PathBuf>,
-    /// Print the full cause chain of errors.
+    /// Print the full cause chain of errors, and on stderr which way each connection went
+    /// (directly, through a proxy, through a relay).
     #[arg(short, long, global = true)]
     verbose: bool,
     #[command(subcommand)]
@@ -33,10 +36,18 @@ struct Cli {
 enum Command {
     /// Create this profile's keys and claim a username on a server.
     Setup {
-        /// Server URL, e.g. ws://127.0.0.1:7480. Repeat for several nodes of one deployment:
-        /// they are tried in turn whenever one does not answer.
-        #[arg(long = "server", required = true)]
+        /// Server URL, wss://HOST[:PORT][/PATH] (ws:// only for this machine), e.g.
+        /// wss://chat.example/v1/ws. No path means /v1/ws. Repeat for several nodes of one
+        /// deployment: they are tried in turn whenever one does not answer.
+        #[arg(long = "server", required_unless_present = "server_link")]
         servers: Vec<String>,
+        /// A server link (blindpost://connect?…, from `blindpost servers share` or
+        /// `blindpostd link`) carrying the server URLs, their pins and relays; instead of
+        /// --server.
+        #[arg(long, value_name = "LINK", conflicts_with = "servers")]
+        server_link: Option<String>,
+        #[command(flatten)]
+        connect: ConnectFlags,
         /// Username to claim (2-32 lowercase letters, digits, '_', '-', '.').
         #[arg(long)]
         username: String,
@@ -105,9 +116,26 @@ enum Command {
     /// Audit a server's key directory: verify every epoch's root and append-only proof.
     /// Needs no account. Exits non-zero on any inconsistency.
     Audit {
-        /// Server URL, e.g. ws://127.0.0.1:7480.
+        /// Server URL, e.g. wss://chat.example/v1/ws.
         #[arg(long)]
         server: String,
+        /// Accept only this TLS certificate (sha256:HEX, as `blindpostd` prints it) instead of
+        /// verifying it against the trusted roots. Repeat to accept any of several.
+        #[arg(long = "server-pin", value_name = "sha256:HEX")]
+        server_pins: Vec<String>,
+        /// Connect through this proxy: socks5h://[USER:PASS@]HOST:PORT (names resolved by the
+        /// proxy, e.g. Tor), socks5://… (resolved here) or http://… (CONNECT).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "BLINDPOST_PROXY",
+            hide_env_values = true
+        )]
+        proxy: Option<String>,
+        /// Allow ws:// (no TLS) to a host other than this machine: everything is then readable
+        /// and changeable on the network.
+        #[arg(long)]
+        insecure_plaintext: bool,
         /// Require every root to be signed by this server key (hex).
         #[arg(long, value_name = "HEX")]
         server_key: Option<String>,
@@ -130,16 +158,107 @@ enum ServersCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Add a server URL (another node of the same deployment).
+    /// Add a server URL (another node of the same deployment), with how to reach it.
     Add {
-        /// The URL, e.g. ws://node2.example:7480.
+        /// The URL, e.g. wss://node2.example/v1/ws.
         url: String,
+        #[command(flatten)]
+        connect: ConnectFlags,
     },
+    /// Print the server link of this profile (URLs, pins, relays; never a proxy) and its QR
+    /// code, for `blindpost setup --server-link` on another device.
+    Share,
     /// Remove a server URL (the last one cannot be removed).
     Remove {
         /// The URL, as listed.
         url: String,
     },
+}
+
+/// How to reach a server: TLS checks, proxy, names, relays. Stored per server.
+#[derive(Args)]
+struct ConnectFlags {
+    /// Accept only this TLS certificate (sha256:HEX of the certificate, as `blindpostd`
+    /// prints it as `tls certificate sha256:…`) instead of verifying it against the trusted
+    /// roots: for self-signed servers. Repeat to accept any of several (rotation).
+    #[arg(long = "server-pin", value_name = "sha256:HEX")]
+    server_pins: Vec<String>,
+    /// Connect through this proxy: socks5h://[USER:PASS@]HOST:PORT (names resolved by the
+    /// proxy: Tor, Orbot, Psiphon, Xray, sing-box), socks5://… (names resolved here) or
+    /// http://[USER:PASS@]HOST:PORT (CONNECT). No DNS lookup of the server leaves the proxy
+    /// with socks5h:// and http://.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "BLINDPOST_PROXY",
+        hide_env_values = true
+    )]
+    proxy: Option<String>,
+    /// Allow ws:// (no TLS) to a host other than this machine. Everything (receive secrets,
+    /// tokens, usernames) then crosses the network readable and changeable: only for a
+    /// network you fully trust.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Send this TLS server name (SNI) instead of the URL's host, e.g. a CDN's front name.
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// Open the TCP connection to HOST:PORT instead of the URL's host (the WebSocket Host
+    /// header stays the URL's host), e.g. a CDN edge.
+    #[arg(long, value_name = "HOST:PORT")]
+    connect_to: Option<String>,
+    /// A volunteer relay, wss://HOST[:PORT]/PATH, tried when the direct path fails (the
+    /// relay sees only TLS to the server). Repeat for several.
+    #[arg(long = "relay", value_name = "URL")]
+    relays: Vec<String>,
+    /// The relay's certificate pin (sha256:HEX): the n-th --relay-pin belongs to the n-th
+    /// --relay. A relay without one is verified against the trusted roots.
+    #[arg(long = "relay-pin", value_name = "sha256:HEX")]
+    relay_pins: Vec<String>,
+}
+
+impl ConnectFlags {
+    /// Applies these flags to `settings`: pins and relays are added, the rest set.
+    fn apply(&self, settings: &mut ServerSettings, with_relays: bool) -> Result<()> {
+        settings.pins.extend(self.server_pins.iter().cloned());
+        if self.proxy.is_some() {
+            settings.proxy.clone_from(&self.proxy);
+        }
+        settings.insecure_plaintext |= self.insecure_plaintext;
+        if self.sni.is_some() {
+            settings.sni.clone_from(&self.sni);
+        }
+        if self.connect_to.is_some() {
+            settings.connect_to.clone_from(&self.connect_to);
+        }
+        if self.relay_pins.len() > self.relays.len() {
+            bail!(
+                "{} --relay-pin for {} --relay: the n-th pin belongs to the n-th relay",
+                self.relay_pins.len(),
+                self.relays.len()
+            );
+        }
+        if with_relays {
+            for (i, url) in self.relays.iter().enumerate() {
+                let pins = self.relay_pins.get(i).cloned().into_iter().collect();
+                settings.relays.push(RelaySettings::new(url.clone(), pins));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of `urls` with these flags: relays belong to the first server (a relay
+    /// tunnels to one node).
+    fn settings(&self, urls: Vec<ServerSettings>) -> Result<Vec<ServerSettings>> {
+        if self.connect_to.is_some() && urls.len() > 1 {
+            bail!("--connect-to names one destination; give one server with it");
+        }
+        let mut out = Vec::with_capacity(urls.len());
+        for (i, mut s) in urls.into_iter().enumerate() {
+            self.apply(&mut s, i == 0)?;
+            out.push(s);
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Subcommand)]
@@ -210,41 +329,69 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let verbose = cli.verbose;
     if let Command::Audit {
         server,
         server_key,
         json,
+        server_pins,
+        proxy,
+        insecure_plaintext,
     } = &cli.command
     {
-        return audit(server, server_key.as_deref(), *json).await;
+        let mut settings = ServerSettings::new(server.as_str());
+        settings.pins.clone_from(server_pins);
+        settings.proxy.clone_from(proxy);
+        settings.insecure_plaintext = *insecure_plaintext;
+        return audit(&settings, server_key.as_deref(), *json, verbose).await;
     }
     let dir = profile_dir(cli.profile)?;
-    let client =
+    let mut client =
         Client::open(&dir).with_context(|| format!("cannot open profile {}", dir.display()))?;
+    if verbose {
+        client.on_connect(|route| eprintln!("blindpost: {route}"));
+    }
     match cli.command {
         Command::Setup {
             servers,
+            server_link,
+            connect,
             username,
             ciphersuite,
         } => {
             let Some(suite) = Suite::from_name(&ciphersuite) else {
                 bail!("unknown ciphersuite {ciphersuite:?}: use `pq` or `classic`");
             };
-            client.setup(&servers, &username, suite).await?;
-            println!("set up as @{username} on {}", servers.join(", "));
+            let urls = match &server_link {
+                Some(link) => blindpost_client::servers_from_link(link)?,
+                None => servers.iter().map(ServerSettings::from).collect(),
+            };
+            let settings = connect.settings(urls)?;
+            client.setup(&settings, &username, suite).await?;
+            let urls: Vec<&str> = settings.iter().map(|s| s.url.as_str()).collect();
+            println!("set up as @{username} on {}", urls.join(", "));
         }
         Command::Servers { command } => match command {
             ServersCommand::List { json } => {
-                for url in client.servers()? {
+                for s in client.server_settings()? {
                     if json {
-                        println!("{}", json!({ "url": url }));
+                        println!("{}", server_json(&s));
                     } else {
-                        println!("{url}");
+                        println!("{}", s.url);
                     }
                 }
             }
-            ServersCommand::Add { url } => client.add_server(&url)?,
+            ServersCommand::Add { url, connect } => {
+                let mut settings = ServerSettings::new(url);
+                connect.apply(&mut settings, true)?;
+                client.add_server(settings)?;
+            }
             ServersCommand::Remove { url } => client.remove_server(&url)?,
+            ServersCommand::Share => {
+                let link = client.share_link()?;
+                println!("{link}");
+                print_qr(&link);
+            }
         },
         Command::Send {
             target,
@@ -374,17 +521,34 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Audit {
-            server,
-            server_key,
-            json,
-        } => audit(&server, server_key.as_deref(), json).await?,
+        // Handled before the profile is opened.
+        Command::Audit { .. } => {}
     }
     Ok(())
 }
 
+/// A server's settings as `servers list --json` shows them: every field, the proxy's
+/// password redacted.
+fn server_json(s: &ServerSettings) -> serde_json::Value {
+    let s = s.redacted();
+    json!({
+        "url": s.url,
+        "pins": s.pins,
+        "proxy": s.proxy,
+        "sni": s.sni,
+        "connect_to": s.connect_to,
+        "insecure_plaintext": s.insecure_plaintext,
+        "relays": s.relays.iter().map(|r| json!({ "url": r.url, "pins": r.pins })).collect::<Vec<_>>(),
+    })
+}
+
 /// `blindpost audit`: the whole directory history, one verdict.
-async fn audit(server: &str, server_key: Option<&str>, json: bool) -> Result<()> {
+async fn audit(
+    server: &ServerSettings,
+    server_key: Option<&str>,
+    json: bool,
+    verbose: bool,
+) -> Result<()> {
     let pinned = match server_key {
         Some(h) => {
             let bytes = hex::decode(h).context("--server-key is not hex")?;
@@ -395,7 +559,12 @@ async fn audit(server: &str, server_key: Option<&str>, json: bool) -> Result<()>
         }
         None => None,
     };
-    match blindpost_client::audit(server, pinned).await {
+    let on_connect = |route: &blindpost_client::Route| {
+        if verbose {
+            eprintln!("blindpost: {route}");
+        }
+    };
+    match blindpost_client::audit(server, pinned, on_connect).await {
         Ok(report) => {
             if json {
                 println!(

@@ -577,3 +577,85 @@ fn three_nodes_on_postgres_lose_nothing_when_one_is_killed() {
     let alice_got = alice.receive_texts();
     assert_exactly_once("alice", &from_bob_team, &alice_got);
 }
+
+#[test]
+fn server_settings_are_stored_listed_without_passwords_shared_as_a_link_and_v_tells_the_way() {
+    let server = Server::start();
+    let pin = format!("sha256:{}", "ab".repeat(32));
+    let alice = User::fresh("alice");
+    alice.ok(&["setup", "--server", &server.url, "--username", "alice"]);
+    // Relays carry TLS to the server, so a ws:// server cannot have one.
+    let err = alice.fails(&[
+        "servers",
+        "add",
+        "ws://127.0.0.1:1",
+        "--relay",
+        "wss://r.invalid/r",
+    ]);
+    assert!(err.contains("must be wss://"), "{err}");
+    alice.ok(&[
+        "servers",
+        "add",
+        "wss://node2.invalid/secret",
+        "--relay",
+        "wss://relay.invalid/r",
+        "--relay-pin",
+        &pin,
+        "--server-pin",
+        &pin,
+        "--proxy",
+        "socks5h://tor:hunter2@127.0.0.1:9050",
+        "--sni",
+        "front.invalid",
+    ]);
+    let listed = alice.json(&["servers", "list"]);
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["relays"], serde_json::json!([]));
+    assert_eq!(listed[1]["relays"][0]["url"], "wss://relay.invalid/r");
+    assert_eq!(listed[1]["relays"][0]["pins"][0], pin.as_str());
+    assert_eq!(listed[1]["url"], "wss://node2.invalid/secret");
+    assert_eq!(listed[1]["pins"][0], pin.as_str());
+    assert_eq!(listed[1]["proxy"], "socks5h://tor:***@127.0.0.1:9050");
+    assert_eq!(listed[1]["sni"], "front.invalid");
+    let shown = alice.ok(&["servers", "list", "--json"]);
+    assert!(!shown.contains("hunter2"), "{shown}");
+
+    let shared = alice.ok(&["servers", "share"]);
+    let link = shared.lines().next().unwrap();
+    assert!(link.starts_with("blindpost://connect?server="), "{link}");
+    assert!(
+        link.contains("wss://node2.invalid/secret") && link.contains("relay=wss://relay.invalid/r")
+    );
+    assert!(
+        !shared.contains("hunter2") && !shared.contains("9050"),
+        "{shared}"
+    );
+    assert!(shared.lines().count() > 5, "a QR code follows the link");
+
+    // Another device sets up from a link.
+    let bob = User::fresh("bob");
+    let link = format!("blindpost://connect?server={}", server.url);
+    bob.ok(&["setup", "--server-link", &link, "--username", "bob"]);
+    alice.ok(&["send", "@bob", "linked"]);
+    let out = bob.run(&["-v", "receive", "--json"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "blindpost: connected to {}/v1/ws directly",
+            server.url
+        )),
+        "{said}"
+    );
+
+    let err = User::fresh("carol").fails(&[
+        "setup",
+        "--server",
+        &server.url,
+        "--relay-pin",
+        &pin,
+        "--username",
+        "carol",
+    ]);
+    assert!(err.contains("--relay-pin"), "{err}");
+}

@@ -71,9 +71,15 @@ pub enum Error {
     KeyChanged(String),
 
     // --- the network -----------------------------------------------------------------------
-    /// The server could not be reached or the connection broke.
+    /// The server could not be reached or the connection broke. With several servers or
+    /// relays, one summary per failed attempt, separated by `; `.
     #[error("server unreachable: {0}")]
     Unreachable(String),
+    /// A server's or relay's TLS certificate matched neither its pins nor (without pins) the
+    /// trusted roots. Someone may be intercepting the connection; nothing was sent over it
+    /// and no other check was tried in its place.
+    #[error("{0}")]
+    Certificate(String),
 
     // --- local state --------------------------------------------------------------------------
     /// The local store failed.

@@ -21,6 +21,7 @@ mod nilpack;
 mod ops;
 mod payload;
 mod safety;
+mod server_link;
 mod signer;
 mod store;
 mod sync;
@@ -34,8 +35,12 @@ pub use error::{Error, Result};
 pub use mls::{CLASSIC_CIPHERSUITE, DEFAULT_CIPHERSUITE, MAX_PAST_EPOCHS, Suite};
 pub use ops::{AuditReport, Verification, VerifyAction, audit};
 pub use safety::SafetyNumber;
+pub use server_link::servers_from_link;
 pub use signer::DeviceSigner;
-pub use transport::ws_url;
+pub use transport::{
+    BoxIo, Io, KEEPALIVE, MAX_PINS, MAX_RELAYS, RelaySettings, Route, ServerSettings,
+    open_websocket, ws_url,
+};
 
 use store::{ChatRow, ItemRow, Store};
 
@@ -51,10 +56,20 @@ pub(crate) fn parse_servers(stored: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// The profile key holding every server's settings, a JSON array of [`ServerSettings`].
+const SERVERS_KEY: &str = "servers";
+/// The older profile key: server URLs, one per line (still written, for older readers).
+const LEGACY_SERVER_KEY: &str = "server";
+/// The profile key prefix under which the path that last worked is remembered per server URL.
+const ROUTE_KEY_PREFIX: &str = "route/";
+
 /// Number of one-time key packages a device keeps on the server.
 pub const KEY_PACKAGE_TARGET: usize = 10;
 /// Top up when fewer than this many remain.
 pub const KEY_PACKAGE_LOW_WATER: u32 = 5;
+
+/// What [`Client::on_connect`] stores.
+type RouteObserver = Box<dyn Fn(&Route) + Send + Sync>;
 
 /// A client over one profile directory.
 pub struct Client {
@@ -63,6 +78,8 @@ pub struct Client {
     /// Index (into the profile's server list) of the server to try first: the last one that
     /// answered, moved on when a connection drops.
     preferred_server: std::sync::atomic::AtomicUsize,
+    /// Told the way each connection went (see [`Client::on_connect`]).
+    route_observer: Option<RouteObserver>,
 }
 
 /// Something to show the user: a message or a membership change.
@@ -123,6 +140,7 @@ impl Client {
             dir,
             store,
             preferred_server: std::sync::atomic::AtomicUsize::new(0),
+            route_observer: None,
         })
     }
 
@@ -136,32 +154,64 @@ impl Client {
         self.store.get_str("username")
     }
 
+    /// Calls `observer` with the way every connection to a server went (directly, through a
+    /// proxy, through a relay), each time one is opened: what `blindpost -v` shows.
+    pub fn on_connect(&mut self, observer: impl Fn(&Route) + Send + Sync + 'static) {
+        self.route_observer = Some(Box::new(observer));
+    }
+
+    pub(crate) fn observe(&self, route: &Route) {
+        if let Some(observer) = &self.route_observer {
+            observer(route);
+        }
+    }
+
     /// The server URLs, in the order they are tried (empty before setup). Every URL names a
     /// node of the same deployment (one shared database).
     pub fn servers(&self) -> Result<Vec<String>> {
-        Ok(parse_servers(self.store.get_str("server")?.as_deref()))
+        Ok(self.server_settings()?.into_iter().map(|s| s.url).collect())
     }
 
-    /// Adds a server URL to the end of the list (after checking its form). Adding one that
+    /// Every server's settings, in the order they are tried (empty before setup). A profile
+    /// from before settings were stored yields URLs with default settings.
+    pub fn server_settings(&self) -> Result<Vec<ServerSettings>> {
+        if let Some(json) = self.store.get_str(SERVERS_KEY)? {
+            return serde_json::from_str(&json).map_err(|e| {
+                Error::Invalid(format!("the profile's server settings are unreadable: {e}"))
+            });
+        }
+        Ok(
+            parse_servers(self.store.get_str(LEGACY_SERVER_KEY)?.as_deref())
+                .into_iter()
+                .map(ServerSettings::new)
+                .collect(),
+        )
+    }
+
+    /// Adds a server (after checking its settings) to the end of the list. Adding a URL that
     /// is already listed is an error.
-    pub fn add_server(&self, url: &str) -> Result<()> {
-        crate::transport::ws_url(url)?;
-        let mut servers = self.servers()?;
+    pub fn add_server(&self, settings: impl Into<ServerSettings>) -> Result<()> {
+        let settings = settings.into().normalized();
+        let mut servers = self.server_settings()?;
         if servers.is_empty() {
             return Err(Error::NotSetUp);
         }
-        if servers.iter().any(|s| s == url) {
-            return Err(Error::Invalid(format!("{url} is already listed")));
+        settings.check()?;
+        if servers.iter().any(|s| s.url == settings.url) {
+            return Err(Error::Invalid(format!(
+                "{} is already listed",
+                settings.url
+            )));
         }
-        servers.push(url.to_string());
-        self.store.set("server", servers.join("\n").as_bytes())
+        servers.push(settings);
+        self.store_servers(&servers)
     }
 
-    /// Removes a server URL; the last one cannot be removed.
+    /// Removes a server by its URL; the last one cannot be removed.
     pub fn remove_server(&self, url: &str) -> Result<()> {
-        let mut servers = self.servers()?;
+        let mut servers = self.server_settings()?;
         let before = servers.len();
-        servers.retain(|s| s != url);
+        servers.retain(|s| s.url != url);
         if servers.len() == before {
             return Err(Error::Invalid(format!("{url} is not listed")));
         }
@@ -170,7 +220,37 @@ impl Client {
                 "cannot remove the only server; add another first".into(),
             ));
         }
-        self.store.set("server", servers.join("\n").as_bytes())
+        self.store.delete(&format!("{ROUTE_KEY_PREFIX}{url}"))?;
+        self.store_servers(&servers)
+    }
+
+    /// Writes the server list: the settings, and the URLs under the older key.
+    pub(crate) fn store_servers(&self, servers: &[ServerSettings]) -> Result<()> {
+        let json = serde_json::to_string(servers)
+            .map_err(|e| Error::Invalid(format!("cannot store the server settings: {e}")))?;
+        let urls = servers
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        self.store.tx(|s| {
+            s.set(SERVERS_KEY, json.as_bytes())?;
+            s.set(LEGACY_SERVER_KEY, urls.as_bytes())
+        })
+    }
+
+    /// The path that last worked for the server `url` (`direct` or a relay URL).
+    pub(crate) fn remembered_route(&self, url: &str) -> Result<Option<String>> {
+        self.store.get_str(&format!("{ROUTE_KEY_PREFIX}{url}"))
+    }
+
+    /// Remembers the path that worked for the server `url`.
+    pub(crate) fn remember_route(&self, url: &str, memo: &str) -> Result<()> {
+        if self.remembered_route(url)?.as_deref() == Some(memo) {
+            return Ok(());
+        }
+        self.store
+            .set(&format!("{ROUTE_KEY_PREFIX}{url}"), memo.as_bytes())
     }
 
     /// Items not handed out before, oldest first; each is handed out once.
@@ -334,18 +414,31 @@ mod tests {
         client.store.set("server", b"ws://a:1").unwrap();
         assert_eq!(client.servers().unwrap(), vec!["ws://a:1"]);
 
-        client.add_server("ws://b:2").unwrap();
-        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "ws://b:2"]);
-        assert!(client.add_server("ws://b:2").is_err(), "listed twice");
+        client.add_server("wss://b:2").unwrap();
+        assert_eq!(client.servers().unwrap(), vec!["ws://a:1", "wss://b:2"]);
+        assert!(client.add_server("wss://b:2").is_err(), "listed twice");
         assert!(client.add_server("http://c:3").is_err(), "not a ws:// URL");
+        let err = client.add_server("ws://c:3").unwrap_err();
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
         assert!(client.remove_server("ws://nope:9").is_err());
         client.remove_server("ws://a:1").unwrap();
-        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert_eq!(client.servers().unwrap(), vec!["wss://b:2"]);
+        // The settings are stored as JSON; the URLs also under the old key.
+        assert_eq!(
+            client.store.get_str("server").unwrap().unwrap(),
+            "wss://b:2"
+        );
+        let mut relayed = ServerSettings::new("wss://d:4/p");
+        relayed.proxy = Some("socks5h://u:pw@127.0.0.1:9050".into());
+        relayed.relays = vec![RelaySettings::new("wss://r/q", vec![])];
+        client.add_server(relayed.clone()).unwrap();
+        assert_eq!(client.server_settings().unwrap()[1], relayed);
+        client.remove_server("wss://d:4/p").unwrap();
         assert!(
-            client.remove_server("ws://b:2").is_err(),
+            client.remove_server("wss://b:2").is_err(),
             "the last server stays"
         );
-        assert_eq!(client.servers().unwrap(), vec!["ws://b:2"]);
+        assert_eq!(client.servers().unwrap(), vec!["wss://b:2"]);
     }
 
     #[tokio::test]
@@ -367,7 +460,10 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let client = Client::open(dir.path()).unwrap();
-        let servers = vec![dead.clone(), live_url];
+        let servers = vec![
+            ServerSettings::new(dead.clone()),
+            ServerSettings::new(live_url),
+        ];
         client.connect(&servers).await.unwrap().close().await;
         assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
         // After a drop the client tries the next one first (here: round to the dead one,
@@ -376,6 +472,7 @@ mod tests {
         client.connect(&servers).await.unwrap().close().await;
         assert_eq!(client.preferred_server.load(Ordering::Relaxed), 1);
         // With every server dead, the error names each failure.
+        let dead = ServerSettings::new(dead);
         let err = client.connect(&[dead.clone(), dead]).await.err().unwrap();
         assert!(
             matches!(err, Error::Unreachable(ref m) if m.contains(';')),

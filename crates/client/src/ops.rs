@@ -27,7 +27,7 @@ use crate::safety::SafetyNumber;
 use crate::signer::DeviceSigner;
 use crate::store::{ItemRow, MemberCheck, MemberState, ProfileLock};
 use crate::sync::{be_u64, merge_own_commit};
-use crate::transport::Connection;
+use crate::transport::{Connection, Endpoint, Route as NetRoute, ServerSettings, memo, order};
 use crate::{Client, Item, KEY_PACKAGE_LOW_WATER, KEY_PACKAGE_TARGET, now_secs, random_bytes};
 
 /// How often one operation retries after losing an epoch race before giving up.
@@ -44,8 +44,8 @@ const CLAIM_PATIENCE: Duration = Duration::from_secs(75);
 /// What a profile knows about itself.
 pub(crate) struct Profile {
     pub(crate) username: String,
-    /// Server URLs, tried in turn (see [`Client::connect`]).
-    pub(crate) servers: Vec<String>,
+    /// Servers, tried in turn (see [`Client::connect`]).
+    pub(crate) servers: Vec<ServerSettings>,
     pub(crate) suite: Suite,
     pub(crate) signer: DeviceSigner,
     pub(crate) identity: SigningKey,
@@ -133,9 +133,8 @@ struct PreparedCommit {
 impl Client {
     pub(crate) fn load_profile(&self) -> Result<Profile> {
         let s = &self.store;
-        let (Some(username), Some(server), Some(suite), Some(sig_pub), Some(id_secret)) = (
+        let (Some(username), Some(suite), Some(sig_pub), Some(id_secret)) = (
             s.get_str("username")?,
-            s.get_str("server")?,
             s.get_str("suite")?,
             s.get("signature_public")?,
             s.get("identity_secret")?,
@@ -156,7 +155,7 @@ impl Client {
             .as_slice()
             .try_into()
             .map_err(|_| Error::Mls("corrupt identity key in profile".into()))?;
-        let servers = crate::parse_servers(Some(&server));
+        let servers = self.server_settings()?;
         if servers.is_empty() {
             return Err(Error::NotSetUp);
         }
@@ -186,22 +185,31 @@ impl Client {
     }
 
     /// Connects to the first server of `servers` that answers, starting with the preferred
-    /// one and going round the list once; the one that answered becomes preferred.
-    pub(crate) async fn connect(&self, servers: &[String]) -> Result<Connection> {
+    /// one and going round the list once; the one that answered becomes preferred. Each
+    /// server is tried on each of its paths (direct, relays), the one that last worked first,
+    /// and the path that worked is remembered in the profile. A refused certificate or
+    /// invalid settings stop the search at once.
+    pub(crate) async fn connect(&self, servers: &[ServerSettings]) -> Result<Connection> {
         let start = self.preferred_server.load(Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..servers.len() {
             let index = (start + i) % servers.len();
-            match Connection::connect(&servers[index]).await {
-                Ok(conn) => {
-                    self.preferred_server.store(index, Ordering::Relaxed);
-                    return Ok(conn);
+            let endpoint = Endpoint::parse(&servers[index])?;
+            let remembered = self.remembered_route(&servers[index].url)?;
+            for path in order(&endpoint, remembered.as_deref()) {
+                match Connection::open(&endpoint, path).await {
+                    Ok((conn, route)) => {
+                        self.preferred_server.store(index, Ordering::Relaxed);
+                        self.remember_route(&servers[index].url, &memo(&endpoint, path))?;
+                        self.observe(&route);
+                        return Ok(conn);
+                    }
+                    Err(Error::Unreachable(reason)) => {
+                        tracing::info!(%reason, "path failed; trying the next");
+                        failures.push(reason);
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(Error::Unreachable(reason)) => {
-                    tracing::info!(%reason, "server unreachable; trying the next");
-                    failures.push(reason);
-                }
-                Err(e) => return Err(e),
             }
         }
         Err(Error::Unreachable(failures.join("; ")))
@@ -214,7 +222,17 @@ impl Client {
 
     /// Create the profile: identity and device keys, a key-package box, and the username.
     /// `servers` are nodes of one deployment, tried in turn whenever one does not answer.
-    pub async fn setup(&self, servers: &[String], username: &str, suite: Suite) -> Result<()> {
+    /// Each server's settings (pins, proxy, relays, …) are checked and stored with it.
+    pub async fn setup<S: Clone + Into<ServerSettings>>(
+        &self,
+        servers: &[S],
+        username: &str,
+        suite: Suite,
+    ) -> Result<()> {
+        let servers: Vec<ServerSettings> = servers
+            .iter()
+            .map(|s| s.clone().into().normalized())
+            .collect();
         let _lock = ProfileLock::acquire(&self.dir)?;
         if let Some(name) = self.store.get_str("username")? {
             return Err(Error::AlreadySetUp(name));
@@ -226,14 +244,15 @@ impl Client {
             return Err(Error::Invalid("name at least one server".into()));
         }
         for (i, server) in servers.iter().enumerate() {
-            crate::transport::ws_url(server)?;
-            if server.contains(char::is_whitespace) || servers[..i].contains(server) {
+            server.check()?;
+            if servers[..i].iter().any(|s| s.url == server.url) {
                 return Err(Error::Invalid(format!(
-                    "server URL {server:?} is malformed or listed twice"
+                    "server URL {:?} is listed twice",
+                    server.url
                 )));
             }
         }
-        let mut conn = self.connect(servers).await?;
+        let mut conn = self.connect(&servers).await?;
         let signer =
             SignatureKeyPair::new(suite.ciphersuite().signature_algorithm()).map_err(Error::mls)?;
         let identity = SigningKey::from_bytes(&random_bytes::<32>());
@@ -245,12 +264,12 @@ impl Client {
             s.set("identity_secret", identity.as_bytes())?;
             s.set("box_id", &box_id)?;
             s.set("box_secret", &box_secret)?;
-            s.set("suite", suite.name().as_bytes())?;
-            s.set("server", servers.join("\n").as_bytes())
+            s.set("suite", suite.name().as_bytes())
         })?;
+        self.store_servers(&servers)?;
         let profile = Profile {
             username: username.to_string(),
-            servers: servers.to_vec(),
+            servers,
             suite,
             signer: DeviceSigner::new(signer),
             identity,
@@ -607,9 +626,30 @@ pub struct AuditReport {
 /// Audits a server's whole directory history (no account needed): fetches every epoch's
 /// signed root and append-only proof and verifies each root's signature (all by one key, or
 /// by `pinned` when given), that consecutive answers agree on each root, and that every
-/// epoch extends the previous one. Any inconsistency is [`Error::DirectoryAlarm`].
-pub async fn audit(server: &str, pinned: Option<[u8; 32]>) -> Result<AuditReport> {
-    let mut conn = Connection::connect(server).await?;
+/// epoch extends the previous one. Any inconsistency is [`Error::DirectoryAlarm`]. The
+/// server is reached as `server` says (pins, proxy, relays); `on_connect` is told the way.
+pub async fn audit(
+    server: &ServerSettings,
+    pinned: Option<[u8; 32]>,
+    on_connect: impl FnOnce(&NetRoute),
+) -> Result<AuditReport> {
+    let endpoint = Endpoint::parse(server)?;
+    let mut failures = Vec::new();
+    let mut opened = None;
+    for path in order(&endpoint, None) {
+        match Connection::open(&endpoint, path).await {
+            Ok(o) => {
+                opened = Some(o);
+                break;
+            }
+            Err(Error::Unreachable(reason)) => failures.push(reason),
+            Err(e) => return Err(e),
+        }
+    }
+    let Some((mut conn, route)) = opened else {
+        return Err(Error::Unreachable(failures.join("; ")));
+    };
+    on_connect(&route);
     let body = conn.call(Request::DirectoryRoot(DirectoryRoot {})).await?;
     let response::Body::SignedRoot(latest) = body else {
         return Err(Error::BadServerReply(
