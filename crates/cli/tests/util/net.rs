@@ -173,16 +173,34 @@ pub fn free_port(ip: &str) -> u16 {
         .port()
 }
 
-/// `microsocks` on `ip:port`, with `prefix` (e.g. `ip netns exec NS`) in front if given.
-pub fn microsocks(ip: &str, port: u16) -> Child {
+/// A child process killed on drop.
+pub struct Guard(pub Child);
+
+impl Guard {
+    /// Kills it now and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `microsocks` (a real SOCKS5 server) on `ip:port`, once it accepts connections.
+pub fn microsocks(ip: &str, port: u16) -> Guard {
     let child = Command::new("microsocks")
         .args(["-i", ip, "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("microsocks starts");
+    let guard = Guard(child);
     wait_for_port(ip, port);
-    child
+    guard
 }
 
 /// Waits (bounded) until something accepts TCP connections on `ip:port`.
