@@ -113,7 +113,48 @@ async fn websocket(
     url: &WsUrl,
     config: WebSocketConfig,
 ) -> Result<WebSocketStream<BoxIo>, tungstenite::Error> {
+    let request = padded_request(&url.full())?;
     let (ws, _response) =
-        tokio_tungstenite::client_async_with_config(url.full(), io, Some(config)).await?;
+        tokio_tungstenite::client_async_with_config(request, io, Some(config)).await?;
     Ok(ws)
+}
+
+/// The header that pads the upgrade request.
+const PAD_HEADER: &str = "x-pad";
+
+/// The upgrade request for `url`, padded with one header to a frame size bucket, so the first
+/// flight inside TLS does not tell the length of the host or the secret path.
+fn padded_request(
+    url: &str,
+) -> Result<tungstenite::handshake::client::Request, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest as _;
+    let mut request = url.into_client_request()?;
+    let (bytes, _key) = tungstenite::handshake::client::generate_request(request.clone())?;
+    // `name: value\r\n`
+    let unpadded = bytes.len() + PAD_HEADER.len() + 4;
+    let fill = blindpost_wire::padded_len(unpadded) - unpadded;
+    let value = tungstenite::http::HeaderValue::from_str(&"0".repeat(fill))
+        .map_err(|e| tungstenite::Error::HttpFormat(e.into()))?;
+    request.headers_mut().insert(PAD_HEADER, value);
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_requests_fall_in_size_buckets_whatever_the_host_and_path() {
+        let mut sizes = Vec::new();
+        for url in [
+            "wss://h/v1/ws",
+            "wss://chat.example.org:8443/a-much-longer-secret-path-0123456789",
+            "wss://[2001:db8::1]/p",
+        ] {
+            let request = padded_request(url).unwrap();
+            let (bytes, _) = tungstenite::handshake::client::generate_request(request).unwrap();
+            sizes.push(bytes.len());
+        }
+        assert!(sizes.iter().all(|&n| n == 256), "{sizes:?}");
+    }
 }
