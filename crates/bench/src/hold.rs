@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use blindpost_client::ServerSettings;
 use blindpost_wire::{CreateQueue, Request, Subscribe};
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -42,7 +43,7 @@ pub struct Summary {
 /// Open up to `want` connections (all the descriptor limit allows when `None`) spread over
 /// `servers`, hold them for `hold`, and measure the servers `pids`.
 pub async fn run(
-    servers: &[String],
+    servers: &[ServerSettings],
     pids: &[u32],
     want: Option<usize>,
     hold: Duration,
@@ -107,7 +108,7 @@ pub async fn run(
 }
 
 /// One idle device: connect, create a queue, subscribe it with push.
-async fn open_one(server: &str) -> Result<Ws> {
+async fn open_one(server: &ServerSettings) -> Result<Ws> {
     let mut ws = connect(server).await?;
     let mut random = [0u8; 80];
     getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("OS random source: {e}"))?;

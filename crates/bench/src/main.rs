@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use blindpost_client::{RelaySettings, ServerSettings};
 use clap::Parser;
 use serde::Serialize;
 
@@ -33,14 +34,30 @@ use stats::Percentiles;
 #[derive(Parser)]
 #[command(name = "blindpost-bench", version)]
 struct Args {
-    /// Server URL (`ws://host:port`); repeat to spread devices over several nodes.
+    /// Server URL (`ws://host:port` or `wss://host:port`); repeat to spread devices over
+    /// several nodes.
     #[arg(long, value_name = "URL", required_unless_present = "spawn_server")]
     server: Vec<String>,
+    /// Certificate pin (`sha256:HEX`, the server's `tls certificate` line) for every
+    /// `wss://` server; repeatable.
+    #[arg(long, value_name = "PIN")]
+    server_pin: Vec<String>,
+    /// A relay (`wss://host:port/PATH`) every server is also reached through, tried after the
+    /// direct path as the client does; repeatable.
+    #[arg(long, value_name = "URL")]
+    relay: Vec<String>,
+    /// The pin of a relay's certificate: the n-th `--relay-pin` goes with the n-th `--relay`.
+    #[arg(long, value_name = "PIN", requires = "relay")]
+    relay_pin: Vec<String>,
     /// Start this `blindpostd` binary on 127.0.0.1 with a fresh data directory and the
     /// per-connection request rate limit lifted, measure it (start-to-ready, idle RSS, CPU,
     /// RSS) and stop it at the end, instead of --server.
     #[arg(long, value_name = "PATH", conflicts_with = "server")]
     spawn_server: Option<PathBuf>,
+    /// With --spawn-server: start it with `--tls self-signed` (admin listener on a free
+    /// port) and connect over `wss://` with the pin it prints.
+    #[arg(long, requires = "spawn_server")]
+    spawn_tls: bool,
     /// PID of a server process to measure (CPU, RSS from /proc); repeat for several nodes.
     #[arg(long, value_name = "PID")]
     server_pid: Vec<u32>,
@@ -107,6 +124,9 @@ const WRITER_THREAD: &str = "sqlite-writer";
 struct Summary {
     mode: &'static str,
     servers: Vec<String>,
+    /// The relays every server was also reached through (`--relay`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    relays: Vec<String>,
     conversations: usize,
     group_size: usize,
     devices: usize,
@@ -186,7 +206,15 @@ impl Drop for Spawned {
     }
 }
 
-fn spawn_server(bin: &PathBuf) -> Result<(Spawned, String)> {
+/// A server this tool started, and the settings to reach it.
+struct SpawnedAt {
+    server: Spawned,
+    url: String,
+    /// With TLS: the pin of its self-signed certificate.
+    pin: Option<String>,
+}
+
+fn spawn_server(bin: &PathBuf, tls: bool) -> Result<SpawnedAt> {
     let data = tempfile::tempdir()?;
     // The per-connection rate limits guard against abusive clients; a load test's senders
     // would hit the request limit and measure it instead of the relay, and a group's creator
@@ -198,12 +226,19 @@ fn spawn_server(bin: &PathBuf) -> Result<(Spawned, String)> {
          claims_per_minute = 1000000\nclaim_burst = 1000000\n",
     )?;
     let started = Instant::now();
-    let mut child = Command::new(bin)
+    let mut command = Command::new(bin);
+    command
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(data.path().join("data"))
-        .args(["--max-connections", "1000000", "--log", "warn"])
+        .args(["--max-connections", "1000000", "--log", "warn"]);
+    if tls {
+        // With TLS, /healthz and /metrics move to an admin listener (default 127.0.0.1:7481,
+        // which two spawned servers would both want).
+        command.args(["--tls", "self-signed", "--admin-listen", "127.0.0.1:0"]);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -212,24 +247,65 @@ fn spawn_server(bin: &PathBuf) -> Result<(Spawned, String)> {
         .stdout
         .take()
         .ok_or_else(|| anyhow!("no stdout from the server"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    let mut stdout = BufReader::new(stdout);
+    let mut next_line = |what: &str| -> Result<String> {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let line = line.trim();
+        line.strip_prefix(what)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("expected {what:?}… from the server, got {line:?}"))
+    };
+    let addr = next_line("blindpostd listening on ")?;
     let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let addr = line
-        .trim()
-        .strip_prefix("blindpostd listening on ")
-        .ok_or_else(|| anyhow!("unexpected first line from the server: {line:?}"))?
-        .to_string();
+    let pin = if tls {
+        let pin = next_line("tls certificate ")?;
+        next_line("blindpostd admin listening on ")?;
+        Some(pin)
+    } else {
+        None
+    };
+    // Keep reading whatever else it prints, so a later line never meets a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let idle_rss_kib = stats::sample(child.id())?.rss_kib;
-    Ok((
-        Spawned {
+    let scheme = if tls { "wss" } else { "ws" };
+    Ok(SpawnedAt {
+        server: Spawned {
             child,
             _data: data,
             ready_ms,
             idle_rss_kib,
         },
-        format!("ws://{addr}"),
-    ))
+        url: format!("{scheme}://{addr}"),
+        pin,
+    })
+}
+
+/// The settings of every server from the flags: each URL with every `--server-pin` and every
+/// `--relay` (the n-th `--relay-pin` with the n-th relay).
+fn server_settings(args: &Args) -> Result<Vec<ServerSettings>> {
+    if args.relay_pin.len() > args.relay.len() {
+        bail!("more --relay-pin than --relay (the n-th pin goes with the n-th relay)");
+    }
+    let relays: Vec<RelaySettings> = args
+        .relay
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            RelaySettings::new(url, args.relay_pin.get(i).cloned().into_iter().collect())
+        })
+        .collect();
+    args.server
+        .iter()
+        .map(|url| {
+            let mut s = ServerSettings::new(url);
+            s.pins = args.server_pin.clone();
+            s.relays = relays.clone();
+            s.check()
+                .with_context(|| format!("the settings of {url}"))?;
+            Ok(s)
+        })
+        .collect()
 }
 
 fn run(mut args: Args) -> Result<()> {
@@ -246,27 +322,29 @@ fn run(mut args: Args) -> Result<()> {
     }
     let spawned = match &args.spawn_server {
         Some(bin) => {
-            let (s, url) = spawn_server(bin)?;
-            args.server = vec![url];
-            args.server_pid.push(s.child.id());
-            Some(s)
+            let at = spawn_server(bin, args.spawn_tls)?;
+            args.server = vec![at.url];
+            args.server_pin.extend(at.pin);
+            args.server_pid.push(at.server.child.id());
+            Some(at.server)
         }
         None => None,
     };
+    let servers = server_settings(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let summary_json = if let Some(n) = args.hold {
         let want = (n > 0).then_some(n);
         let summary = rt.block_on(hold::run(
-            &args.server,
+            &servers,
             &args.server_pid,
             want,
             Duration::from_secs(2),
         ))?;
         serde_json::to_string(&summary)?
     } else {
-        let summary = load(&args, &rt, spawned.as_ref())?;
+        let summary = load(&args, &servers, &rt, spawned.as_ref())?;
         if !args.json {
             print_human(&summary);
         }
@@ -277,7 +355,12 @@ fn run(mut args: Args) -> Result<()> {
     Ok(())
 }
 
-fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) -> Result<Summary> {
+fn load(
+    args: &Args,
+    servers: &[ServerSettings],
+    rt: &tokio::runtime::Runtime,
+    spawned: Option<&Spawned>,
+) -> Result<Summary> {
     let temp;
     let root = match &args.work_dir {
         Some(d) => d.clone(),
@@ -290,7 +373,7 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     getrandom::fill(&mut run_id).map_err(|e| anyhow!("OS random source: {e}"))?;
     let run_id: String = run_id.iter().map(|b| format!("{b:02x}")).collect();
     let plan = setup::Plan {
-        servers: args.server.clone(),
+        servers: servers.to_vec(),
         conversations: args.pairs,
         group_size: args.group_size,
         pool: args.pool,
@@ -354,6 +437,7 @@ fn load(args: &Args, rt: &tokio::runtime::Runtime, spawned: Option<&Spawned>) ->
     let mut summary = Summary {
         mode: "load",
         servers: args.server.clone(),
+        relays: args.relay.clone(),
         conversations: args.pairs,
         group_size: args.group_size,
         devices: args.pairs * args.group_size,

@@ -10,35 +10,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use blindpost_client::{BoxIo, ServerSettings};
 use blindpost_wire::{
     self as wire, Ack, ClientFrame, Post, Request, Subscribe, response, server_frame,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+use tokio_tungstenite::{WebSocketStream, tungstenite};
 
 use crate::setup::Conversation;
 use crate::stats::Latencies;
 
-/// A WebSocket to blindpostd.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A WebSocket to blindpostd (plain, TLS, or TLS inside a relay's tunnel).
+pub type Ws = WebSocketStream<BoxIo>;
 
-/// Open a WebSocket with small buffers (the tool may hold many).
-pub async fn connect(server: &str) -> Result<Ws> {
-    let url = blindpost_client::ws_url(server)?;
+/// Open a WebSocket the way the client does (`ws://`, or `wss://` with the settings' pins,
+/// directly or through one of its relays), with small buffers (the tool may hold many).
+pub async fn connect(server: &ServerSettings) -> Result<Ws> {
     let mut config = tungstenite::protocol::WebSocketConfig::default();
     config.max_message_size = Some(wire::limits::MAX_FRAME_BYTES + 64 * 1024);
     config.max_frame_size = Some(wire::limits::MAX_FRAME_BYTES + 64 * 1024);
     config.read_buffer_size = 4096;
     config.write_buffer_size = 0;
-    let (ws, _) = tokio::time::timeout(
+    let url = &server.url;
+    let (ws, _route) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true),
+        blindpost_client::open_websocket(server, config),
     )
     .await
-    .map_err(|_| anyhow!("connecting to {server} timed out"))?
-    .with_context(|| format!("connecting to {server}"))?;
+    .map_err(|_| anyhow!("connecting to {url} timed out"))?
+    .with_context(|| format!("connecting to {url}"))?;
     Ok(ws)
 }
 
@@ -48,8 +49,10 @@ pub async fn call(ws: &mut Ws, id: u64, request: Request) -> Result<response::Bo
         id,
         request: Some(request),
     };
-    ws.send(tungstenite::Message::Binary(wire::encode(&frame).into()))
-        .await?;
+    ws.send(tungstenite::Message::Binary(
+        wire::encode_padded(&frame).into(),
+    ))
+    .await?;
     loop {
         let msg = ws
             .next()
@@ -431,7 +434,9 @@ impl Device {
             };
             if self
                 .ws
-                .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+                .send(tungstenite::Message::Binary(
+                    wire::encode_padded(&frame).into(),
+                ))
                 .await
                 .is_err()
             {
@@ -571,7 +576,9 @@ impl Device {
                     self.next_ack_id += 2;
                     if self
                         .ws
-                        .send(tungstenite::Message::Binary(wire::encode(&frame).into()))
+                        .send(tungstenite::Message::Binary(
+                            wire::encode_padded(&frame).into(),
+                        ))
                         .await
                         .is_err()
                     {

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use blindpost_client::{BenchRoute, Client, Suite};
+use blindpost_client::{BenchRoute, Client, ServerSettings, Suite};
 use futures_util::StreamExt;
 
 /// What the tool is asked to set up.
 pub struct Plan {
-    /// Server URLs; device `d` uses `servers[d % len]`.
-    pub servers: Vec<String>,
+    /// Servers (URL, pins, relays); device `d` uses `servers[d % len]`.
+    pub servers: Vec<ServerSettings>,
     /// Number of conversations.
     pub conversations: usize,
     /// Devices per conversation (2: a 1:1 chat).
@@ -34,8 +34,8 @@ pub struct Member {
     pub dir: PathBuf,
     /// How it names the conversation (`@peer` or the group name).
     pub target: String,
-    /// The server it uses.
-    pub server: String,
+    /// The server it uses, and how to reach it.
+    pub server: ServerSettings,
     /// Where it posts and what it reads, on the wire.
     pub route: BenchRoute,
 }
@@ -153,7 +153,7 @@ async fn conversation(plan: &Plan, root: &Path, run_id: &str, c: usize) -> Resul
 /// Has each of `joiners` (profile directory, server, target) receive its Welcome, on
 /// `threads` threads with `concurrency` members at once on each. Returns them in order.
 fn join_all(
-    joiners: Vec<(PathBuf, String, String)>,
+    joiners: Vec<(PathBuf, ServerSettings, String)>,
     threads: usize,
     concurrency: usize,
 ) -> Result<Vec<Member>> {

@@ -124,3 +124,33 @@ fn hold_mode_reports_memory_per_connection() {
         "{s}"
     );
 }
+
+#[test]
+fn a_tls_run_goes_over_wss_with_the_spawned_servers_pin() {
+    let s = bench(&[
+        "--spawn-tls",
+        "--pairs",
+        "2",
+        "--duration",
+        "1",
+        "--payload",
+        "64",
+        "--pool",
+        "50",
+        "--sample-every",
+        "5",
+        "--json",
+    ]);
+    assert!(
+        s["servers"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("wss://127.0.0.1:"),
+        "{s}"
+    );
+    assert_eq!(s["errors"], 0, "{s}");
+    let posted = s["posted"].as_u64().unwrap();
+    assert!(posted > 0, "{s}");
+    assert_eq!(s["delivered_total"].as_u64().unwrap(), posted, "{s}");
+    assert_eq!(s["decrypt_failed"], 0, "{s}");
+}
