@@ -60,6 +60,40 @@ fn chat_works_over_wss_with_a_self_signed_pin_and_a_wrong_pin_is_refused() {
 }
 
 #[test]
+fn the_link_blindpostd_prints_sets_up_a_client_that_chats_and_shares_it_back() {
+    let ws_path = "/linked-path";
+    let server = TlsServer::start("127.0.0.1:0", &["--ws-path", ws_path]);
+    let relay = Relay::start("127.0.0.1:0", &server.addr, "/linked-relay");
+    let relay_url = format!("wss://{}/linked-relay", relay.addr);
+    let out = std::process::Command::new(util::bin("blindpostd"))
+        .args(["link", "--url", &format!("wss://{}", server.addr)])
+        .args(["--relay", &relay_url, "--relay-pin", &relay.pin])
+        .args(["--tls", "self-signed", "--ws-path", ws_path, "--data"])
+        .arg(&server.data)
+        .output()
+        .expect("blindpostd link runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let link = stdout.lines().next().expect("the link line").to_string();
+    assert!(link.starts_with("blindpost://connect?"), "{link}");
+    assert!(link.contains(&server.pin) && link.contains(ws_path) && link.contains(&relay.pin));
+    assert!(stdout.lines().count() > 10, "no QR code after the link");
+
+    let alice = User::fresh("alicelinked");
+    alice.ok(&["setup", "--server-link", &link, "--username", "alicelinked"]);
+    let bob = User::fresh("boblinked");
+    bob.ok(&["setup", "--server-link", &link, "--username", "boblinked"]);
+    alice.ok(&["send", "@boblinked", "set up from a link"]);
+    assert_eq!(bob.receive_texts(), ["set up from a link"]);
+    let shared = alice.ok(&["servers", "share"]);
+    assert_eq!(shared.lines().next(), Some(link.as_str()));
+}
+
+#[test]
 fn plaintext_to_a_non_loopback_host_is_refused_before_connecting() {
     let user = User::fresh("carol");
     let started = Instant::now();

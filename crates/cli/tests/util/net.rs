@@ -113,6 +113,8 @@ pub struct TlsServer {
     pub addr: String,
     /// `sha256:HEX`.
     pub pin: String,
+    /// Its data directory.
+    pub data: PathBuf,
 }
 
 impl TlsServer {
@@ -120,6 +122,7 @@ impl TlsServer {
     /// inside something (e.g. `ip netns exec NS`).
     pub fn start(listen: &str, extra: &[&str]) -> Self {
         let data = tempfile::tempdir().expect("temp dir");
+        let data_dir = data.path().to_path_buf();
         let mut command = Command::new(bin("blindpostd"));
         command
             .args(["--listen", listen, "--tls", "self-signed"])
@@ -134,7 +137,12 @@ impl TlsServer {
         );
         let addr = daemon.line("blindpostd listening on ");
         let pin = daemon.line("tls certificate ");
-        Self { daemon, addr, pin }
+        Self {
+            daemon,
+            addr,
+            pin,
+            data: data_dir,
+        }
     }
 }
 
