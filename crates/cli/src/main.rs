@@ -119,23 +119,9 @@ enum Command {
         /// Server URL, e.g. wss://chat.example/v1/ws.
         #[arg(long)]
         server: String,
-        /// Accept only this TLS certificate (sha256:HEX, as `blindpostd` prints it) instead of
-        /// verifying it against the trusted roots. Repeat to accept any of several.
-        #[arg(long = "server-pin", value_name = "sha256:HEX")]
-        server_pins: Vec<String>,
-        /// Connect through this proxy: socks5h://[USER:PASS@]HOST:PORT (names resolved by the
-        /// proxy, e.g. Tor), socks5://… (resolved here) or http://… (CONNECT).
-        #[arg(
-            long,
-            value_name = "URL",
-            env = "BLINDPOST_PROXY",
-            hide_env_values = true
-        )]
-        proxy: Option<String>,
-        /// Allow ws:// (no TLS) to a host other than this machine: everything is then readable
-        /// and changeable on the network.
-        #[arg(long)]
-        insecure_plaintext: bool,
+        /// How to reach it (pins, proxy, relays), as for `setup`.
+        #[command(flatten)]
+        connect: ConnectFlags,
         /// Require every root to be signed by this server key (hex).
         #[arg(long, value_name = "HEX")]
         server_key: Option<String>,
@@ -334,15 +320,11 @@ async fn run(cli: Cli) -> Result<()> {
         server,
         server_key,
         json,
-        server_pins,
-        proxy,
-        insecure_plaintext,
+        connect,
     } = &cli.command
     {
         let mut settings = ServerSettings::new(server.as_str());
-        settings.pins.clone_from(server_pins);
-        settings.proxy.clone_from(proxy);
-        settings.insecure_plaintext = *insecure_plaintext;
+        connect.apply(&mut settings, true)?;
         return audit(&settings, server_key.as_deref(), *json, verbose).await;
     }
     let dir = profile_dir(cli.profile)?;
