@@ -97,7 +97,7 @@ impl Connection {
     pub async fn call(&mut self, request: Request) -> Result<response::Body> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = wire::encode(&ClientFrame {
+        let frame = wire::encode_padded(&ClientFrame {
             id,
             request: Some(request),
         });

@@ -65,3 +65,28 @@ async fn an_unanswered_ping_is_a_dead_connection_and_an_answered_one_is_not() {
     let took = started.elapsed();
     assert!(took >= KEEPALIVE * 2 && took < KEEPALIVE * 3, "{took:?}");
 }
+
+/// Requests leave padded to their size bucket (as the server's answers do), so a ping, an
+/// acknowledgement and a small post look alike on the wire.
+#[tokio::test]
+async fn requests_leave_padded_to_a_size_bucket() {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut conn, mut server) = pair().await;
+    let answer = tokio::spawn(async move {
+        let Some(Ok(Message::Binary(bytes))) = server.next().await else {
+            panic!("no request frame");
+        };
+        let frame = blindpost_wire::decode_client(&bytes).unwrap();
+        let reply = blindpost_wire::ServerFrame::from(blindpost_wire::Response::ok(frame.id));
+        server
+            .send(Message::binary(blindpost_wire::encode_padded(&reply)))
+            .await
+            .unwrap();
+        bytes.len()
+    });
+    conn.call(blindpost_wire::Request::Ping(blindpost_wire::Ping {}))
+        .await
+        .unwrap();
+    assert_eq!(answer.await.unwrap(), 256);
+}
