@@ -218,6 +218,30 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
+/// Why webpki refused a certificate, in words a user can act on (rustls's own text for the
+/// rarer cases).
+fn untrusted_reason(e: &rustls::Error) -> String {
+    use CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return e.to_string();
+    };
+    match cert {
+        C::UnknownIssuer
+        | C::BadSignature
+        | C::UnsupportedSignatureAlgorithmContext { .. }
+        | C::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+            "no trusted root vouches for it".into()
+        }
+        C::Expired | C::ExpiredContext { .. } => "it has expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".into(),
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "it is not valid for that name".into()
+        }
+        C::Revoked => "it has been revoked".into(),
+        _ => e.to_string(),
+    }
+}
+
 /// webpki's chain validation against roots, with a refusal that names the certificate's
 /// fingerprint and how to pin it (a self-signed server's certificate never chains).
 #[derive(Debug)]
@@ -239,11 +263,12 @@ impl ServerCertVerifier for RootsVerifier {
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .map_err(|e| {
                 refuse(format!(
-                    "{} certificate {} for {} is not trusted ({e}); if it is the server's own \
+                    "{} certificate {} for {} is not trusted ({}); if it is the server's own \
                      self-signed certificate, pin it with {} sha256:…",
                     self.role.name(),
                     fingerprint(end_entity),
                     server_name.to_str(),
+                    untrusted_reason(&e),
                     self.role.flag(),
                 ))
             })

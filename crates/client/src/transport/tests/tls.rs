@@ -71,6 +71,10 @@ async fn a_private_root_verifies_only_when_trusted() {
         "{message}"
     );
     assert!(message.contains("not trusted"), "{message}");
+    assert!(
+        message.contains("no trusted root vouches for it"),
+        "{message}"
+    );
     assert!(message.contains("--server-pin"), "{message}");
 
     endpoint.extra_roots = vec![root];
