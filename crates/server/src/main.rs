@@ -49,12 +49,7 @@ fn link(args: LinkArgs) -> anyhow::Result<()> {
 
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     init_logging(&config.log)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("cannot read the bound address")?;
+    let (listener, addr) = bind(config.listen).await?;
     let (mode, data_dir) = (config.tls.clone(), config.data_dir.clone());
     let tls = tokio::task::spawn_blocking(move || Tls::from_mode(&mode, &data_dir, addr))
         .await
@@ -80,12 +75,7 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
 
 async fn server(config: Config) -> anyhow::Result<()> {
     init_logging(&config.log)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("cannot read the bound address")?;
+    let (listener, addr) = bind(config.listen).await?;
     let front = blindpost_server::Front::prepare(listener, &config).await?;
     let admin = match &front.admin {
         Some(admin) => Some(
@@ -119,6 +109,19 @@ async fn server(config: Config) -> anyhow::Result<()> {
 
     blindpost_server::run_front(front, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Binds `listen`; the listener and the address it got (port 0 picks one).
+async fn bind(
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    Ok((listener, addr))
 }
 
 fn init_logging(log: &str) -> anyhow::Result<()> {
